@@ -1,0 +1,123 @@
+"""Engine settings as data (pydantic): validated once, read by the engine, never mutated in place."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+#: Length of the LCM training-style schedule that ``t_index_list`` indexes into.
+SCHEDULE_STEPS = 50
+
+#: The tiny autoencoder (TAESD) that makes real time possible; ``vae="model"`` uses the model's own.
+DEFAULT_VAE = "madebyollin/taesd"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class LoraSpec(_Strict):
+    """A LoRA adapter fused into the UNet at load time (e.g. the LCM-LoRA for SD1.5 models)."""
+
+    id: str = Field(description="Hub id, local folder or .safetensors file of the LoRA.")
+    scale: float = Field(1.0, ge=-4.0, le=4.0)
+    weight_name: str | None = Field(None, description="File inside a hub repo or folder.")
+
+
+class BankConfig(_Strict):
+    """Feature bank settings (StreamV2V section 2). Defaults are the reference defaults."""
+
+    enabled: bool = True
+    extended_attention: bool = True
+    feature_fusion: bool = True
+    fusion_strength: float = Field(0.8, ge=0.0, le=1.0)
+    fusion_threshold: float = Field(0.98, ge=-1.0, le=1.0)
+    fusion_layers: tuple[str, ...] = Field(
+        ("mid_block", "up_blocks.1"),
+        description="Self-attention layers whose module name contains one of these apply FF.",
+    )
+    interval: int = Field(4, ge=1, le=1000, description="Bank update every N frames.")
+    mode: Literal["dyme", "fifo"] = "dyme"
+    max_frames: int = Field(1, ge=1, le=16, description="Frames of tokens the bank holds.")
+    merge_ratio: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="DyMe: fraction of the bank+frame tokens merged away as sources.",
+    )
+
+    @model_validator(mode="after")
+    def _static_size(self) -> BankConfig:
+        if self.mode == "dyme":
+            want = 1.0 / (self.max_frames + 1)
+            if abs(self.merge_ratio - want) > 1e-6:
+                raise ValueError(
+                    f"merge_ratio={self.merge_ratio} with mode='dyme' and max_frames={self.max_frames} "
+                    f"would change the bank's size at every update; use merge_ratio={want:g} "
+                    "(= 1 / (max_frames + 1)) so the bank keeps exactly max_frames frames of tokens"
+                )
+        return self
+
+
+class EngineConfig(_Strict):
+    """Settings of one :class:`~streamv2v.StreamV2V` engine.
+
+    ``steps`` and ``strength`` derive ``t_index_list`` as the reference does; an explicit
+    ``t_index_list`` (indices into the 50-step LCM schedule, ascending) overrides both.
+    """
+
+    width: int = Field(512, ge=64, le=2048, multiple_of=8)
+    height: int = Field(512, ge=64, le=2048, multiple_of=8)
+    steps: int = Field(4, ge=1, le=SCHEDULE_STEPS)
+    strength: float = Field(0.4, gt=0.0, le=1.0)
+    t_index_list: tuple[int, ...] | None = None
+    stream_batch: bool = True
+    seed: int = Field(2, ge=0, lt=2**63)
+    vae: str = Field(DEFAULT_VAE, description="Hub id or folder of a VAE, or 'model'.")
+    loras: tuple[LoraSpec, ...] = ()
+    guidance: Literal["none", "self", "initialize", "full"] = "none"
+    guidance_scale: float = Field(1.2, ge=1.0, le=20.0)
+    guidance_delta: float = Field(1.0, ge=0.0, le=2.0, description="RCFG delta (self/initialize).")
+    similar_filter: bool = False
+    similar_threshold: float = Field(0.98, gt=0.0, lt=1.0)
+    similar_max_skip: int = Field(10, ge=1, le=1000)
+    bank: BankConfig = BankConfig()
+
+    @field_validator("t_index_list")
+    @classmethod
+    def _check_indices(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("t_index_list must name at least one step, e.g. [30, 35, 40, 45]")
+        if any(i < 0 or i >= SCHEDULE_STEPS for i in v):
+            raise ValueError(f"t_index_list values must be in 0..{SCHEDULE_STEPS - 1}, got {list(v)}")
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"t_index_list must be strictly ascending, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _steps_fit(self) -> EngineConfig:
+        if self.t_index_list is not None:
+            if "steps" in self.model_fields_set and self.steps != len(self.t_index_list):
+                raise ValueError(
+                    f"steps={self.steps} disagrees with t_index_list={list(self.t_index_list)}: "
+                    "give one of them, or make steps equal its length"
+                )
+            object.__setattr__(self, "steps", len(self.t_index_list))
+        elif int(SCHEDULE_STEPS * self.strength) < self.steps:
+            raise ValueError(
+                f"strength={self.strength} leaves only {int(SCHEDULE_STEPS * self.strength)} of "
+                f"{SCHEDULE_STEPS} schedule steps for steps={self.steps}: raise strength to at least "
+                f"{self.steps / SCHEDULE_STEPS:g} or lower steps"
+            )
+        return self
+
+    def timestep_indices(self) -> tuple[int, ...]:
+        """Indices into the 50-step schedule, one per denoising step (first = noisiest)."""
+        if self.t_index_list is not None:
+            return self.t_index_list
+        start = int(SCHEDULE_STEPS * (1.0 - self.strength))
+        stride = int(SCHEDULE_STEPS * self.strength) // self.steps
+        return tuple(start + i * stride for i in range(self.steps))

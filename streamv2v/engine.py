@@ -1,0 +1,353 @@
+"""The public engine object: frames in, frames out.
+
+    engine = StreamV2V.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", config=...)
+    engine.set_prompt("a claymation figure")
+    out = engine(frame)      # numpy uint8 HxWx3 RGB in, same at the working size out (or None)
+
+Every tensor the engine makes takes its device and dtype from the UNet, so the CPU (fp32) and
+CUDA (fp16) paths are one code path.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from streamv2v.config import EngineConfig
+from streamv2v.loading import default_device, default_dtype, load_components
+from streamv2v.stream import (
+    StreamSchedule,
+    denoise,
+    guide,
+    make_schedule,
+    renoise,
+    update_stock_noise,
+)
+
+#: EngineConfig fields that need the weights reloaded (everything else is re-prepared in place).
+_LOAD_FIELDS = ("vae", "loras")
+
+
+@dataclass
+class _UNetCall:
+    """One UNet call of a frame: which schedule slots it denoises, with which conditioning rows.
+
+    Built once per configuration/prompt; the hot path only reads it.
+    """
+
+    slots: slice  #: schedule slots of the conditional rows
+    uncond_rows: slice | None  #: rows (relative to ``slots``) that also get an unconditional row
+    timesteps: torch.Tensor  #: [rows] long
+    embeds: torch.Tensor  #: [rows, tokens, dim]; rewritten in place when the prompt changes
+
+
+class StreamV2V:
+    """Real-time img2img on an SD-family model with StreamDiffusion-style stream batching."""
+
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        config: EngineConfig | None = None,
+    ) -> None:
+        self.unet, self.vae = unet, vae
+        self.text_encoder, self.tokenizer, self.scheduler = text_encoder, tokenizer, scheduler
+        self.config = config or EngineConfig()
+        self._latent_scale = float(getattr(vae.config, "scaling_factor", 1.0))
+        self._cond = self.encode_prompt("")
+        self._uncond = self._cond
+        self._prepare()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike,
+        config: EngineConfig | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        allow_pickle: bool = False,
+    ) -> StreamV2V:
+        """Load ``model`` (hub id or local diffusers folder) and build an engine.
+
+        ``device`` defaults to CUDA, then MPS, then CPU; ``dtype`` to float16 on accelerators and
+        float32 on the CPU. Weights load from safetensors only unless ``allow_pickle`` is set.
+        Raises :class:`~streamv2v.ModelLoadError` with the model's name and how to fetch it.
+        """
+        config = config or EngineConfig()
+        dev = torch.device(device) if device is not None else default_device()
+        parts = load_components(
+            model,
+            vae=config.vae,
+            loras=config.loras,
+            device=dev,
+            dtype=dtype or default_dtype(dev),
+            allow_pickle=allow_pickle,
+        )
+        return cls(**parts, config=config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def latency_frames(self) -> int:
+        """How many calls an input lags behind before its output appears."""
+        return self.config.steps - 1 if self.config.stream_batch else 0
+
+    def set_config(self, config: EngineConfig) -> None:
+        """Switch to a new configuration without reloading weights (steps, strength, size, seed,
+        stream batch, guidance, filter, bank). Resets the stream: the next outputs follow the
+        warm-up contract (``None`` until the buffer is full)."""
+        changed = [f for f in _LOAD_FIELDS if getattr(config, f) != getattr(self.config, f)]
+        if changed:
+            raise ValueError(f"changing {', '.join(changed)} needs a reload (from_pretrained)")
+        self.config = config
+        self._prepare()
+
+    def _prepare(self) -> None:
+        cfg, dev, dt = self.config, self.device, self.dtype
+        self._schedule: StreamSchedule = make_schedule(
+            self.scheduler, cfg.timestep_indices(), dev, dt
+        )
+        self._calls = self._plan_calls()
+        self._write_embeds()
+        k = cfg.steps
+        lat_shape = (k, self.unet.config.in_channels, cfg.height // 8, cfg.width // 8)
+        self._x = torch.zeros(lat_shape, device=dev, dtype=dt)
+        self._noise = torch.empty(lat_shape, device=dev, dtype=dt)
+        self._beta_noise = torch.empty_like(self._noise)
+        self._next_noise = torch.empty_like(self._noise)
+        self._stock = torch.empty_like(self._noise)
+        self._prev_input = torch.zeros((1, 3, cfg.height, cfg.width), device=dev, dtype=dt)
+        self.reset()
+
+    def _plan_calls(self) -> list[_UNetCall]:
+        cfg, sched = self.config, self._schedule
+        k, mode = cfg.steps, cfg.guidance
+        groups = [slice(0, k)] if cfg.stream_batch else [slice(s, s + 1) for s in range(k)]
+        calls = []
+        for slots in groups:
+            n = slots.stop - slots.start
+            if mode == "full":
+                uncond = slice(0, n)
+            elif mode == "initialize" and slots.start == 0:
+                uncond = slice(0, 1)
+            else:
+                uncond = None
+            t = sched.timesteps[slots]
+            if uncond is not None:
+                t = torch.cat([t, t[uncond]])
+            dim = self._cond.shape[1:]
+            embeds = torch.empty((t.shape[0], *dim), device=self.device, dtype=self.dtype)
+            calls.append(_UNetCall(slots=slots, uncond_rows=uncond, timesteps=t, embeds=embeds))
+        return calls
+
+    # ------------------------------------------------------------------ prompts
+    @torch.inference_mode()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """Text embeddings ``[1, tokens, dim]`` of ``prompt`` (one text-encoder call)."""
+        ids = self.tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
+        return self.text_encoder(ids)[0].to(self.dtype)
+
+    def set_prompt(self, prompt: str, negative_prompt: str = "") -> None:
+        """Encode the prompt once; every later frame reuses the embeddings."""
+        cond = self.encode_prompt(prompt)
+        needs_uncond = self.config.guidance in ("full", "initialize")
+        uncond = self.encode_prompt(negative_prompt) if needs_uncond else cond
+        self.set_prompt_embeds(cond, uncond)
+
+    def set_prompt_embeds(self, cond: torch.Tensor, uncond: torch.Tensor | None = None) -> None:
+        """Use precomputed embeddings (e.g. a preset's, or a blend of two) from the next frame on.
+
+        No text encoder call and no re-prepare: the embeddings are copied into the engine's
+        persistent buffers, so a prompt switch keeps the stream (and its warm state) running.
+        """
+        self._cond = cond.to(device=self.device, dtype=self.dtype)
+        self._uncond = self._cond if uncond is None else uncond.to(self._cond)
+        self._write_embeds()
+
+    @torch.inference_mode()
+    def _write_embeds(self) -> None:
+        for call in self._calls:
+            n = call.slots.stop - call.slots.start
+            call.embeds[:n].copy_(self._cond.expand(n, -1, -1))
+            call.embeds[n:].copy_(self._uncond.expand(call.embeds.shape[0] - n, -1, -1))
+
+    # ------------------------------------------------------------------ stream state
+    @torch.inference_mode()
+    def reset(self) -> None:
+        """Empty the stream buffer and redraw the fixed noise from the seed (own generator)."""
+        gen = torch.Generator(device="cpu").manual_seed(self.config.seed)
+        # Drawn on the CPU so the same seed gives the same noise on every device.
+        noise = torch.randn(self._noise.shape, generator=gen, dtype=torch.float32)
+        self._noise.copy_(noise)
+        self._beta_noise.copy_(self._schedule.beta * self._noise)
+        self._next_noise.copy_(torch.roll(self._noise, -1, dims=0))
+        self._stock.copy_(self._noise)  # RCFG's first estimate: the noise each slot really holds
+        self._x.zero_()
+        self._frames = 0  # UNet-processed frames since reset
+        self._skipped = 0  # consecutive frames skipped by the similar-image filter
+        self._last_output: Any = None
+        self._tags: collections.deque = collections.deque(maxlen=self.latency_frames + 1)
+        self.output_tag: Any = None
+
+    # ------------------------------------------------------------------ the hot path
+    @torch.inference_mode()
+    def __call__(
+        self, frame: np.ndarray | torch.Tensor, *, tag: Any = None, output_type: str = "np"
+    ) -> np.ndarray | torch.Tensor | None:
+        """Translate one frame.
+
+        ``frame`` is HxWx3 uint8 RGB, a numpy array or a tensor (a tensor already on the engine's
+        device avoids the host-to-device copy). It is center-cropped to the working aspect and
+        resized. Returns the translated frame (HxWx3 uint8 RGB at the working size, numpy, or a
+        tensor on the engine's device with ``output_type="pt"``; the x0 latent with
+        ``"latent"``), or ``None`` while the stream
+        buffer fills after a reset, so no caller can publish a warm-up frame. ``tag`` (e.g. the
+        capture time) travels with the frame: ``self.output_tag`` is the tag of the returned one.
+        """
+        if output_type not in ("np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
+        image = self._to_model_input(frame)
+        if self._similar_to_last(image):
+            return self._last_output
+        latent = self._encode(image)
+        x0 = self._denoise_frame(latent)
+        self._frames += 1
+        self._tags.append(tag)
+        if self._frames <= self.latency_frames:
+            return None
+        self.output_tag = self._tags[0]
+        if output_type == "latent":
+            out = x0
+        else:
+            out = self._decode(x0)
+            if output_type == "np":
+                out = out.cpu().numpy()
+        self._last_output = out
+        return out
+
+    def _denoise_frame(self, latent: torch.Tensor) -> torch.Tensor:
+        """Put the new frame's noised latent into slot 0, run the frame's UNet call(s), return the
+        x0 estimate that leaves the stream (the oldest slot's, in stream-batch mode)."""
+        s = self._schedule
+        x = self._x
+        renoise(latent, s.alpha[0], self._beta_noise[0:1], out=x[0:1])
+        if self.config.stream_batch:
+            den = denoise(x, self._predict(x, self._calls[0]), s.x_coef, s.pred_coef)
+            if den.shape[0] > 1:  # each slot moves one timestep on, into the next slot
+                renoise(den[:-1], s.alpha[1:], self._beta_noise[1:], out=x[1:])
+            return den[-1:]
+        xi = x[0:1]
+        for call in self._calls:
+            i = call.slots
+            den = denoise(xi, self._predict(xi, call), s.x_coef[i], s.pred_coef[i])
+            if i.stop < s.steps:
+                xi = renoise(den, s.alpha[i.stop], self._beta_noise[i.stop : i.stop + 1])
+        return den
+
+    def _predict(self, x: torch.Tensor, call: _UNetCall) -> torch.Tensor:
+        """Model output for latents ``x`` at ``call``'s slots, with the configured guidance."""
+        mode = self.config.guidance
+        rows = x if call.uncond_rows is None else torch.cat([x, x[call.uncond_rows]])
+        out = self.unet(rows, call.timesteps, encoder_hidden_states=call.embeds, return_dict=False)
+        out = out[0]
+        if mode == "none":
+            return out
+        n = x.shape[0]
+        cond, scale = out[:n], self.config.guidance_scale
+        if mode == "full":
+            return guide(cond, out[n:], scale)
+        # Residual CFG: the unconditional prediction is estimated from the stream's own noise.
+        stock = self._stock[call.slots]
+        if call.uncond_rows is not None:  # "initialize": slot 0's real unconditional output
+            stock[call.uncond_rows] = out[n:]
+        pred = guide(cond, stock * self.config.guidance_delta, scale)
+        stock.copy_(
+            update_stock_noise(stock, pred, self._schedule, call.slots, self._next_noise[call.slots])
+        )
+        return pred
+
+    # ------------------------------------------------------------------ pixels <-> latents
+    def _to_model_input(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """HxWx3 uint8 -> [1, 3, height, width] in [-1, 1], model dtype, engine device."""
+        if isinstance(frame, np.ndarray):
+            frame = torch.from_numpy(frame)
+        if not isinstance(frame, torch.Tensor):
+            raise TypeError(f"frame must be a numpy array or a torch tensor, not {type(frame)}")
+        if frame.dtype != torch.uint8 or frame.ndim != 3 or frame.shape[2] not in (3, 4):
+            raise ValueError(
+                f"frame must be HxWx3 uint8 RGB, got shape {tuple(frame.shape)} {frame.dtype}"
+            )
+        h, w = frame.shape[:2]
+        th, tw = self.config.height, self.config.width
+        # Center crop to the working aspect ratio (a view: costs nothing).
+        if h * tw > w * th:
+            ch = max(1, round(w * th / tw))
+            frame = frame[(h - ch) // 2 : (h - ch) // 2 + ch]
+        elif h * tw < w * th:
+            cw = max(1, round(h * tw / th))
+            frame = frame[:, (w - cw) // 2 : (w - cw) // 2 + cw]
+        # Upload uint8 (4x fewer bytes than float), then convert on the device.
+        img = frame[..., :3].to(self.device, non_blocking=True).permute(2, 0, 1).unsqueeze(0)
+        if img.shape[-2:] != (th, tw):
+            img = F.interpolate(img.float(), size=(th, tw), mode="bilinear", antialias=True)
+        return img.to(self.dtype).mul_(2.0 / 255.0).sub_(1.0)
+
+    def _encode(self, image: torch.Tensor) -> torch.Tensor:
+        enc = self.vae.encode(image)
+        latent = enc.latents if hasattr(enc, "latents") else enc.latent_dist.mode()
+        return latent * self._latent_scale
+
+    def _decode(self, latent: torch.Tensor) -> torch.Tensor:
+        image = self.vae.decode(latent / self._latent_scale, return_dict=False)[0]
+        image = image[0].add(1.0).mul_(127.5).clamp_(0, 255).round_()
+        return image.to(torch.uint8).permute(1, 2, 0).contiguous()
+
+    def _similar_to_last(self, image: torch.Tensor) -> bool:
+        """Similar-image filter: skip the model when the input barely changed (bounded run)."""
+        cfg = self.config
+        if not cfg.similar_filter:
+            return False
+        sim = F.cosine_similarity(image.flatten().float(), self._prev_input.flatten().float(), 0)
+        self._prev_input.copy_(image)
+        if (
+            self._last_output is not None
+            and sim.item() > cfg.similar_threshold
+            and self._skipped < cfg.similar_max_skip
+        ):
+            self._skipped += 1
+            return True
+        self._skipped = 0
+        return False
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the current stream (since the last reset)."""
+        return {
+            "frames": self._frames,
+            "steps": self.config.steps,
+            "stream_batch": self.config.stream_batch,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }

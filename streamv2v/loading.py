@@ -1,0 +1,180 @@
+"""Loading a model's parts through diffusers/transformers ``from_pretrained``: a hub id or a local
+folder, safetensors only unless the user opts in, offline-capable, one clear error per failure."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from streamv2v.config import LoraSpec
+from streamv2v.errors import ModelLoadError, UnsafeWeightsError
+
+log = logging.getLogger(__name__)
+
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def default_device() -> torch.device:
+    """CUDA when present, then Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """Half precision on accelerators, float32 on the CPU (CPU fp16 kernels are slow)."""
+    return torch.float32 if device.type == "cpu" else torch.float16
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _fetch_hint(name: str) -> str:
+    if Path(name).expanduser().exists():
+        return f"check that {name} is a complete diffusers folder"
+    where = "HF_HUB_OFFLINE is set, so only the local cache is used; " if _offline() else ""
+    return (
+        f"{where}fetch it on a machine with internet with `hf download {name}` "
+        f"(or pass a local diffusers folder)"
+    )
+
+
+def refuse_pickle_only(folder: Path, allow_pickle: bool) -> None:
+    """Refuse a local model folder with a component (unet/, vae/, ...) whose weights are pickle
+    files only: unpickling can run arbitrary code."""
+    if allow_pickle or not folder.is_dir():
+        return
+    for part in (folder, *(p for p in folder.rglob("*") if p.is_dir())):
+        files = [p for p in part.iterdir() if p.is_file()]
+        pickles = [p for p in files if p.suffix in _PICKLE_SUFFIXES]
+        if pickles and not any(p.suffix == ".safetensors" for p in files):
+            raise UnsafeWeightsError(
+                f"{folder} holds only pickle weights in {part.relative_to(folder) or '.'} "
+                f"({pickles[0].name}), which can run arbitrary code when loaded; convert them to "
+                ".safetensors, or opt in with allow_pickle=True (CLI: --allow-pickle) if you "
+                "trust the source"
+            )
+
+
+def _load(part: str, name: str, loader, **kwargs):
+    """Call one ``from_pretrained`` and turn whatever it raises into one ModelLoadError."""
+    try:
+        return loader(name, **kwargs)
+    except UnsafeWeightsError:
+        raise
+    except (OSError, ValueError, EnvironmentError, KeyError, RuntimeError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = _fetch_hint(name)
+        if kwargs.get("use_safetensors") and "safetensors" in str(exc):
+            hint += (
+                "; if it only ships pickle (.bin) weights, convert them to .safetensors or opt in "
+                "with allow_pickle=True (CLI: --allow-pickle) if you trust the source"
+            )
+        raise ModelLoadError(f"could not load the {part} of model {name!r}: {first}. {hint}"
+        ) from exc
+
+
+def load_components(
+    model: str | os.PathLike,
+    *,
+    vae: str,
+    loras: tuple[LoraSpec, ...] = (),
+    device: torch.device,
+    dtype: torch.dtype,
+    allow_pickle: bool = False,
+) -> dict:
+    """UNet, VAE, text encoder, tokenizer and scheduler of an SD-family model, on ``device``.
+
+    The scheduler is always an :class:`~diffusers.LCMScheduler` built from the model's scheduler
+    config (what the stream math needs). ``vae="model"`` keeps the model's own VAE; otherwise it is
+    a hub id or folder of an AutoencoderTiny (TAESD) or AutoencoderKL.
+    """
+    from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging as dlogging
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    dlogging.disable_progress_bar()
+    name = str(model)
+    refuse_pickle_only(Path(name).expanduser(), allow_pickle)
+    common = {"local_files_only": _offline()}
+    weights = dict(common, use_safetensors=None if allow_pickle else True)
+    # Load straight into the target dtype (no float32 copy of an fp16 model in memory).
+    diff_w = dict(weights, torch_dtype=dtype)
+
+    unet = _load("UNet", name, UNet2DConditionModel.from_pretrained, subfolder="unet", **diff_w)
+    text_encoder = _load(
+        "text encoder",
+        name,
+        CLIPTextModel.from_pretrained,
+        subfolder="text_encoder",
+        dtype=dtype,
+        **weights,
+    )
+    tokenizer = _load("tokenizer", name, CLIPTokenizer.from_pretrained, subfolder="tokenizer")
+    sched_cfg = _load(
+        "scheduler", name, LCMScheduler.load_config, subfolder="scheduler", **common
+    )
+    scheduler = LCMScheduler.from_config(sched_cfg)
+
+    if vae == "model":
+        vae_cls = AutoencoderKL
+        cfg = _load("VAE config", name, AutoencoderKL.load_config, subfolder="vae", **common)
+        if cfg.get("_class_name") == "AutoencoderTiny":
+            vae_cls = AutoencoderTiny
+        vae_model = _load("VAE", name, vae_cls.from_pretrained, subfolder="vae", **diff_w)
+    else:
+        refuse_pickle_only(Path(vae).expanduser(), allow_pickle)
+        cfg = _load("VAE config", vae, AutoencoderTiny.load_config, **common)
+        vae_cls = AutoencoderKL if cfg.get("_class_name") == "AutoencoderKL" else AutoencoderTiny
+        vae_model = _load("VAE", vae, vae_cls.from_pretrained, **diff_w)
+
+    if loras:
+        fuse_loras(unet, loras, allow_pickle=allow_pickle)
+
+    for m in (unet, text_encoder, vae_model):
+        m.to(device=device, dtype=dtype)
+        m.eval()
+        m.requires_grad_(False)
+    return {
+        "unet": unet,
+        "vae": vae_model,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def fuse_loras(unet, loras: tuple[LoraSpec, ...], *, allow_pickle: bool = False) -> None:
+    """Load LoRA adapters into the UNet and fuse them into its weights at their scales.
+
+    Fused, a LoRA costs nothing per frame (no extra matmuls); the adapters are then unloaded.
+    """
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    names, scales = [], []
+    for i, spec in enumerate(loras):
+        refuse_pickle_only(Path(spec.id).expanduser(), allow_pickle)
+        kwargs = {"use_safetensors": None if allow_pickle else True}
+        if spec.weight_name:
+            kwargs["weight_name"] = spec.weight_name
+        if _offline():
+            kwargs["local_files_only"] = True
+        state, alphas = _load(
+            "LoRA", spec.id, StableDiffusionLoraLoaderMixin.lora_state_dict, **kwargs
+        )
+        if not any(k.startswith("unet.") for k in state):
+            raise ModelLoadError(f"LoRA {spec.id!r} has no UNet weights (only UNet LoRAs are used)")
+        name = f"lora{i}"
+        unet.load_lora_adapter(state, prefix="unet", network_alphas=alphas, adapter_name=name)
+        names.append(name)
+        scales.append(spec.scale)
+        log.info("LoRA %s loaded (scale %s)", spec.id, spec.scale)
+    unet.set_adapters(names, weights=scales)
+    unet.fuse_lora(adapter_names=names)
+    unet.unload_lora()

@@ -1,0 +1,134 @@
+"""A tiny random-weight SD-family model, saved as a real diffusers folder, for tests and demos.
+
+The weights are random: the images it makes are noise-like, never a style. It exists so that the
+whole engine (from_pretrained, tokenizer, text encoder, UNet with self- and cross-attention, TAESD,
+LCM scheduler) runs offline and fast on a CPU, through exactly the code path a hub model takes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TINY_MODEL_NOTE = (
+    "the tiny built-in model has RANDOM weights: its output is noise-like, not a style; "
+    "it only demonstrates the pipeline"
+)
+
+# A handful of merges so that the tokenizer exercises BPE; every merge ends on a real character
+# (a merge ending in a bare "</w>" is rejected by the tokenizer).
+_MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("o", "n</w>")]
+
+
+def _byte_unicode_chars() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2/CLIP convention)."""
+    keep = list(range(ord("!"), ord("~") + 1))
+    keep += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _write_tokenizer(folder: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    raw = folder / "_raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    chars = _byte_unicode_chars()
+    tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in _MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    (raw / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _MERGES)
+    (raw / "merges.txt").write_text(merges)
+    tokenizer = CLIPTokenizer.from_pretrained(raw, model_max_length=77)
+    tokenizer.save_pretrained(folder)
+    for f in raw.iterdir():
+        f.unlink()
+    raw.rmdir()
+
+
+def build_tiny_components(seed: int = 0) -> dict:
+    """The tiny model's components in memory (random weights, fixed by ``seed``)."""
+    from diffusers import AutoencoderTiny, LCMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    # SD1.5's layout in miniature: attention only at the low resolutions, present in the mid
+    # block and in up_blocks.1 (the reference's feature-fusion layers), none at full resolution.
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderTiny(
+        encoder_block_out_channels=(16, 16, 16, 16),
+        decoder_block_out_channels=(16, 16, 16, 16),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        latent_channels=4,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=2 * 256 + len(_MERGES) + 2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=2 * 256 + len(_MERGES),
+            eos_token_id=2 * 256 + len(_MERGES) + 1,
+            pad_token_id=2 * 256 + len(_MERGES) + 1,
+        )
+    )
+    scheduler = LCMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        original_inference_steps=50,
+        prediction_type="epsilon",
+        set_alpha_to_one=True,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+
+
+def save_tiny_model(path: str | Path, *, seed: int = 0, safe_serialization: bool = True) -> Path:
+    """Write the tiny model as a diffusers folder (model_index.json + subfolders) and return it.
+
+    Load it with ``StreamV2V.from_pretrained(path, config=EngineConfig(vae="model"))``. With
+    ``safe_serialization=False`` the weights are written as pickle ``.bin`` files (for testing the
+    engine's refusal of unsafe weights).
+    """
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _write_tokenizer(path / "tokenizer")
+    parts = build_tiny_components(seed)
+    pipe = StableDiffusionPipeline(
+        **parts,
+        tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=safe_serialization)
+    (path / "README.md").write_text(f"# streamv2v tiny test model\n\nWARNING: {TINY_MODEL_NOTE}.\n")
+    return path
