@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from streamv2v.attention import install_bank
+from streamv2v.bank import FeatureBank
 from streamv2v.config import EngineConfig
 from streamv2v.loading import default_device, default_dtype, load_components
 from streamv2v.stream import (
@@ -45,6 +47,8 @@ class _UNetCall:
     uncond_rows: slice | None  #: rows (relative to ``slots``) that also get an unconditional row
     timesteps: torch.Tensor  #: [rows] long
     embeds: torch.Tensor  #: [rows, tokens, dim]; rewritten in place when the prompt changes
+    bank_rows: slice  #: the feature bank's slots of this call's rows
+    row_steps: tuple[int, ...]  #: schedule step of each row (when it first holds a real frame)
 
 
 class StreamV2V:
@@ -134,13 +138,16 @@ class StreamV2V:
         self._next_noise = torch.empty_like(self._noise)
         self._stock = torch.empty_like(self._noise)
         self._prev_input = torch.zeros((1, 3, cfg.height, cfg.width), device=dev, dtype=dt)
+        rows = self._calls[-1].bank_rows.stop
+        self.bank = FeatureBank(cfg.bank, rows, cfg.seed, dev) if cfg.bank.enabled else None
+        self.fusion_layers = install_bank(self.unet, self.bank)
         self.reset()
 
     def _plan_calls(self) -> list[_UNetCall]:
         cfg, sched = self.config, self._schedule
         k, mode = cfg.steps, cfg.guidance
         groups = [slice(0, k)] if cfg.stream_batch else [slice(s, s + 1) for s in range(k)]
-        calls = []
+        calls, offset = [], 0
         for slots in groups:
             n = slots.stop - slots.start
             if mode == "full":
@@ -150,11 +157,15 @@ class StreamV2V:
             else:
                 uncond = None
             t = sched.timesteps[slots]
+            steps = tuple(range(slots.start, slots.stop))
             if uncond is not None:
                 t = torch.cat([t, t[uncond]])
+                steps += steps[uncond]
             dim = self._cond.shape[1:]
             embeds = torch.empty((t.shape[0], *dim), device=self.device, dtype=self.dtype)
-            calls.append(_UNetCall(slots=slots, uncond_rows=uncond, timesteps=t, embeds=embeds))
+            rows = slice(offset, offset + len(steps))
+            offset = rows.stop
+            calls.append(_UNetCall(slots, uncond, t, embeds, rows, steps))
         return calls
 
     # ------------------------------------------------------------------ prompts
@@ -206,6 +217,8 @@ class StreamV2V:
         self._next_noise.copy_(torch.roll(self._noise, -1, dims=0))
         self._stock.copy_(self._noise)  # RCFG's first estimate: the noise each slot really holds
         self._x.zero_()
+        if self.bank is not None:
+            self.bank.reset()
         self._frames = 0  # UNet-processed frames since reset
         self._skipped = 0  # consecutive frames skipped by the similar-image filter
         self._last_output: Any = None
@@ -233,7 +246,11 @@ class StreamV2V:
         if self._similar_to_last(image):
             return self._last_output
         latent = self._encode(image)
+        if self.bank is not None:
+            self.bank.begin_frame(self._frames)
         x0 = self._denoise_frame(latent)
+        if self.bank is not None:
+            self.bank.end_frame()
         self._frames += 1
         self._tags.append(tag)
         if self._frames <= self.latency_frames:
@@ -270,6 +287,8 @@ class StreamV2V:
     def _predict(self, x: torch.Tensor, call: _UNetCall) -> torch.Tensor:
         """Model output for latents ``x`` at ``call``'s slots, with the configured guidance."""
         mode = self.config.guidance
+        if self.bank is not None:
+            self.bank.begin_call(call.bank_rows, self._fill_rows(call))
         rows = x if call.uncond_rows is None else torch.cat([x, x[call.uncond_rows]])
         out = self.unet(rows, call.timesteps, encoder_hidden_states=call.embeds, return_dict=False)
         out = out[0]
@@ -288,6 +307,17 @@ class StreamV2V:
             update_stock_noise(stock, pred, self._schedule, call.slots, self._next_noise[call.slots])
         )
         return pred
+
+    def _fill_rows(self, call: _UNetCall) -> tuple[int, ...]:
+        """Rows of ``call`` that hold a real frame for the first time since the reset (their bank
+        starts as a copy of it). In stream-batch mode the slot of step i gets its first real
+        frame at frame i; before that it only carries warm-up latents that are never output."""
+        n = self._frames
+        if not self.config.stream_batch:
+            return tuple(range(len(call.row_steps))) if n == 0 else ()
+        if n >= self.config.steps:
+            return ()
+        return tuple(r for r, step in enumerate(call.row_steps) if step == n)
 
     # ------------------------------------------------------------------ pixels <-> latents
     def _to_model_input(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -322,7 +352,8 @@ class StreamV2V:
 
     def _decode(self, latent: torch.Tensor) -> torch.Tensor:
         image = self.vae.decode(latent / self._latent_scale, return_dict=False)[0]
-        image = image[0].add(1.0).mul_(127.5).clamp_(0, 255).round_()
+        # [-1, 1] -> [0, 255], rounded (+0.5 before the truncating cast), in two fused passes.
+        image = (image[0] * 127.5 + 128.0).clamp_(0, 255)
         return image.to(torch.uint8).permute(1, 2, 0).contiguous()
 
     def _similar_to_last(self, image: torch.Tensor) -> bool:
@@ -343,11 +374,18 @@ class StreamV2V:
         return False
 
     def stats(self) -> dict[str, Any]:
-        """Counters of the current stream (since the last reset)."""
+        """Counters of the current stream (since the last reset) and of the feature bank."""
+        bank = self.bank
+        fused = bank.last_fused_fraction if bank is not None else None
         return {
             "frames": self._frames,
             "steps": self.config.steps,
             "stream_batch": self.config.stream_batch,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "bank_enabled": bank is not None,
+            "bank_bytes": bank.nbytes if bank is not None else 0,
+            "bank_tokens_per_layer": bank.tokens_per_layer() if bank is not None else {},
+            # Fraction of the FF layers' output tokens fused on the last frame (None: no FF ran).
+            "fused_fraction": None if fused is None else float(fused),
         }

@@ -138,7 +138,7 @@ def load_components(
         fuse_loras(unet, loras, allow_pickle=allow_pickle)
 
     for m in (unet, text_encoder, vae_model):
-        m.to(device=device, dtype=dtype)
+        m.to(device=device)  # (already in dtype: loaded with it)
         m.eval()
         m.requires_grad_(False)
     return {

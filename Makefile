@@ -1,0 +1,35 @@
+# The two set-up commands of the README:
+#   make demo   - builds .venv and runs the main job on the embedded default
+#   make test   - builds .venv and runs lint + the whole test suite
+# torch is installed first, pinned through constraints.txt, so pip never swaps in another build.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/streamv2v demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/engine_latency.py --model tiny --size 512 --steps 1
+	$(BIN)/python bench/feature_bank.py --model tiny --size 512
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

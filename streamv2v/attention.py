@@ -1,0 +1,110 @@
+"""The self-attention processor that applies Extended self-Attention (EA) and Feature Fusion (FF)
+with the feature bank, and the function that installs it on a UNet's self-attention layers.
+
+A plain callable with diffusers' processor signature; cross-attention layers keep their own.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from streamv2v.bank import FeatureBank, fuse_features, multihead_attention
+
+
+class FeatureBankAttnProcessor:
+    """Self-attention over the current frame's tokens plus the banked ones (EA), then top-1
+    cosine fusion of the output with the banked outputs (FF, in the configured layers)."""
+
+    def __init__(self, bank: FeatureBank, name: str, fusion: bool) -> None:
+        self.bank = bank
+        self.name = name
+        self.fusion = fusion
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            # Not a plain self-attention call: nothing to bank.
+            return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask)
+        bank, call, cfg = self.bank, self.bank.call, self.bank.config
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        image_input = hidden_states.ndim == 4
+        if image_input:
+            b, ch, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, ch, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        q = attn.to_q(hidden_states)
+        k = attn.to_k(hidden_states)
+        v = attn.to_v(hidden_states)
+        n = k.shape[1]
+        buf = bank.buffer(self.name, n, k.shape[-1], k.dtype)[call.rows]  # [B, 3, M + N, C]
+        m = buf.shape[2] - n
+        # The current frame's keys/values go into the tail: EA then reads bank + frame as one.
+        buf[:, 0, m:].copy_(k)
+        buf[:, 1, m:].copy_(v)
+        for r in call.fill_rows:
+            bank.fill(buf[r, 0:2], n)
+        if cfg.extended_attention:
+            k, v = buf[:, 0], buf[:, 1]
+        if attn.norm_q is not None or attn.norm_k is not None:
+            raise NotImplementedError("feature bank with q/k-normalised attention")
+        out = multihead_attention(q, k, v, attn.heads).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+
+        if call.store_out:
+            buf[:, 2, m:].copy_(out)
+            for r in call.fill_rows:
+                bank.fill(buf[r, 2], n)
+        if self.fusion:
+            out, fused = fuse_features(out, buf[:, 2, :m], cfg.fusion_threshold, cfg.fusion_strength)
+            call.fused.append(fused)
+
+        if image_input:
+            out = out.transpose(-1, -2).reshape(b, ch, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def self_attention_layers(unet: torch.nn.Module) -> dict[str, Attention]:
+    """The UNet's self-attention modules (``attn1`` of every transformer block), by name."""
+    return {
+        name: mod
+        for name, mod in unet.named_modules()
+        if isinstance(mod, Attention) and name.endswith("attn1") and not mod.is_cross_attention
+    }
+
+
+def install_bank(unet: torch.nn.Module, bank: FeatureBank | None) -> list[str]:
+    """Put bank processors on every self-attention layer (``bank=None``: plain SDPA everywhere).
+
+    Returns the names of the layers that apply Feature Fusion.
+    """
+    layers = self_attention_layers(unet)
+    procs = {}
+    fusion_layers = []
+    for key in unet.attn_processors:
+        name = key.removesuffix(".processor")
+        if bank is not None and name in layers:
+            fusion = bank.config.feature_fusion and any(
+                tag in name for tag in bank.config.fusion_layers
+            )
+            if fusion:
+                fusion_layers.append(name)
+            procs[key] = FeatureBankAttnProcessor(bank, name, fusion)
+        else:
+            procs[key] = AttnProcessor2_0()
+    unet.set_attn_processor(procs)  # (it consumes the dict it is given)
+    return fusion_layers

@@ -1,0 +1,218 @@
+"""The feature bank (StreamV2V section 2): per self-attention layer and per stream slot, banked
+keys, values and attention outputs, kept at a constant size in preallocated buffers.
+
+Layout. Each layer owns one buffer ``[slots, 3, M + N, C]``: K, V and O (the attention output,
+before the residual) of ``M = max_frames * N`` banked tokens followed by the ``N`` tokens of the
+frame being processed. The current frame's K/V are written into the tail, so Extended
+self-Attention reads ``buf[:, 0]`` / ``buf[:, 1]`` as they are: bank and frame together, no
+concatenation. After the first frame the layers are packed by shape into one storage tensor per
+group, so Dynamic Merging runs once per group, batched over layers and slots, in place.
+
+Pure tensor functions first (tested on hand-made tensors), then the stateful :class:`FeatureBank`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from streamv2v.config import BankConfig
+
+#: Upper bound of the similarity matrix one merge chunk builds (bytes); bounds peak memory.
+_MERGE_CHUNK_BYTES = 256 * 2**20
+
+
+def merge_tokens(kvo: torch.Tensor, num_src: int, generator: torch.Generator) -> torch.Tensor:
+    """Dynamic Merging: reduce ``T`` tokens to ``T - num_src`` by random bipartite soft matching.
+
+    ``kvo`` is ``[G, 3, T, C]`` (G independent groups, e.g. layers x slots; K, V, O). In each
+    group the tokens are split at random (seeded ``generator``) into ``num_src`` sources and the
+    rest destinations; every source is matched to its most similar destination by cosine
+    similarity of the keys, and each destination becomes the mean of itself and its matched
+    sources. The same matching is applied to K, V and O, so they stay aligned.
+    Returns ``[G, 3, T - num_src, C]``.
+    """
+    g, _, t, c = kvo.shape
+    order = torch.rand((g, t), generator=generator, device=kvo.device).argsort(dim=-1)
+    src_idx, dst_idx = order[:, :num_src], order[:, num_src:]
+
+    def take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # x [G, 3, T, C]
+        return x.gather(2, idx[:, None, :, None].expand(-1, x.shape[1], -1, c))
+
+    keys = F.normalize(kvo[:, 0:1].float(), dim=-1)
+    sim = take(keys, src_idx)[:, 0] @ take(keys, dst_idx)[:, 0].transpose(1, 2)  # [G, S, D]
+    match = sim.argmax(dim=-1)  # [G, S] -> index into destinations
+    dst = take(kvo, dst_idx)
+    index = match[:, None, :, None].expand(-1, 3, -1, c)
+    return dst.scatter_reduce(2, index, take(kvo, src_idx), reduce="mean", include_self=True)
+
+
+def fuse_features(
+    out: torch.Tensor, bank_out: torch.Tensor, threshold: float, strength: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature Fusion: each token of ``out`` [B, N, C] finds its most similar (cosine, top-1) token
+    in ``bank_out`` [B, M, C]; where that similarity is at least ``threshold`` the token becomes
+    ``(1 - strength) * own + strength * banked``, elsewhere it is left as it is.
+
+    Returns the fused tokens and the boolean mask [B, N] of the tokens that were fused.
+    """
+    a = F.normalize(out.float(), dim=-1)
+    b = F.normalize(bank_out.float(), dim=-1)
+    best, idx = (a @ b.transpose(1, 2)).max(dim=-1)
+    matched = bank_out.gather(1, idx[..., None].expand(-1, -1, out.shape[-1]))
+    fused = best >= threshold
+    weight = (fused.to(out.dtype) * strength)[..., None]
+    return torch.lerp(out, matched, weight), fused
+
+
+def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int):
+    """Scaled dot-product attention of ``q`` [B, Nq, C] over ``k``/``v`` [B, Nk, C].
+
+    Heads are split into 4-D [B, heads, tokens, head_dim] views: PyTorch's fused CPU kernels take
+    those; 3-D [B*heads, tokens, dim] inputs fall back to a slow unfused path.
+    """
+    b, nq, c = q.shape
+    d = c // heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.view(b, x.shape[1], heads, d).transpose(1, 2)
+
+    o = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    return o.transpose(1, 2).reshape(b, nq, c)
+
+
+@dataclass
+class _Group:
+    """Layers whose buffers share a shape, packed into one storage tensor [L, S, 3, T, C]."""
+
+    names: list[str]
+    storage: torch.Tensor
+
+
+@dataclass
+class _Call:
+    """What the processors need to know about the UNet call in flight (set by the engine)."""
+
+    rows: slice = field(default_factory=lambda: slice(0, 0))  #: bank slots of the call's batch rows
+    fill_rows: tuple[int, ...] = ()  #: rows (relative) whose first real frame this is
+    store_out: bool = False  #: the call's attention outputs are needed (update or fill)
+    fused: list[torch.Tensor] = field(default_factory=list)  #: FF masks of this frame
+
+
+class FeatureBank:
+    """Banked K/V/O of every self-attention layer, updated every ``interval`` frames.
+
+    The engine drives it: ``begin_frame`` / ``begin_call`` before each UNet call and
+    ``end_frame`` after a frame's calls. The attention processors read and write through
+    :meth:`buffer`.
+    """
+
+    def __init__(self, config: BankConfig, slots: int, seed: int, device: torch.device) -> None:
+        self.config = config
+        self.slots = slots
+        self._seed = seed
+        self._device = device
+        self._buffers: dict[str, torch.Tensor] = {}  # name -> [S, 3, M + N, C] (views once packed)
+        self._tokens: dict[str, int] = {}  # name -> N (tokens of one frame)
+        self._groups: list[_Group] = []
+        self.call = _Call()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the banked frames (buffers stay allocated: shapes do not change)."""
+        self._generator = torch.Generator(device=self._device).manual_seed(self._seed)
+        self._frame = 0
+        self._fifo_pos = 0
+        self._frame_fill: set[int] = set()
+        self.last_fused_fraction: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------- driven by the engine
+    def begin_frame(self, frame: int) -> None:
+        self._frame = frame
+        self._frame_fill = set()
+        self.call.fused = []
+
+    def begin_call(self, rows: slice, fill_rows: tuple[int, ...]) -> None:
+        self.call.rows = rows
+        self.call.fill_rows = fill_rows
+        self._frame_fill.update(rows.start + r for r in fill_rows)
+        self.call.store_out = bool(fill_rows) or self._updates_now()
+
+    def _updates_now(self) -> bool:
+        return self._frame > 0 and self._frame % self.config.interval == 0
+
+    @torch.inference_mode()
+    def end_frame(self) -> None:
+        """Fold the frame just processed into the bank when an update is due."""
+        if self.call.fused:
+            masks = self.call.fused
+            self.last_fused_fraction = sum(m.sum() for m in masks) / sum(m.numel() for m in masks)
+        if not self._groups:
+            self._pack()
+        if not self._updates_now():
+            return
+        for group in self._groups:
+            s = group.storage  # [L, S, 3, T, C]
+            n = self._tokens[group.names[0]]
+            m = s.shape[3] - n
+            if self.config.mode == "dyme":
+                self._merge_into(s.flatten(0, 1), m)
+            else:  # FIFO ring of max_frames frames: the oldest slot takes the new frame
+                pos = self._fifo_pos * n
+                s[:, :, :, pos : pos + n].copy_(s[:, :, :, m:])
+            # A slot that got its first real frame during this frame keeps exactly that frame.
+            for slot in self._frame_fill:
+                self.fill(s[:, slot], n)
+        self._fifo_pos = (self._fifo_pos + 1) % self.config.max_frames
+
+    def _merge_into(self, kvo: torch.Tensor, m: int) -> None:
+        """Merge in chunks of groups so the similarity matrices stay under a memory bound."""
+        g, _, t, _ = kvo.shape
+        num_src = t - m
+        per = num_src * m * 4
+        chunk = max(1, _MERGE_CHUNK_BYTES // per)
+        for i in range(0, g, chunk):
+            part = kvo[i : i + chunk]
+            part[:, :, :m].copy_(merge_tokens(part, num_src, self._generator))
+
+    # ---------------------------------------------------------------- used by the processors
+    def buffer(self, name: str, tokens: int, channels: int, dtype: torch.dtype) -> torch.Tensor:
+        """The layer's ``[S, 3, M + N, C]`` buffer (allocated on first use)."""
+        buf = self._buffers.get(name)
+        if buf is None:
+            t = (self.config.max_frames + 1) * tokens
+            buf = torch.zeros((self.slots, 3, t, channels), device=self._device, dtype=dtype)
+            self._buffers[name] = buf
+            self._tokens[name] = tokens
+        return buf
+
+    def fill(self, x: torch.Tensor, tokens: int) -> None:
+        """``x`` [..., M + N, C]: the current frame (the tail) becomes every banked frame. With
+        the bank a copy of the frame, EA equals plain attention and FF leaves every token as it
+        is: the reference's "empty bank" semantics, at a constant shape."""
+        m = x.shape[-2] - tokens
+        cur = x[..., m:, :]
+        for f in range(m // tokens):
+            x[..., f * tokens : (f + 1) * tokens, :].copy_(cur)
+
+    def _pack(self) -> None:
+        """Move the layer buffers into one storage tensor per shape (once, after frame 0)."""
+        by_shape: dict[tuple, list[str]] = {}
+        for name, buf in self._buffers.items():
+            by_shape.setdefault((tuple(buf.shape), buf.dtype), []).append(name)
+        for names in by_shape.values():
+            storage = torch.stack([self._buffers[n] for n in names])
+            for i, n in enumerate(names):
+                self._buffers[n] = storage[i]
+            self._groups.append(_Group(names=names, storage=storage))
+
+    # ---------------------------------------------------------------- reporting
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def tokens_per_layer(self) -> dict[str, int]:
+        """Banked tokens per layer and slot (constant: max_frames frames of tokens)."""
+        return {n: self.config.max_frames * t for n, t in self._tokens.items()}
