@@ -49,6 +49,9 @@ def sd15_components(tiny_folder: Path) -> dict:
             num_hidden_layers=1,
             num_attention_heads=12,
             max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
     )
     return {

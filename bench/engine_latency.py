@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_model_args, build_engine, median, pct, test_frames, timed  # noqa: E402
+from common import add_model_args, build_engine, median, pct, test_frames, timed
 
 
 def main() -> None:

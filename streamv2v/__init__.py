@@ -1,4 +1,4 @@
-"""streamv2v: the StreamV2V engine (stream-batch img2img plus a feature bank), frames in, frames out.
+"""streamv2v: the StreamV2V engine (stream-batch img2img + feature bank), frames in, frames out.
 
 This package imports torch, diffusers and numpy only: no OpenCV, no sockets, no threads.
 """

@@ -68,7 +68,9 @@ class FeatureBankAttnProcessor:
             for r in call.fill_rows:
                 bank.fill(buf[r, 2], n)
         if self.fusion:
-            out, fused = fuse_features(out, buf[:, 2, :m], cfg.fusion_threshold, cfg.fusion_strength)
+            out, fused = fuse_features(
+                out, buf[:, 2, :m], cfg.fusion_threshold, cfg.fusion_strength
+            )
             call.fused.append(fused)
 
         if image_input:

@@ -1,7 +1,8 @@
-"""Engine settings as data (pydantic): validated once, read by the engine, never mutated in place."""
+"""Engine settings as data (pydantic): validated once, read by the engine, never mutated."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -53,8 +54,9 @@ class BankConfig(_Strict):
             want = 1.0 / (self.max_frames + 1)
             if abs(self.merge_ratio - want) > 1e-6:
                 raise ValueError(
-                    f"merge_ratio={self.merge_ratio} with mode='dyme' and max_frames={self.max_frames} "
-                    f"would change the bank's size at every update; use merge_ratio={want:g} "
+                    f"merge_ratio={self.merge_ratio} with mode='dyme' and "
+                    f"max_frames={self.max_frames} would change the bank's size at every update; "
+                    f"use merge_ratio={want:g} "
                     "(= 1 / (max_frames + 1)) so the bank keeps exactly max_frames frames of tokens"
                 )
         return self
@@ -92,8 +94,10 @@ class EngineConfig(_Strict):
         if not v:
             raise ValueError("t_index_list must name at least one step, e.g. [30, 35, 40, 45]")
         if any(i < 0 or i >= SCHEDULE_STEPS for i in v):
-            raise ValueError(f"t_index_list values must be in 0..{SCHEDULE_STEPS - 1}, got {list(v)}")
-        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(
+                f"t_index_list values must be in 0..{SCHEDULE_STEPS - 1}, got {list(v)}"
+            )
+        if any(b <= a for a, b in itertools.pairwise(v)):
             raise ValueError(f"t_index_list must be strictly ascending, got {list(v)}")
         return v
 
@@ -109,8 +113,8 @@ class EngineConfig(_Strict):
         elif int(SCHEDULE_STEPS * self.strength) < self.steps:
             raise ValueError(
                 f"strength={self.strength} leaves only {int(SCHEDULE_STEPS * self.strength)} of "
-                f"{SCHEDULE_STEPS} schedule steps for steps={self.steps}: raise strength to at least "
-                f"{self.steps / SCHEDULE_STEPS:g} or lower steps"
+                f"{SCHEDULE_STEPS} schedule steps for steps={self.steps}: raise strength to at "
+                f"least {self.steps / SCHEDULE_STEPS:g} or lower steps"
             )
         return self
 

@@ -304,7 +304,9 @@ class StreamV2V:
             stock[call.uncond_rows] = out[n:]
         pred = guide(cond, stock * self.config.guidance_delta, scale)
         stock.copy_(
-            update_stock_noise(stock, pred, self._schedule, call.slots, self._next_noise[call.slots])
+            update_stock_noise(
+                stock, pred, self._schedule, call.slots, self._next_noise[call.slots]
+            )
         )
         return pred
 

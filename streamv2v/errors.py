@@ -12,4 +12,4 @@ class ModelLoadError(StreamV2VError):
 
 
 class UnsafeWeightsError(ModelLoadError):
-    """Only pickle (.bin/.ckpt/.pt) weights were found and the user did not opt in to loading them."""
+    """Only pickle (.bin/.ckpt/.pt) weights were found and the user did not opt in to them."""

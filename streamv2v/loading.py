@@ -68,7 +68,7 @@ def _load(part: str, name: str, loader, **kwargs):
         return loader(name, **kwargs)
     except UnsafeWeightsError:
         raise
-    except (OSError, ValueError, EnvironmentError, KeyError, RuntimeError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = _fetch_hint(name)
         if kwargs.get("use_safetensors") and "safetensors" in str(exc):
@@ -76,7 +76,8 @@ def _load(part: str, name: str, loader, **kwargs):
                 "; if it only ships pickle (.bin) weights, convert them to .safetensors or opt in "
                 "with allow_pickle=True (CLI: --allow-pickle) if you trust the source"
             )
-        raise ModelLoadError(f"could not load the {part} of model {name!r}: {first}. {hint}"
+        raise ModelLoadError(
+            f"could not load the {part} of model {name!r}: {first}. {hint}"
         ) from exc
 
 
@@ -117,9 +118,7 @@ def load_components(
         **weights,
     )
     tokenizer = _load("tokenizer", name, CLIPTokenizer.from_pretrained, subfolder="tokenizer")
-    sched_cfg = _load(
-        "scheduler", name, LCMScheduler.load_config, subfolder="scheduler", **common
-    )
+    sched_cfg = _load("scheduler", name, LCMScheduler.load_config, subfolder="scheduler", **common)
     scheduler = LCMScheduler.from_config(sched_cfg)
 
     if vae == "model":

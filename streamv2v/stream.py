@@ -2,8 +2,8 @@
 functions over latents. Device- and dtype-agnostic: every tensor follows the one it is given.
 
 With k steps, slot i of the stream batch holds a latent at the i-th timestep of the short schedule
-(slot 0 the noisiest). One batched UNet call denoises every slot once; slot i's x0 estimate is then
-re-noised to timestep i+1 and moves to slot i+1, so the last slot yields the frame from k-1 calls ago.
+(slot 0 the noisiest). One batched UNet call denoises every slot once; slot i's x0 estimate is
+re-noised to timestep i+1 and moves to slot i+1, so the last slot yields the frame of k-1 calls ago.
 """
 
 from __future__ import annotations

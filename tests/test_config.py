@@ -49,7 +49,7 @@ def test_steps_that_disagree_with_t_index_list_are_refused():
 
 
 def test_strength_too_low_for_the_step_count_says_what_to_raise():
-    with pytest.raises(ValidationError, match="raise strength to at least 0.08"):
+    with pytest.raises(ValidationError, match=r"raise strength to at least 0\.08"):
         EngineConfig(steps=4, strength=0.04)
 
 

@@ -125,7 +125,9 @@ def test_float16_engine_runs_end_to_end_on_the_cpu(tiny_model, frames):
 
 
 @pytest.mark.parametrize("stream_batch", [True, False])
-def test_guidance_modes_change_the_output_and_scale_one_is_a_no_op(tiny_model, frames, stream_batch):
+def test_guidance_modes_change_the_output_and_scale_one_is_a_no_op(
+    tiny_model, frames, stream_batch
+):
     def last(**cfg):
         engine = make_engine(tiny_model, steps=2, stream_batch=stream_batch, **cfg)
         return [engine(f, output_type="latent") for f in frames[:4]][-1]

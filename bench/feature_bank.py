@@ -1,0 +1,116 @@
+"""Cost of the feature bank: bank off / EA only / EA+FF / EA+FF+DyMe, measured in one run.
+
+    python bench/feature_bank.py --model tiny --size 512
+    python bench/feature_bank.py --model sd15 --size 512 --cycles 1 --warmup 1
+
+For each variant: the median per-frame time of the UNet work (the UNet call(s) plus the bank's
+update, i.e. what the bank changes), the same amortized over whole update cycles (every
+``interval``-th frame also merges), the merge frames alone, the whole engine(frame) median, the
+ratio to bank-off (same run, variants interleaved round by round), and the bank's memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_model_args, build_engine, median, synchronize, test_frames
+
+from streamv2v import BankConfig
+
+VARIANTS = {
+    "bank off": BankConfig(enabled=False),
+    "EA only": BankConfig(feature_fusion=False, mode="fifo"),
+    "EA+FF": BankConfig(mode="fifo"),
+    "EA+FF+DyMe": BankConfig(),  # the reference defaults
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_model_args(p)
+    p.add_argument(
+        "--cycles", type=int, default=3, help="timed update cycles per variant per round"
+    )
+    p.add_argument("--rounds", type=int, default=2, help="rounds over all variants (interleaved)")
+    p.add_argument("--only", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
+    args = p.parse_args()
+    engine = build_engine(args)
+    dev = engine.device
+    interval = BankConfig().interval
+
+    # Time the UNet part of each frame: the engine's denoise step plus the bank's end of frame.
+    core: list[float] = []
+
+    def timing(fn):
+        def wrapped(*a, **kw):
+            synchronize(dev)
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            synchronize(dev)
+            core[-1] += time.perf_counter() - t0
+            return out
+
+        return wrapped
+
+    denoise_frame = timing(engine._denoise_frame)
+    engine._denoise_frame = denoise_frame
+
+    per_frame = defaultdict(list)  # variant -> [(core_s, whole_s, frame_index)]
+    memory = {}
+    n_frames = args.warmup + args.cycles * interval
+    frames = test_frames(n_frames)
+    with torch.inference_mode():
+        for _ in range(args.rounds):
+            for name in args.only:
+                engine.set_config(engine.config.model_copy(update={"bank": VARIANTS[name]}))
+                if engine.bank is not None:
+                    engine.bank.end_frame = timing(engine.bank.end_frame)
+                for i, f in enumerate(frames):
+                    core.append(0.0)
+                    synchronize(dev)
+                    t0 = time.perf_counter()
+                    engine(f)
+                    synchronize(dev)
+                    whole = time.perf_counter() - t0
+                    if i >= args.warmup:
+                        per_frame[name].append((core[-1], whole, i))
+                memory[name] = engine.stats()["bank_bytes"]
+
+    cfg = engine.config
+    print(
+        f"model={args.model} size={cfg.width}x{cfg.height} steps={cfg.steps} "
+        f"stream_batch={cfg.stream_batch} device={dev} dtype={engine.dtype} "
+        f"threads={torch.get_num_threads()} interval={interval} "
+        f"timed frames/variant={len(per_frame[args.only[0]])}"
+    )
+    base = per_frame.get("bank off")
+    base_med = median([c for c, _, _ in base]) if base else None
+    base_amort = sum(c for c, _, _ in base) / len(base) if base else None
+    print(
+        f"{'variant':<12} {'UNet p50 ms':>11} {'amortized':>10} {'merge fr.':>10} "
+        f"{'frame p50':>10} {'ratio p50':>9} {'ratio amort':>11} {'bank MB':>8}"
+    )
+    for name in args.only:
+        rows = per_frame[name]
+        med = median([c for c, _, _ in rows])
+        amort = sum(c for c, _, _ in rows) / len(rows)  # whole cycles only: every i % interval
+        merges = [c for c, _, i in rows if i > 0 and i % interval == 0]
+        whole = median([w for _, w, _ in rows])
+        r_med = f"{med / base_med:9.3f}" if base_med else f"{'-':>9}"
+        r_am = f"{amort / base_amort:11.3f}" if base_amort else f"{'-':>11}"
+        print(
+            f"{name:<12} {med * 1e3:11.1f} {amort * 1e3:10.1f} "
+            f"{median(merges) * 1e3 if merges else float('nan'):10.1f} {whole * 1e3:10.1f} "
+            f"{r_med} {r_am} {memory[name] / 2**20:8.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
