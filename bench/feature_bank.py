@@ -6,7 +6,9 @@
 For each variant: the median per-frame time of the UNet work (the UNet call(s) plus the bank's
 update, i.e. what the bank changes), the same amortized over whole update cycles (every
 ``interval``-th frame also merges), the merge frames alone, the whole engine(frame) median, the
-ratio to bank-off (same run, variants interleaved round by round), and the bank's memory.
+ratio to bank-off (same run, variants interleaved round by round), and the bank's memory: the
+banked tokens alone, and the whole buffer (banked tokens plus the current frame's K/V/O tail,
+which replaces the per-call concatenation a straightforward implementation allocates).
 """
 
 from __future__ import annotations
@@ -81,7 +83,15 @@ def main() -> None:
                     whole = time.perf_counter() - t0
                     if i >= args.warmup:
                         per_frame[name].append((core[-1], whole, i))
-                memory[name] = engine.stats()["bank_bytes"]
+                bank = engine.bank
+                memory[name] = (
+                    (
+                        bank.nbytes,
+                        bank.nbytes * bank.config.max_frames // (bank.config.max_frames + 1),
+                    )
+                    if bank is not None
+                    else (0, 0)
+                )
 
     cfg = engine.config
     print(
@@ -95,7 +105,7 @@ def main() -> None:
     base_amort = sum(c for c, _, _ in base) / len(base) if base else None
     print(
         f"{'variant':<12} {'UNet p50 ms':>11} {'amortized':>10} {'merge fr.':>10} "
-        f"{'frame p50':>10} {'ratio p50':>9} {'ratio amort':>11} {'bank MB':>8}"
+        f"{'frame p50':>10} {'ratio p50':>9} {'ratio amort':>11} {'banked MB':>9} {'buffer MB':>9}"
     )
     for name in args.only:
         rows = per_frame[name]
@@ -108,7 +118,7 @@ def main() -> None:
         print(
             f"{name:<12} {med * 1e3:11.1f} {amort * 1e3:10.1f} "
             f"{median(merges) * 1e3 if merges else float('nan'):10.1f} {whole * 1e3:10.1f} "
-            f"{r_med} {r_am} {memory[name] / 2**20:8.1f}"
+            f"{r_med} {r_am} {memory[name][1] / 2**20:9.1f} {memory[name][0] / 2**20:9.1f}"
         )
 
 

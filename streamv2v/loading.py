@@ -62,9 +62,26 @@ def refuse_pickle_only(folder: Path, allow_pickle: bool) -> None:
             )
 
 
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id ("org/name")."""
+    return name.startswith((".", "/", "~")) or os.path.isabs(name) or name.count("/") > 1
+
+
 def _load(part: str, name: str, loader, **kwargs):
-    """Call one ``from_pretrained`` and turn whatever it raises into one ModelLoadError."""
+    """Call one ``from_pretrained`` and turn whatever it raises into one ModelLoadError.
+
+    Hub ids are tried from the local cache first: a daemon starting at boot neither waits on the
+    network nor retries it when the model is already there.
+    """
+    local = Path(name).expanduser()
+    if _looks_like_path(name) and not local.exists():
+        raise ModelLoadError(f"{part} folder not found: {name} (no such file or directory)")
     try:
+        if not local.exists() and not kwargs.get("local_files_only"):
+            try:
+                return loader(name, **dict(kwargs, local_files_only=True))
+            except (OSError, ValueError):
+                pass  # not cached (completely): go to the hub
         return loader(name, **kwargs)
     except UnsafeWeightsError:
         raise
@@ -77,7 +94,7 @@ def _load(part: str, name: str, loader, **kwargs):
                 "with allow_pickle=True (CLI: --allow-pickle) if you trust the source"
             )
         raise ModelLoadError(
-            f"could not load the {part} of model {name!r}: {first}. {hint}"
+            f"could not load the {part} of model {name!r}: {first.rstrip('.')}. {hint}"
         ) from exc
 
 

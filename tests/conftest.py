@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# OpenMP threads that sleep instead of spinning while waiting: with spinning threads, any other
+# process on these 2 cores slows each torch op by a scheduler tick (tests 30x slower).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")

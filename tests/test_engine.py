@@ -204,6 +204,8 @@ def test_missing_model_is_one_clear_error_naming_it_and_the_fix(tmp_path, monkey
     assert "someone/not-a-real-model" in msg and "hf download" in msg and "\n" not in msg
     with pytest.raises(ModelLoadError, match="complete diffusers folder"):
         StreamV2V.from_pretrained(tmp_path, config=EngineConfig(vae="model"))
+    with pytest.raises(ModelLoadError, match=r"folder not found: \./no-model-here"):
+        StreamV2V.from_pretrained("./no-model-here", config=EngineConfig(vae="model"))
 
 
 def test_missing_vae_names_the_vae(tiny_model, monkeypatch):

@@ -1,0 +1,499 @@
+"""The ``streamv2v`` command line: one parser, each subcommand a plain function in a registry.
+
+A subcommand is registered with :func:`command` (its name, one-line help, and a function that adds
+its arguments); :func:`main` parses, dispatches, and turns every expected failure into one line,
+``streamv2v: error: ...`` on stderr, with exit code 2 and no traceback.
+
+The engine (and with it torch) is imported only once a command needs it, after the cheap checks
+on files and values, so ``--help`` and mistyped paths answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from daemon.video import (
+    VideoError,
+    VideoReader,
+    VideoWriter,
+    check_output_path,
+    moving_test_pattern,
+)
+
+if TYPE_CHECKING:
+    from streamv2v import EngineConfig, StreamV2V
+
+PROG = "streamv2v"
+EXIT_OK = 0
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+#: SD1.5 needs the LCM-LoRA to make images in a few steps; other models bring their own.
+DEFAULT_MODEL_LORA = "latent-consistency/lcm-lora-sdv1-5"
+#: The special model name for the embedded random-weight model (works offline, makes noise).
+TINY_MODEL = "tiny"
+
+DEMO_SIZE = 256
+DEMO_FPS = 15.0
+DEMO_STEPS = 2
+
+
+class CliError(Exception):
+    """An expected failure; its message is printed as one line and the CLI exits with 2."""
+
+
+# --- command registry -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: how to parse its arguments and the function that runs it."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(
+    name: str, description: str, add_arguments: Callable[[argparse.ArgumentParser], None]
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Register the decorated function as the subcommand ``name``."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        if name in COMMANDS:
+            raise ValueError(f"subcommand {name!r} is registered twice")
+        COMMANDS[name] = Command(name, description, add_arguments, run)
+        return run
+
+    return register
+
+
+class _PrintVersion(argparse.Action):
+    """``--version``; imports the engine package (and torch) only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.update(nargs=0, default=argparse.SUPPRESS)
+        super().__init__(option_strings, dest, help="Show the version and exit.", **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        from streamv2v import __version__
+
+        print(f"{PROG} {__version__}")
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per registered command."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Real-time video restyling with diffusion (StreamV2V)."
+    )
+    parser.add_argument("--version", action=_PrintVersion)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        sub = subparsers.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        # argparse exits on --help/--version and usage errors; callers of main() want a code.
+        return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_ERROR
+    set_runtime_defaults()
+    try:
+        return COMMANDS[args.command].run(args)
+    except (CliError, VideoError) as err:
+        return fail(str(err))
+    except ValidationError as err:
+        return fail(describe_validation_error(err))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def set_runtime_defaults() -> None:
+    """Environment defaults for the libraries under the engine; the user's own settings win.
+
+    They take effect only when set before the engine (torch, diffusers, transformers,
+    huggingface_hub) is first imported, which is why commands import it lazily.
+    """
+    # OpenMP threads that spin while they wait collapse when the cores are shared (with our own
+    # capture/output threads or another process): on 2 shared cores a ~100 ms tiny-model frame
+    # took 4 s with spinning, ~0.1-0.25 s with passive waiting. On idle cores passive waiting
+    # costs ~10% at 512x512 (more for tiny models); OMP_WAIT_POLICY=ACTIVE takes that back.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Keep the terminal for our own lines; e.g. DIFFUSERS_VERBOSITY=info brings theirs back.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def fail(message: str) -> int:
+    """Print one error line on stderr and return the error exit code."""
+    one_line = " ".join(message.split())
+    print(f"{PROG}: error: {one_line}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+#: Engine config fields -> the option that sets them, so an error tells the user what to change.
+_OPTION_FOR_FIELD = {
+    "width": "--size",
+    "height": "--size",
+    "steps": "--steps",
+    "strength": "--strength",
+    "seed": "--seed",
+    "vae": "--vae",
+    "stream_batch": "--no-stream-batch",
+}
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One line naming the first invalid setting, its value and what is wrong with it."""
+    errors = err.errors()
+    first = errors[0]
+    reason = first["msg"].removeprefix("Value error, ")
+    location = ".".join(str(part) for part in first["loc"])
+    if location:
+        option = _OPTION_FOR_FIELD.get(location)
+        where = f"{location}={first.get('input')!r}" + (f" ({option})" if option else "")
+        message = f"invalid {where}: {reason}"
+    else:
+        # A check across several fields: pydantic gives no location, the reason names them.
+        message = f"invalid settings: {reason}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s))"
+    return message
+
+
+# --- shared option parsing --------------------------------------------------------------------
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``'512x512'`` -> ``(512, 512)`` (width, height)."""
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 512x512, got {text!r}")
+    return int(width), int(height)
+
+
+def parse_positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+# --- model and engine -------------------------------------------------------------------------
+
+
+def tiny_model_dir() -> Path:
+    """The embedded tiny model's folder in the user cache, built on first use."""
+    from platformdirs import user_cache_dir
+
+    from streamv2v import testing
+
+    folder = Path(user_cache_dir(PROG)) / "tiny-model"
+    stamp = folder / ".streamv2v-build"
+    # The stamp is written last and names the code that built the model, so a cached model is
+    # used only if complete and made by the current builder (its layout may change between
+    # versions).
+    builder = hashlib.sha256(Path(testing.__file__).read_bytes()).hexdigest()[:16]
+    if stamp.is_file() and stamp.read_text().strip() == builder:
+        return folder
+    print(f"{PROG}: building the tiny model in {folder} (once)", file=sys.stderr)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the final place and move it in, so an interrupted build never leaves a
+        # half-written folder that later runs would trust.
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix="tiny-model-build-") as tmp:
+            built = testing.save_tiny_model(Path(tmp) / "model")
+            (built / stamp.name).write_text(builder)
+            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):  # a concurrent build may have moved in first
+                os.replace(built, folder)
+    except OSError as err:
+        raise CliError(f"cannot build the tiny model in {folder}: {err}") from None
+    if not stamp.is_file():
+        raise CliError(f"cannot build the tiny model in {folder}: it was not moved into place")
+    return folder
+
+
+def model_location(model: str) -> str:
+    """What to hand to from_pretrained for ``model``; builds the tiny model when asked for."""
+    if model != TINY_MODEL:
+        return model
+    from streamv2v.testing import TINY_MODEL_NOTE
+
+    print(f"{PROG}: note: {TINY_MODEL_NOTE}", file=sys.stderr)
+    return str(tiny_model_dir())
+
+
+def engine_config(
+    *,
+    model: str,
+    size: tuple[int, int] | None = None,
+    steps: int | None = None,
+    strength: float | None = None,
+    seed: int | None = None,
+    stream_batch: bool = True,
+    vae: str | None = None,
+) -> EngineConfig:
+    """An EngineConfig from the options given; whatever is not given keeps the engine default."""
+    from streamv2v import EngineConfig, LoraSpec
+
+    fields: dict[str, Any] = {"stream_batch": stream_batch}
+    if size is not None:
+        fields["width"], fields["height"] = size
+    optional = {"steps": steps, "strength": strength, "seed": seed}
+    fields.update({name: value for name, value in optional.items() if value is not None})
+    if vae is None and model == TINY_MODEL:
+        vae = "model"  # the tiny model's own small VAE; a real one would not match its latents
+    if vae is not None:
+        fields["vae"] = vae
+    if model == DEFAULT_MODEL:
+        fields["loras"] = (LoraSpec(id=DEFAULT_MODEL_LORA, scale=1.0),)
+    return EngineConfig(**fields)
+
+
+def load_engine(
+    model: str, config: EngineConfig, *, device: str | None = None, allow_pickle: bool = False
+) -> StreamV2V:
+    """Load the engine for ``model`` (a hub id, a folder or ``tiny``), with one-line errors."""
+    from streamv2v import ModelLoadError, StreamV2V, UnsafeWeightsError
+
+    location = model_location(model)
+    # Loading can take a while (a first download, or the hub's retries when offline): say so.
+    print(f"{PROG}: loading model {model}", file=sys.stderr, flush=True)
+    try:
+        engine = StreamV2V.from_pretrained(
+            location, config=config, device=device, allow_pickle=allow_pickle
+        )
+    except UnsafeWeightsError as err:
+        raise CliError(f"{err} (pass --allow-pickle to load them anyway)") from None
+    except ModelLoadError as err:
+        raise CliError(str(err)) from None
+    return engine
+
+
+# --- the frame loop ---------------------------------------------------------------------------
+
+
+@dataclass
+class StreamStats:
+    """What one pass of frames through the engine did and how long each call took."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    call_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.call_seconds) * 1000 if self.call_seconds else 0.0
+
+
+def stream_frames(
+    engine: StreamV2V,
+    frames: Iterable[np.ndarray],
+    write: Callable[[np.ndarray], None],
+    progress: Callable[[int], object] | None = None,
+) -> StreamStats:
+    """Feed every frame to the engine and ``write`` every output, one output per input frame."""
+    stats = StreamStats()
+
+    def step(frame: np.ndarray) -> None:
+        start = time.perf_counter()
+        out = engine(frame)
+        stats.call_seconds.append(time.perf_counter() - start)
+        if out is not None:  # None while the stream batch is still filling
+            write(out)
+            stats.frames_out += 1
+
+    last = None
+    for frame in frames:
+        step(frame)
+        stats.frames_in += 1
+        last = frame
+        if progress is not None:
+            progress(1)
+    # In stream-batch mode an input's output appears latency_frames calls later; feeding the last
+    # frame that many more times flushes the batch, so the output has one frame per input frame.
+    if last is not None:
+        for _ in range(engine.latency_frames):
+            step(last)
+    return stats
+
+
+def run_engine_on(
+    engine: StreamV2V,
+    frames: Iterable[np.ndarray],
+    output: Path,
+    fps: float,
+    total: int | None,
+) -> StreamStats:
+    """Write the engine's output for ``frames`` to ``output`` with a progress bar on stderr."""
+    from streamv2v import StreamV2VError
+
+    size = (engine.config.width, engine.config.height)
+    with (
+        VideoWriter(output, fps, size) as writer,
+        tqdm(total=total or None, unit="frame", file=sys.stderr, desc=output.name) as bar,
+    ):
+        try:
+            stats = stream_frames(engine, frames, writer.write, bar.update)
+        except StreamV2VError as err:
+            raise CliError(str(err)) from None
+    if stats.frames_out != stats.frames_in:
+        print(
+            f"{PROG}: warning: the engine returned {stats.frames_out} frames for "
+            f"{stats.frames_in} input frames",
+            file=sys.stderr,
+        )
+    return stats
+
+
+# --- translate --------------------------------------------------------------------------------
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options that choose the model and tune the engine (shared by commands that run one)."""
+    parser.add_argument("--prompt", required=True, help="What the video should look like.")
+    parser.add_argument("--negative-prompt", default="", help="What it should not look like.")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Hub id or local folder of an SD-family model, or '{TINY_MODEL}' for the embedded "
+        f"random-weight demo model (default: {DEFAULT_MODEL} with the LCM-LoRA).",
+    )
+    parser.add_argument("--steps", type=int, help="Denoising steps per frame (engine default: 4).")
+    parser.add_argument("--strength", type=float, help="How much to change each frame (0-1].")
+    parser.add_argument(
+        "--size", type=parse_size, metavar="WxH", help="Working size (engine default: 512x512)."
+    )
+    parser.add_argument("--seed", type=int, help="Seed of the fixed noise.")
+    parser.add_argument(
+        "--no-stream-batch",
+        dest="stream_batch",
+        action="store_false",
+        help="Denoise each frame fully before the next (no output lag, slower).",
+    )
+    parser.add_argument(
+        "--vae", help="Hub id or folder of the VAE, or 'model' for the model's own VAE."
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="Allow loading pickle (.bin/.ckpt) weights; only for models you trust.",
+    )
+    parser.add_argument("--device", help="Torch device such as cpu or cuda (default: best found).")
+
+
+def add_translate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", type=Path, help="Video file to restyle.")
+    parser.add_argument("output", type=Path, help="Video file to write (.mp4 or .avi).")
+    add_engine_arguments(parser)
+
+
+@command("translate", "Restyle a video file into a new video file.", add_translate_arguments)
+def translate(args: argparse.Namespace) -> int:
+    with VideoReader(args.input) as reader:
+        check_output_path(args.output)
+        if args.output.resolve() == reader.path.resolve():
+            raise CliError(f"output would overwrite the input video: {args.output}")
+        config = engine_config(
+            model=args.model,
+            size=args.size,
+            steps=args.steps,
+            strength=args.strength,
+            seed=args.seed,
+            stream_batch=args.stream_batch,
+            vae=args.vae,
+        )
+        engine = load_engine(args.model, config, device=args.device, allow_pickle=args.allow_pickle)
+        engine.set_prompt(args.prompt, args.negative_prompt)
+        stats = run_engine_on(engine, reader, args.output, reader.fps, reader.frame_count)
+    print(summary(args.output, stats, engine, reader.fps))
+    return EXIT_OK
+
+
+def summary(output: Path, stats: StreamStats, engine: StreamV2V, fps: float) -> str:
+    cfg = engine.config
+    mode = "stream batch" if cfg.stream_batch else "no stream batch"
+    return (
+        f"wrote {output}: {stats.frames_out} frames, {cfg.width}x{cfg.height} at {fps:g} fps; "
+        f"median {stats.median_ms:.1f} ms per engine call (steps {cfg.steps}, {mode})"
+    )
+
+
+# --- demo -------------------------------------------------------------------------------------
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--frames",
+        type=parse_positive_int,
+        default=int(2 * DEMO_FPS),
+        help=f"Frames of test pattern to restyle (default: 2 s at {DEMO_FPS:g} fps).",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("streamv2v-demo.mp4"),
+        help="Video file to write (default: ./streamv2v-demo.mp4).",
+    )
+
+
+@command(
+    "demo",
+    "Run the whole pipeline offline: a test pattern through the tiny model into a video file.",
+    add_demo_arguments,
+)
+def demo(args: argparse.Namespace) -> int:
+    check_output_path(args.output)
+    # This version has no camera input, virtual camera or model download yet: say what stands in.
+    print(
+        f"{PROG} demo: this version has no camera, virtual camera or downloaded model, so it uses\n"
+        f"  camera         -> a generated moving test pattern "
+        f"({args.frames} frames, {DEMO_SIZE}x{DEMO_SIZE} at {DEMO_FPS:g} fps)\n"
+        f"  model          -> the embedded tiny random-weight model (noise-like images)\n"
+        f"  virtual camera -> the video file {args.output}",
+        flush=True,
+    )
+    config = engine_config(model=TINY_MODEL, size=(DEMO_SIZE, DEMO_SIZE), steps=DEMO_STEPS)
+    engine = load_engine(TINY_MODEL, config)
+    engine.set_prompt("an oil painting of colorful shapes")
+    frames = moving_test_pattern(args.frames, DEMO_SIZE, DEMO_SIZE)
+    stats = run_engine_on(engine, frames, args.output, DEMO_FPS, args.frames)
+    print(summary(args.output, stats, engine, DEMO_FPS))
+    return EXIT_OK
