@@ -183,10 +183,9 @@ class StreamV2V:
 
     def set_prompt(self, prompt: str, negative_prompt: str = "") -> None:
         """Encode the prompt once; every later frame reuses the embeddings."""
-        cond = self.encode_prompt(prompt)
-        needs_uncond = self.config.guidance in ("full", "initialize")
-        uncond = self.encode_prompt(negative_prompt) if needs_uncond else cond
-        self.set_prompt_embeds(cond, uncond)
+        # The negative prompt is encoded even when the guidance mode does not use it, so a later
+        # set_config() to "full"/"initialize" guidance finds it ready.
+        self.set_prompt_embeds(self.encode_prompt(prompt), self.encode_prompt(negative_prompt))
 
     def set_prompt_embeds(self, cond: torch.Tensor, uncond: torch.Tensor | None = None) -> None:
         """Use precomputed embeddings (e.g. a preset's, or a blend of two) from the next frame on.

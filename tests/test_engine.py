@@ -98,7 +98,10 @@ def test_prompt_is_encoded_once_never_per_frame(tiny_model, frames):
         engine(f)
     assert counter.calls == 0
     engine.set_prompt("another prompt")
-    assert counter.calls == 1
+    assert counter.calls == 2  # prompt and negative prompt, once each
+    for f in frames:
+        engine(f)
+    assert counter.calls == 2
 
 
 def test_a_new_prompt_changes_the_output_without_a_new_warm_up(tiny_model, frames):
@@ -146,6 +149,14 @@ def test_full_guidance_uses_the_negative_prompt(tiny_model, frames):
     engine.set_prompt("the cat and the dog", negative_prompt="the end")
     b = engine(frames[0], output_type="latent")
     assert (a - b).abs().max().item() > 1e-3
+    # set before the guidance mode used it, the negative prompt still applies after a switch
+    plain = make_engine(tiny_model, steps=1)
+    plain.set_prompt("the cat and the dog", negative_prompt="the end")
+    plain.set_config(plain.config.model_copy(update={"guidance": "full", "guidance_scale": 2.0}))
+    fresh = make_engine(tiny_model, steps=1, guidance="full", guidance_scale=2.0)
+    fresh.set_prompt("the cat and the dog", negative_prompt="the end")
+    c = plain(frames[0], output_type="latent")
+    assert torch.allclose(fresh(frames[0], output_type="latent"), c, atol=1e-6)
 
 
 def test_similar_image_filter_skips_the_unet_for_a_bounded_run(tiny_model, frames):
