@@ -35,18 +35,24 @@ def merge_tokens(kvo: torch.Tensor, num_src: int, generator: torch.Generator) ->
     Returns ``[G, 3, T - num_src, C]``.
     """
     g, _, t, c = kvo.shape
+    m = t - num_src
     order = torch.rand((g, t), generator=generator, device=kvo.device).argsort(dim=-1)
     src_idx, dst_idx = order[:, :num_src], order[:, num_src:]
 
-    def take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # x [G, 3, T, C]
-        return x.gather(2, idx[:, None, :, None].expand(-1, x.shape[1], -1, c))
-
-    keys = F.normalize(kvo[:, 0:1].float(), dim=-1)
-    sim = take(keys, src_idx)[:, 0] @ take(keys, dst_idx)[:, 0].transpose(1, 2)  # [G, S, D]
-    match = sim.argmax(dim=-1)  # [G, S] -> index into destinations
-    dst = take(kvo, dst_idx)
-    index = match[:, None, :, None].expand(-1, 3, -1, c)
-    return dst.scatter_reduce(2, index, take(kvo, src_idx), reduce="mean", include_self=True)
+    keys = F.normalize(kvo[:, 0].float(), dim=-1)
+    src_keys = keys.gather(1, src_idx[..., None].expand(-1, -1, c))
+    dst_keys = keys.gather(1, dst_idx[..., None].expand(-1, -1, c))
+    match = (src_keys @ dst_keys.transpose(1, 2)).argmax(dim=-1)  # [G, S] -> destination rank
+    # Where every token goes: destination j to its own rank j, a source to its match. One
+    # scatter-add over all tokens then sums each destination with its sources, K/V/O together.
+    target = torch.empty((g, t), dtype=torch.long, device=kvo.device)
+    target.scatter_(1, dst_idx, torch.arange(m, device=kvo.device).expand(g, m))
+    target.scatter_(1, src_idx, match)
+    total = kvo.new_zeros((g, 3, m, c)).scatter_add_(
+        2, target[:, None, :, None].expand(-1, 3, -1, c), kvo
+    )
+    count = kvo.new_zeros((g, m)).scatter_add_(1, target, kvo.new_ones((g, t)))
+    return total / count[:, None, :, None]
 
 
 def fuse_features(

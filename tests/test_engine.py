@@ -223,3 +223,51 @@ def test_missing_vae_names_the_vae(tiny_model, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="madebyollin/taesd"):
         StreamV2V.from_pretrained(tiny_model, config=EngineConfig())
+
+
+def save_tiny_lora(model_dir, out_dir):
+    """A random LoRA for the tiny UNet, saved the way diffusers saves LoRAs (safetensors)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    torch.manual_seed(3)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers)
+    return out_dir
+
+
+def test_lora_is_fused_into_the_unet_at_its_scale(tiny_model, tmp_path, frames):
+    from streamv2v import LoraSpec
+
+    lora = save_tiny_lora(tiny_model, tmp_path / "lora")
+    assert list(lora.glob("*.safetensors"))
+
+    def latent(scale=None):
+        loras = () if scale is None else (LoraSpec(id=str(lora), scale=scale),)
+        engine = make_engine(tiny_model, steps=1, loras=loras, bank={"enabled": False})
+        # Fused: plain modules remain, no adapter layers run per frame.
+        assert not any("lora" in type(m).__name__.lower() for m in engine.unet.modules())
+        return engine(frames[0], output_type="latent")
+
+    base, half, full = latent(), latent(0.5), latent(1.0)
+    assert (full - base).abs().max().item() > 1e-3
+    assert (half - base).abs().max().item() > 1e-4
+    assert (half - full).abs().max().item() > 1e-4
+    zero = latent(0.0)
+    assert torch.allclose(zero, base, atol=1e-5)
+
+
+def test_lora_with_pickle_weights_is_refused(tiny_model, tmp_path):
+    from streamv2v import LoraSpec
+
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    (folder / "pytorch_lora_weights.bin").write_bytes(b"not really a pickle")
+    cfg = EngineConfig(vae="model", loras=[LoraSpec(id=str(folder))])
+    with pytest.raises(UnsafeWeightsError, match="allow_pickle"):
+        StreamV2V.from_pretrained(tiny_model, config=cfg, device="cpu")
