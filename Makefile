@@ -1,5 +1,5 @@
 # The two set-up commands of the README:
-#   make demo   - builds .venv and runs the main job on the embedded default
+#   make demo   - builds .venv and runs the daemon on the embedded default (Ctrl+C stops it)
 #   make test   - builds .venv and runs lint + the whole test suite
 # torch is installed first, pinned through constraints.txt, so pip never swaps in another build.
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/streamv2v demo
+	$(BIN)/streamv2v run --demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import statistics
@@ -496,4 +497,154 @@ def demo(args: argparse.Namespace) -> int:
     frames = moving_test_pattern(args.frames, DEMO_SIZE, DEMO_SIZE)
     stats = run_engine_on(engine, frames, args.output, DEMO_FPS, args.frames)
     print(summary(args.output, stats, engine, DEMO_FPS))
+    return EXIT_OK
+
+
+# --- the daemon -------------------------------------------------------------------------------
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML configuration file (default: config.toml in the user config dir, if present).",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Override one setting, e.g. --set camera.source=1 --set engine.settings.steps=2.",
+    )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_argument(parser)
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="Embedded default: a generated test pattern as the camera and the tiny local model.",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="Stop after this many seconds (default: run until SIGINT/SIGTERM).",
+    )
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def read_config(args: argparse.Namespace):
+    """The effective configuration: file, then --set overrides; errors name the key (exit 2)."""
+    from daemon.config import ConfigError, load_config, parse_override
+
+    overrides: dict[str, Any] = {}
+    try:
+        for text in args.overrides:
+            merge_dicts(overrides, parse_override(text))
+        if getattr(args, "demo", False):
+            merge_dicts(overrides, {"demo": True})
+        if getattr(args, "log_level", None):
+            merge_dicts(overrides, {"log": {"level": args.log_level}})
+        return load_config(args.config, overrides)
+    except ConfigError as err:
+        raise CliError(str(err)) from None
+
+
+def merge_dicts(into: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge_dicts(into[key], value)
+        else:
+            into[key] = value
+
+
+@command(
+    "run",
+    "Run the daemon in the foreground: camera -> engine -> virtual camera.",
+    add_run_arguments,
+)
+def run(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from daemon.app import Daemon, apply_demo
+    from daemon.logs import setup_logging
+
+    config = read_config(args)
+    notes: list[str] = []
+    if config.demo:
+        config, notes = apply_demo(config)
+    log_file = setup_logging(config.log.level, config.log.file)
+    logger = logging.getLogger("streamv2v")
+    for note in notes:
+        logger.warning("%s", note)
+    logger.info("log file: %s", log_file or "(none)")
+
+    stop = threading.Event()
+    reload_requested = threading.Event()
+
+    def on_stop(signum: int, _frame: Any) -> None:
+        logger.info("signal %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGTERM, on_stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+
+    daemon = Daemon(config)
+    daemon.start()
+    deadline = None if args.duration is None else time.monotonic() + args.duration
+    try:
+        while not stop.is_set():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            stop.wait(0.2 if remaining is None else min(0.2, remaining))
+            if reload_requested.is_set():
+                reload_requested.clear()
+                daemon = reload_daemon(daemon, args, logger)
+    finally:
+        daemon.stop()
+        logger.info("stopped: %s", daemon.status())
+    return EXIT_OK
+
+
+def reload_daemon(daemon: Any, args: argparse.Namespace, logger: logging.Logger) -> Any:
+    """SIGHUP: read the configuration again; a bad file keeps the running configuration."""
+    from daemon.app import Daemon, apply_demo
+
+    try:
+        config = read_config(args)
+    except CliError as err:
+        logger.error("reload refused, keeping the running configuration: %s", err)
+        return daemon
+    if config.demo:
+        config, _ = apply_demo(config)
+    if config == daemon.config:
+        logger.info("reload: configuration unchanged")
+        return daemon
+    logger.info("reload: configuration changed, restarting the data plane")
+    daemon.stop()
+    fresh = Daemon(config)
+    fresh.start()
+    return fresh
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["show", "path"], help="show: the effective settings.")
+    add_config_argument(parser)
+
+
+@command("config", "Show the effective configuration (secrets masked).", add_config_arguments)
+def config_command(args: argparse.Namespace) -> int:
+    from daemon.config import default_config_path, dump_config
+
+    if args.action == "path":
+        print(args.config or default_config_path())
+        return EXIT_OK
+    print(dump_config(read_config(args), mask_secrets=True), end="")
     return EXIT_OK
