@@ -1,0 +1,200 @@
+"""The whole data plane on the tiny model: camera thread -> engine thread -> output thread.
+
+The virtual camera is pyvirtualcam's real Camera with an in-memory backend registered under the
+default Linux backend's name through pyvirtualcam.register_backend (this machine has no
+v4l2loopback device); everything else is real.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import pyvirtualcam
+
+from daemon.app import Daemon, apply_demo
+from daemon.cli import main
+from daemon.config import DaemonConfig, load_config
+
+
+class MemoryCamera:
+    """A pyvirtualcam backend that keeps what it is sent (frames and their arrival times)."""
+
+    instances: ClassVar[list[MemoryCamera]] = []
+
+    def __init__(self, *, width, height, fps, fourcc, device, **kw):
+        self.width, self.height, self.fps = width, height, fps
+        self.frames: list[np.ndarray] = []
+        self.times: list[float] = []
+        self.closed = False
+        self._device = device or "/dev/video-memory"
+        self._lock = threading.Lock()
+        MemoryCamera.instances.append(self)
+
+    def send(self, frame: np.ndarray) -> None:
+        with self._lock:
+            self.times.append(time.monotonic())
+            if len(self.frames) < 5000:
+                self.frames.append(frame.copy())
+
+    def close(self) -> None:
+        self.closed = True
+
+    def device(self) -> str:
+        return self._device
+
+    def native_fourcc(self):
+        return None
+
+
+@pytest.fixture
+def memory_vcam():
+    """Replace pyvirtualcam's default Linux backend with MemoryCamera for one test."""
+    name = "v4l2loopback"
+    original = pyvirtualcam.camera.BACKENDS.get(name)
+    MemoryCamera.instances.clear()
+    pyvirtualcam.register_backend(name, MemoryCamera)
+    yield MemoryCamera
+    if original is not None:
+        pyvirtualcam.register_backend(name, original)
+
+
+def demo_config(tiny_model: Path, **extra) -> DaemonConfig:
+    cfg, _ = apply_demo(DaemonConfig())
+    engine = cfg.engine.model_copy(update={"model": str(tiny_model)})
+    cfg = cfg.model_copy(update={"engine": engine})
+    data = cfg.model_dump()
+    data["engine"]["settings"].update({"width": 64, "height": 64, "vae": "model", "loras": ()})
+    data["engine"]["loras"] = []
+    data["output"]["preview"]["port"] = 0
+    data["output"]["fps"] = 20.0
+    data["camera"]["fps"] = 20.0
+    for key, value in extra.items():
+        section, name = key.split("__")
+        data[section][name] = value
+    return DaemonConfig.model_validate(data)
+
+
+def wait_for(predicate, timeout: float, step: float = 0.05) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def test_styled_frames_reach_the_virtual_camera_at_its_size_and_rate(tiny_model, memory_vcam):
+    daemon = Daemon(demo_config(tiny_model))
+    daemon.start()
+    try:
+        assert wait_for(lambda: daemon.engine.state == "running", 60), daemon.status()
+        cam = memory_vcam.instances[-1]
+        start = len(cam.times)
+        time.sleep(2.0)
+        times = cam.times[start:]
+        status = daemon.status()
+    finally:
+        daemon.stop()
+    assert (cam.width, cam.height) == (64, 64)
+    assert cam.frames[-1].shape == (64 * 64 * 3,)  # RGB, 1-D as pyvirtualcam hands it over
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    assert 17 <= rate <= 21, rate  # paced at 20 fps
+    assert status["kinds"].get("styled", 0) > 0
+    assert status["latency_ms_p95"] is not None and status["latency_ms_p95"] < 5000
+    assert cam.closed
+
+
+def test_a_broken_model_falls_back_to_passthrough_and_keeps_publishing(tmp_path, memory_vcam):
+    cfg = demo_config(tmp_path / "no-model")
+    daemon = Daemon(cfg)
+    daemon.start()
+    try:
+        assert wait_for(lambda: daemon.engine.state == "failed", 30)
+        cam = memory_vcam.instances[-1]
+        n = len(cam.frames)
+        assert wait_for(lambda: daemon.status()["kinds"].get("camera", 0) > 5, 10)
+        time.sleep(0.5)
+    finally:
+        daemon.stop()
+    assert len(cam.frames) > n + 5  # still publishing at rate
+    # The passthrough frame is the test pattern, not a blank or brown frame.
+    assert cam.frames[-1].reshape(64, 64, 3).std() > 10
+
+
+def test_without_a_v4l2_device_the_preview_carries_on(tiny_model):
+    # pyvirtualcam's real backend: this machine has no /dev/video*, so the sink fails clearly.
+    daemon = Daemon(demo_config(tiny_model))
+    daemon.start()
+    try:
+        assert any("modprobe v4l2loopback" in n for n in daemon.notes), daemon.notes
+        assert daemon.output.preview is not None
+        import cv2
+
+        cap = cv2.VideoCapture(daemon.output.preview.stream_url)
+        ok, frame = cap.read()
+        cap.release()
+    finally:
+        daemon.stop()
+    assert ok and frame.shape == (64, 64, 3)
+
+
+def test_bad_config_file_exits_2_naming_the_key(tmp_path, capsys):
+    bad = tmp_path / "config.toml"
+    bad.write_text("[camera]\nfps = 'fast'\n")
+    assert main(["run", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "camera.fps" in err and "fast" in err and "Traceback" not in err
+
+
+def test_config_show_prints_the_effective_settings(tmp_path, capsys):
+    good = tmp_path / "config.toml"
+    good.write_text("[camera]\nfps = 15\n")
+    assert main(["config", "show", "--config", str(good), "--set", "output.fps=24"]) == 0
+    shown = capsys.readouterr().out
+    reread = tmp_path / "shown.toml"
+    reread.write_text(shown)
+    cfg = load_config(reread)
+    assert cfg.camera.fps == 15 and cfg.output.fps == 24
+
+
+def test_sigterm_stops_the_daemon_within_two_seconds(tiny_model, tmp_path):
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "daemon",
+        "run",
+        "--demo",
+        "--set",
+        "output.preview.port=0",
+        "--set",
+        f"log.file='{tmp_path / 'daemon.log'}'",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        assert wait_for(lambda: any("engine: running" in ln for ln in lines), 90), lines
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=10)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(2)
+    text = "".join(lines)
+    assert code == 0 and elapsed < 2.0, (elapsed, text[-2000:])
+    # The first lines say what the demo substituted and why.
+    assert "test pattern" in text and "RANDOM weights" in text
+    assert "Traceback" not in text
