@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
+import pyvirtualcam
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # OpenMP threads that sleep instead of spinning while waiting: with spinning threads, any other
@@ -27,3 +31,45 @@ def frames() -> list[np.ndarray]:
     """Six distinct 72x96 RGB frames (non-square, so crop and resize are exercised)."""
     rng = np.random.default_rng(7)
     return [rng.integers(0, 256, (72, 96, 3), dtype=np.uint8) for _ in range(6)]
+
+
+class MemoryCamera:
+    """A pyvirtualcam backend that keeps what it is sent (frames and their arrival times)."""
+
+    instances: ClassVar[list[MemoryCamera]] = []
+
+    def __init__(self, *, width, height, fps, fourcc, device, **kw):
+        self.width, self.height, self.fps = width, height, fps
+        self.frames: list[np.ndarray] = []
+        self.times: list[float] = []
+        self.closed = False
+        self._device = device or "/dev/video-memory"
+        self._lock = threading.Lock()
+        MemoryCamera.instances.append(self)
+
+    def send(self, frame: np.ndarray) -> None:
+        with self._lock:
+            self.times.append(time.monotonic())
+            if len(self.frames) < 5000:
+                self.frames.append(frame.copy())
+
+    def close(self) -> None:
+        self.closed = True
+
+    def device(self) -> str:
+        return self._device
+
+    def native_fourcc(self):
+        return None
+
+
+@pytest.fixture
+def memory_vcam():
+    """Replace pyvirtualcam's default Linux backend with MemoryCamera for one test."""
+    name = "v4l2loopback"
+    original = pyvirtualcam.camera.BACKENDS.get(name)
+    MemoryCamera.instances.clear()
+    pyvirtualcam.register_backend(name, MemoryCamera)
+    yield MemoryCamera
+    if original is not None:
+        pyvirtualcam.register_backend(name, original)
