@@ -151,3 +151,33 @@ def test_sigterm_stops_the_daemon_within_two_seconds(tiny_model, tmp_path):
     # The first lines say what the demo substituted and why.
     assert "test pattern" in text and "RANDOM weights" in text
     assert "Traceback" not in text
+
+
+def test_sighup_reloads_a_changed_config_and_keeps_the_old_one_when_broken(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('[camera]\nsource = "testpattern"\n[engine]\nmodel = "tiny"\n')
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "daemon", "run", "--config", str(config)]
+    cmd += ["--set", "output.preview.port=0", "--set", f"log.file='{tmp_path / 'd.log'}'"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+
+    def said(text: str) -> bool:
+        return any(text in ln for ln in lines)
+
+    try:
+        assert wait_for(lambda: said("engine: running"), 90), lines
+        config.write_text('[camera]\nfps = "fast"\n')
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: said("reload refused"), 10), lines
+        assert proc.poll() is None  # still running on the old configuration
+        config.write_text('[camera]\nsource = "testpattern"\nfps = 15\n[engine]\nmodel = "tiny"\n')
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: said("configuration changed"), 10), lines
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "camera.fps" in "".join(lines)
