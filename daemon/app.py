@@ -125,29 +125,46 @@ class EngineWorker:
         engine.set_prompt(cfg.prompt, negative_prompt=cfg.negative_prompt)
         return engine
 
+    def _start_loading(self) -> None:
+        """Load in a thread of its own, so this thread keeps passing camera frames through."""
+        self._set_state("loading", self.config.engine.model)
+        self._loaded: Any = None
+
+        def load() -> None:
+            try:
+                self._loaded = self._load()
+            except Exception as err:  # any failure: reported by the engine thread
+                self._loaded = err
+
+        self._loader = threading.Thread(target=load, name="engine-load", daemon=True)
+        self._loader.start()
+
     def _run(self) -> None:
-        backoff = _BACKOFF_MIN_S
-        retry_at = 0.0
+        backoff, retry_at = _BACKOFF_MIN_S, 0.0
+        self._loader: threading.Thread | None = None
         while not self._stop.is_set():
-            frame = self._in.get(timeout=0.25)
-            if self.engine is None and time.monotonic() >= retry_at:
-                try:
-                    self._set_state("loading", self.config.engine.model)
-                    self.engine = self._load()
-                    self._set_state("warming")
-                    backoff = _BACKOFF_MIN_S
-                except Exception as err:  # any failure: passthrough and retry later
-                    log.error(
-                        "engine: could not load (%s); passthrough, retry in %.0f s", err, backoff
-                    )
-                    self.state = "failed"
-                    retry_at = time.monotonic() + backoff
-                    backoff = min(backoff * 2, _BACKOFF_MAX_S)
-                continue  # the frame waited through the load: take a fresh one
+            if self.engine is None:
+                if self._loader is None and time.monotonic() >= retry_at:
+                    self._start_loading()
+                elif self._loader is not None and not self._loader.is_alive():
+                    self._loader, loaded = None, self._loaded
+                    if isinstance(loaded, Exception):
+                        log.error(
+                            "engine: could not load (%s); passthrough, retry in %.0f s",
+                            loaded,
+                            backoff,
+                        )
+                        self.state = "failed"
+                        retry_at = time.monotonic() + backoff
+                        backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                    else:
+                        self.engine, backoff = loaded, _BACKOFF_MIN_S
+                        self._set_state("warming")
+            frame = self._in.get(timeout=0.1)
             if frame is None:
                 continue
             if frame.kind == "unavailable" or self.engine is None:
-                self._out.put(frame)
+                self._out.put(frame)  # passthrough while loading or failed
                 continue
             try:
                 t0 = time.perf_counter()

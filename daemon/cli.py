@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_ERROR
     set_runtime_defaults()
+    # A command may end the process itself only when it is the process (called with no argv).
+    args.owns_process = argv is None
     try:
         return COMMANDS[args.command].run(args)
     except (CliError, VideoError) as err:
@@ -610,7 +612,22 @@ def run(args: argparse.Namespace) -> int:
     finally:
         daemon.stop()
         logger.info("stopped: %s", daemon.status())
+    if args.owns_process:
+        exit_now_if_threads_linger()
     return EXIT_OK
+
+
+def exit_now_if_threads_linger() -> None:
+    """End the process at once when a worker is still inside native code (a model load, a long
+    engine call): letting the interpreter finalise under a running torch thread can abort it.
+    Everything that needed closing (camera, virtual camera, preview, log) is closed by now."""
+    import threading
+
+    if any(t.is_alive() for t in threading.enumerate() if t is not threading.main_thread()):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
 
 
 def reload_daemon(daemon: Any, args: argparse.Namespace, logger: logging.Logger) -> Any:
