@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import platform
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
-from daemon.video import VideoOutputError, VideoWriter
+from daemon.video import CloseOnExit, VideoOutputError, VideoWriter
 
 if TYPE_CHECKING:
     import pyvirtualcam
@@ -118,7 +117,7 @@ def convert_rgb(rgb: np.ndarray, pixel_format: str) -> np.ndarray:
     return nv12
 
 
-class VirtualCameraSink:
+class VirtualCameraSink(CloseOnExit):
     """Frames to a virtual webcam through pyvirtualcam, in the configured pixel format.
 
     Opening fails with :class:`VirtualCameraUnavailable` (whatever pyvirtualcam raised) so the
@@ -176,19 +175,8 @@ class VirtualCameraSink:
         if camera is not None:
             camera.close()
 
-    def __enter__(self) -> VirtualCameraSink:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class Recorder:
+class Recorder(CloseOnExit):
     """Optional recording of the output to a video file (mp4v for .mp4, MJPG for .avi).
 
     ``open`` fails with a ValueError that names the problem (unknown extension, missing folder,
@@ -225,14 +213,3 @@ class Recorder:
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
-
-    def __enter__(self) -> Recorder:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 
 import cv2
 import numpy as np
@@ -19,6 +18,19 @@ OUTPUT_CODECS: dict[str, str] = {".mp4": "mp4v", ".avi": "MJPG"}
 
 #: Used when a file does not say its frame rate (OpenCV reports 0 or NaN then).
 FALLBACK_FPS = 30.0
+
+
+class CloseOnExit:
+    """``with obj:`` closes ``obj`` on the way out (for anything with a ``close()``)."""
+
+    def close(self) -> None:  # overridden
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class VideoError(Exception):
@@ -33,7 +45,7 @@ class VideoOutputError(VideoError):
     """The output video cannot be written where or how it was asked for."""
 
 
-class VideoReader:
+class VideoReader(CloseOnExit):
     """Reads a video file frame by frame as uint8 RGB arrays of shape (height, width, 3).
 
     Opening reads the first frame right away, so an undecodable file fails here, before any
@@ -84,17 +96,6 @@ class VideoReader:
     def close(self) -> None:
         self._capture.release()
 
-    def __enter__(self) -> VideoReader:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 def codec_for(path: str | os.PathLike[str]) -> str:
     """The FourCC to write ``path`` with, chosen from its extension."""
@@ -128,7 +129,7 @@ def check_output_path(path: str | os.PathLike[str]) -> None:
         raise VideoOutputError(f"output folder is not writable (permission denied): {folder}")
 
 
-class VideoWriter:
+class VideoWriter(CloseOnExit):
     """Writes uint8 RGB frames of one fixed size to a video file; use it as a context manager."""
 
     def __init__(self, path: str | os.PathLike[str], fps: float, size: tuple[int, int]) -> None:
@@ -158,17 +159,6 @@ class VideoWriter:
 
     def close(self) -> None:
         self._writer.release()
-
-    def __enter__(self) -> VideoWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def moving_test_pattern(frames: int, width: int, height: int) -> Iterator[np.ndarray]:
