@@ -14,6 +14,7 @@ measured at the moment of publishing.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -275,12 +276,19 @@ class OutputWorker:
             due = max(due + period, time.monotonic() + period / 2)
 
     def _publish(self, image: np.ndarray) -> None:
-        if self.vcam is not None:
-            self.vcam.send(image)
-        if self.preview is not None:
-            self.preview.publish(image)
-        if self.recorder is not None:
-            self.recorder.write(image)
+        # A sink that fails (a virtual camera device removed, a full disk) is dropped with one
+        # log line; the other outputs keep publishing.
+        for name, method in (("vcam", "send"), ("preview", "publish"), ("recorder", "write")):
+            sink = getattr(self, name)
+            if sink is None:
+                continue
+            try:
+                getattr(sink, method)(image)
+            except Exception as err:
+                log.error("output %s failed (%s): dropped, the other outputs go on", name, err)
+                setattr(self, name, None)
+                with contextlib.suppress(Exception):
+                    (sink.stop if name == "preview" else sink.close)()
         self.published += 1
 
 

@@ -325,3 +325,30 @@ class ObsStudio:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def add_mjpeg_media_source(obs: ObsStudio, name: str, url: str, fps: float) -> None:
+    """An OBS Media Source reading an MJPEG-over-HTTP stream, as the README tells users to set it
+    up (``framerate`` matters: without it the MJPEG demuxer assumes 25 fps and falls behind)."""
+    settings = {
+        "is_local_file": False,
+        "input": url,
+        "input_format": "mjpeg",
+        "ffmpeg_options": f"framerate={fps:g}",
+        "reconnect_delay_sec": 1,
+        "buffering_mb": 0,
+        "restart_on_activate": False,
+        "close_when_inactive": False,
+        "hw_decode": False,
+        "clear_on_media_end": False,
+    }
+    obs.client.send(
+        "CreateInput",
+        {
+            "sceneName": obs.scenes[0],
+            "inputName": name,
+            "inputKind": "ffmpeg_source",
+            "inputSettings": settings,
+            "sceneItemEnabled": True,
+        },
+    )

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 from conftest import MemoryCamera
-from obs_helpers import ObsStudio, require_obs
+from obs_helpers import ObsStudio, add_mjpeg_media_source, require_obs
 from test_camera import BLUE, RED, MjpegCamera, close_to
 from test_daemon import demo_config, wait_for
 
@@ -76,27 +76,7 @@ def test_obs_media_source_shows_the_daemons_frames(tmp_path):
     try:
         with ObsStudio(tmp_path / "obs", fps=30) as obs:
             url = daemon.output.preview_url + "stream.mjpg"
-            obs.client.send(
-                "CreateInput",
-                {
-                    "sceneName": obs.scenes[0],
-                    "inputName": "streamv2v",
-                    "inputKind": "ffmpeg_source",
-                    "inputSettings": {
-                        "is_local_file": False,
-                        "input": url,
-                        "input_format": "mjpeg",
-                        "ffmpeg_options": f"framerate={FPS:g}",
-                        "reconnect_delay_sec": 1,
-                        "buffering_mb": 0,
-                        "restart_on_activate": False,
-                        "close_when_inactive": False,
-                        "hw_decode": False,
-                        "clear_on_media_end": False,
-                    },
-                    "sceneItemEnabled": True,
-                },
-            )
+            add_mjpeg_media_source(obs, "streamv2v", url, FPS)
 
             def shows_red() -> bool:
                 shot = obs.screenshot("streamv2v", width=64)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from obs_helpers import ObsStudio, require_obs
+from obs_helpers import ObsStudio, add_mjpeg_media_source, require_obs
 
 from daemon.preview import PreviewServer
 
@@ -69,29 +69,7 @@ def wait_for_colour(obs: ObsStudio, colour: tuple[int, int, int], timeout: float
 
 def test_obs_media_source_shows_the_preview_stream(obs: ObsStudio) -> None:
     with PreviewServer(port=0) as server, SolidPublisher(server, (200, 40, 90)) as publisher:
-        settings = {
-            "is_local_file": False,
-            "input": server.stream_url,
-            "input_format": "mjpeg",
-            # Without it FFmpeg's MJPEG demuxer assumes 25 fps and OBS falls further behind.
-            "ffmpeg_options": f"framerate={FPS}",
-            "reconnect_delay_sec": 1,
-            "buffering_mb": 0,
-            "restart_on_activate": False,
-            "close_when_inactive": False,
-            "hw_decode": False,
-            "clear_on_media_end": False,
-        }
-        obs.client.send(
-            "CreateInput",
-            {
-                "sceneName": obs.scenes[0],
-                "inputName": SOURCE,
-                "inputKind": "ffmpeg_source",
-                "inputSettings": settings,
-                "sceneItemEnabled": True,
-            },
-        )
+        add_mjpeg_media_source(obs, SOURCE, server.stream_url, FPS)
         wait_for_colour(obs, (200, 40, 90), timeout=15)
         assert server.clients >= 1
 
