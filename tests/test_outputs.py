@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import pyvirtualcam
 import pyvirtualcam.camera
+from test_translate_cli import read_frames
 
 from daemon.outputs import Recorder, VirtualCameraSink, VirtualCameraUnavailable
 from daemon.preview import PreviewServer
@@ -326,14 +327,7 @@ def test_recorder_writes_an_avi_opencv_reads_back(tmp_path) -> None:
     recorder.close()
     assert not recorder.is_open
 
-    capture = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame)
-    capture.release()
+    frames = read_frames(path)
     assert len(frames) == 12
     assert frames[0].shape == (H, W, 3)
     assert abs(frames[5].mean() - 100) <= 3
