@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import math
+import os
 import re
 import sys
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from daemon.hotkeys import check_combo
 from streamv2v import EngineConfig, LoraSpec
 
 if sys.version_info >= (3, 11):
@@ -39,8 +41,10 @@ else:  # pragma: no cover - Python 3.10
 APP_NAME = "streamv2v"
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_LORA = "latent-consistency/lcm-lora-sdv1-5"
-#: Key names whose values ``dump_config`` hides (substring match, any case).
+#: Key names whose values ``dump_config`` hides (the last word of the key, any case).
 SECRET_WORDS = ("password", "token", "secret")
+#: The preset made of the [engine] prompt, always present.
+CONFIG_PRESET = "config"
 _SOURCE_WORDS = (
     "a device index (0, 1, ...), a /dev/videoN path, a video file, "
     "an http(s)/rtsp URL or 'testpattern'"
@@ -236,12 +240,145 @@ class LogConfig(_Section):
         return value.expanduser() if value is not None else None
 
 
+class PresetsConfig(_Section):
+    """Where presets come from and which one is active at start.
+
+    The bundled presets (installed with the package) are always there; files in ``dir`` add to
+    them and replace a bundled preset of the same name.
+    """
+
+    dir: Path | None = Field(
+        None, description="User presets folder (unset: 'presets' in the user config dir)."
+    )
+    startup: str = Field(
+        CONFIG_PRESET, description="Preset active at start; 'config' is the [engine] prompt."
+    )
+    reload_interval_s: float = Field(
+        0.5, gt=0, le=2.0, description="How often preset files are checked for changes."
+    )
+
+    @field_validator("dir")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+
+class ObsConfig(_Section):
+    """The OBS websocket (v5) connection: scene changes and custom events switch presets.
+
+    The password comes from ``password``, else the environment variable named by
+    ``password_env``, else the first line of ``password_file``; it is never logged.
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(4455, ge=1, le=65535)
+    password: str = ""
+    password_env: str | None = None
+    password_file: Path | None = None
+    scenes: dict[str, str] = Field(
+        default_factory=dict,
+        description="Scene name or glob (e.g. 'Gaming*') -> preset name; before the presets' own.",
+    )
+    timeout_s: float = Field(3.0, gt=0, le=60)
+    reconnect_min_s: float = Field(1.0, gt=0, le=60)
+    reconnect_max_s: float = Field(30.0, gt=0, le=600)
+
+    @field_validator("password_file")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> ObsConfig:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(
+                f"reconnect_max_s ({self.reconnect_max_s:g}) must be at least "
+                f"reconnect_min_s ({self.reconnect_min_s:g})"
+            )
+        return self
+
+    def resolve_password(self) -> str:
+        """The password from the first source that is set; ConfigError names the key that
+        points nowhere (an unset variable, an unreadable file)."""
+        if self.password:
+            return self.password
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(
+                    f"obs.password_env = {self.password_env!r}: that environment variable is "
+                    "not set; export it or set obs.password_file"
+                )
+            return value
+        if self.password_file is not None:
+            try:
+                lines = self.password_file.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise ConfigError(
+                    f"obs.password_file = {str(self.password_file)!r}: cannot read it "
+                    f"({exc.strerror or exc}); fix the path or its permissions"
+                ) from None
+            return lines[0].strip() if lines else ""
+        return ""
+
+
+class HotkeysConfig(_Section):
+    """Global hotkeys (pynput syntax, e.g. '<ctrl>+<alt>+1'); a preset's own ``hotkey`` works
+    too, and ``presets`` here overrides it by preset name. An empty string disables a combo."""
+
+    enabled: bool = True
+    next: str = "<ctrl>+<alt>+n"
+    prev: str = "<ctrl>+<alt>+p"
+    presets: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("next", "prev")
+    @classmethod
+    def _combo(cls, value: str) -> str:
+        return check_combo(value) if value else value
+
+    @field_validator("presets")
+    @classmethod
+    def _combos(cls, value: dict[str, str]) -> dict[str, str]:
+        return {name: check_combo(combo) if combo else combo for name, combo in value.items()}
+
+
+class ControlConfig(_Section):
+    """The local control API (HTTP + JSON on loopback; mutating calls need the token)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8766, ge=0, le=65535, description="0 picks any free port.")
+    token_file: Path | None = Field(
+        None, description="Where the token is written, mode 0600 (unset: the user config dir)."
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _loopback_only(cls, value: str) -> str:
+        if not is_loopback(value):
+            raise ValueError(
+                "the control API is served on this machine only: use a loopback address "
+                "(127.0.0.1, ::1 or localhost)"
+            )
+        return value
+
+    @field_validator("token_file")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+
 class DaemonConfig(_Section):
     """Everything ``streamv2v run`` reads; every section has defaults."""
 
     camera: CameraConfig = Field(default_factory=CameraConfig)
     engine: EngineSection = Field(default_factory=EngineSection)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    presets: PresetsConfig = Field(default_factory=PresetsConfig)
+    obs: ObsConfig = Field(default_factory=ObsConfig)
+    hotkeys: HotkeysConfig = Field(default_factory=HotkeysConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     demo: bool = False
 
@@ -463,7 +600,9 @@ def _write_table(
 
 
 def _is_secret(key: Any) -> bool:
-    return any(word in str(key).lower() for word in SECRET_WORDS)
+    # "obs_password" and "token" are secrets; "password_file" and "token_file" name where one
+    # is kept, which is worth showing.
+    return str(key).lower().rsplit("_", 1)[-1] in SECRET_WORDS
 
 
 def _toml_key(key: Any) -> str:
