@@ -611,7 +611,9 @@ def _toml_key(key: Any) -> str:
 
 
 def _toml_entry(key: Any, value: Any, mask: bool) -> str:
-    return '"***"' if mask and _is_secret(key) else _toml_value(value, mask)
+    # An empty secret hides nothing, and masking it would not load back as empty.
+    hide = mask and _is_secret(key) and value != ""
+    return '"***"' if hide else _toml_value(value, mask)
 
 
 def _toml_value(value: Any, mask: bool = False) -> str:
