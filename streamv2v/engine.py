@@ -196,6 +196,20 @@ class StreamV2V:
         self._cond = cond.to(device=self.device, dtype=self.dtype)
         self._uncond = self._cond if uncond is None else uncond.to(self._cond)
         self._write_embeds()
+        self._recompute = True  # the similar-image filter must not repeat an old-prompt frame
+
+    @property
+    def prompt_embeds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditional and unconditional embeddings in use (``[1, tokens, dim]`` each)."""
+        return self._cond, self._uncond
+
+    def reset_bank(self) -> None:
+        """Forget the feature bank's frames (e.g. after a style switch, so the old style's
+        features stop steering attention); the next frame refills it. The stream keeps running:
+        unlike :meth:`reset`, no warm-up follows."""
+        if self.bank is not None:
+            self.bank.reset()
+            self._refill_bank = True
 
     @torch.inference_mode()
     def _write_embeds(self) -> None:
@@ -219,6 +233,8 @@ class StreamV2V:
         if self.bank is not None:
             self.bank.reset()
         self._frames = 0  # UNet-processed frames since reset
+        self._refill_bank = False  # reset_bank() was called: the next frame fills every slot
+        self._recompute = False  # set_prompt_embeds() was called: skip no frame
         self._skipped = 0  # consecutive frames skipped by the similar-image filter
         self._last_output: Any = None
         self._tags: collections.deque = collections.deque(maxlen=self.latency_frames + 1)
@@ -250,6 +266,7 @@ class StreamV2V:
         x0 = self._denoise_frame(latent)
         if self.bank is not None:
             self.bank.end_frame()
+            self._refill_bank = False
         self._frames += 1
         self._tags.append(tag)
         if self._frames <= self.latency_frames:
@@ -314,6 +331,8 @@ class StreamV2V:
         starts as a copy of it). In stream-batch mode the slot of step i gets its first real
         frame at frame i; before that it only carries warm-up latents that are never output."""
         n = self._frames
+        if self._refill_bank:
+            return tuple(range(len(call.row_steps)))
         if not self.config.stream_batch:
             return tuple(range(len(call.row_steps))) if n == 0 else ()
         if n >= self.config.steps:
@@ -364,8 +383,10 @@ class StreamV2V:
             return False
         sim = F.cosine_similarity(image.flatten().float(), self._prev_input.flatten().float(), 0)
         self._prev_input.copy_(image)
+        recompute, self._recompute = self._recompute, False
         if (
-            self._last_output is not None
+            not recompute
+            and self._last_output is not None
             and sim.item() > cfg.similar_threshold
             and self._skipped < cfg.similar_max_skip
         ):

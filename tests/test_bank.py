@@ -215,6 +215,22 @@ def test_reset_empties_the_bank(tiny_model, frames):
     assert all(torch.equal(g, w) for g, w in zip(got[1:], want[1:]))
 
 
+def test_reset_bank_mid_stream_refills_from_the_next_frame_without_a_warm_up(tiny_model, frames):
+    # Sequential, one step: a frame's output depends only on the frame, the fixed noise and the
+    # bank, so after reset_bank() it must equal a fresh engine's first output of that frame.
+    used = engine_for(tiny_model, {"interval": 1}, steps=1, stream_batch=False)
+    for f in frames[:5]:
+        used(f)
+    kept = used(frames[5], output_type="latent")
+    used.reset_bank()
+    refilled = used(frames[5], output_type="latent")
+    fresh = engine_for(tiny_model, {"interval": 1}, steps=1, stream_batch=False)
+    want = fresh(frames[5], output_type="latent")
+    assert refilled is not None  # no warm-up after a bank reset
+    assert (refilled - want).abs().max().item() <= 1e-5
+    assert (kept - want).abs().max().item() > 1e-4  # the history mattered before the reset
+
+
 @pytest.mark.parametrize(("mode", "max_frames"), [("dyme", 1), ("fifo", 3), ("dyme", 2)])
 def test_bank_size_is_constant_after_the_first_frame(tiny_model, frames, mode, max_frames):
     bank = {"mode": mode, "max_frames": max_frames, "merge_ratio": 1 / (max_frames + 1)}

@@ -170,6 +170,19 @@ def test_similar_image_filter_skips_the_unet_for_a_bounded_run(tiny_model, frame
     assert counter.calls == 3
 
 
+def test_similar_image_filter_never_repeats_a_frame_of_the_previous_prompt(tiny_model, frames):
+    engine = make_engine(tiny_model, steps=1, similar_filter=True, similar_max_skip=100)
+    old = engine(frames[0])
+    engine(frames[0])  # skipped: the scene is static
+    engine.set_prompt_embeds(*engine_embeds(engine, "a completely different prompt"))
+    new = engine(frames[0])  # same static scene, but the prompt changed: must be recomputed
+    assert not np.array_equal(old, new)
+
+
+def engine_embeds(engine: StreamV2V, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return engine.encode_prompt(prompt), engine.encode_prompt("")
+
+
 def test_set_config_changes_steps_without_reloading(tiny_model, frames):
     engine = make_engine(tiny_model, steps=2)
     unet = engine.unet
