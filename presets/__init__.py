@@ -1,0 +1,1 @@
+"""The bundled style presets (TOML files), installed with the package; see daemon/presets.py."""
