@@ -15,20 +15,33 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from daemon.camera import CameraSource
-from daemon.config import DaemonConfig
+from daemon.config import DaemonConfig, default_config_path
 from daemon.frames import Frame, fit_to, unavailable_frame
 from daemon.outputs import Recorder, VirtualCameraSink, VirtualCameraUnavailable
+from daemon.presets import (
+    Preset,
+    PresetLibrary,
+    PresetManager,
+    UnknownPreset,
+    config_preset,
+)
 from daemon.preview import PreviewServer
 from daemon.slots import LatestSlot
+
+if TYPE_CHECKING:
+    from daemon.switching import StyleSwitcher
 
 log = logging.getLogger("streamv2v")
 
@@ -81,15 +94,36 @@ def apply_demo(config: DaemonConfig) -> tuple[DaemonConfig, list[str]]:
 
 class EngineWorker:
     """The engine thread: loads the model (passthrough meanwhile), restyles the newest camera
-    frame, and falls back to passthrough with a retry backoff whenever the engine fails."""
+    frame with the active preset, and falls back to passthrough with a retry backoff whenever
+    the engine fails.
 
-    def __init__(self, config: DaemonConfig, inp: LatestSlot[Frame], out: LatestSlot[Frame]):
+    Presets are followed as a desired state: between frames the worker compares the manager's
+    active preset (as its file says now) with the one applied and starts a transition when they
+    differ, so a switch from any thread, an edited preset file or a finished model load all
+    take the same path.
+    """
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        inp: LatestSlot[Frame],
+        out: LatestSlot[Frame],
+        presets: PresetManager,
+    ):
         self.config = config
+        self.presets = presets
+        self.base = engine_config(config)
         self._in, self._out = inp, out
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.state = "loading"  # loading, warming, running, failed, stopped
         self.engine: Any = None
+        self.switcher: StyleSwitcher | None = None
+        self.applied: Preset | None = None  # the preset the engine runs (None: not loaded)
+        self._library_version = -1
+        self._loader: threading.Thread | None = None
+        self._loaded: Any = None
+        self._showing_styled = False  # the last frame sent out was a styled one
         self.call_ms = Rolling()
         self.frames_styled = 0
 
@@ -101,13 +135,20 @@ class EngineWorker:
         self._thread.join(timeout)
         self.state = "stopped"
 
+    @property
+    def switching(self) -> bool:
+        return self.switcher is not None and self.switcher.switching
+
     def _set_state(self, state: str, detail: str = "") -> None:
         if state != self.state:
             log.info("engine: %s%s", state, f" ({detail})" if detail else "")
             self.state = state
 
-    def _load(self) -> Any:
+    def _load(self, preset: Preset) -> tuple[Any, StyleSwitcher, int]:
+        """A new engine running ``preset``, with every preset's prompt encoded (in the loader
+        thread, so the engine thread never waits for the text encoder)."""
         from daemon.cli import model_location
+        from daemon.switching import StyleSwitcher
         from streamv2v import StreamV2V
 
         cfg = self.config.engine
@@ -116,75 +157,134 @@ class EngineWorker:
             import torch
 
             dtype = getattr(torch, cfg.dtype)
+        version = self.presets.library.version
         engine = StreamV2V.from_pretrained(
             model_location(cfg.model),
-            config=engine_config(self.config),
+            config=preset.engine_config(self.base),
             device=cfg.device,
             dtype=dtype,
             allow_pickle=cfg.allow_pickle,
         )
-        engine.set_prompt(cfg.prompt, negative_prompt=cfg.negative_prompt)
-        return engine
+        switcher = StyleSwitcher(engine, self.base)
+        switcher.encode(self.presets.library.presets.values())
+        if not preset.passthrough:
+            switcher.start(preset)
+        return engine, switcher, version
 
-    def _start_loading(self) -> None:
-        """Load in a thread of its own, so this thread keeps passing camera frames through."""
-        self._set_state("loading", self.config.engine.model)
-        self._loaded: Any = None
+    def _start_loading(self, preset: Preset) -> None:
+        """Load in a thread of its own, so this thread keeps serving frames meanwhile."""
+        if self.engine is None:
+            self._set_state("loading", self.config.engine.model)
+        else:
+            log.info("preset %s: loading the model with its LoRAs", preset.name)
+        self._loaded = None
 
         def load() -> None:
             try:
-                self._loaded = self._load()
+                self._loaded = (preset, *self._load(preset))
             except Exception as err:  # any failure: reported by the engine thread
                 self._loaded = err
 
         self._loader = threading.Thread(target=load, name="engine-load", daemon=True)
         self._loader.start()
 
+    def _finish_loading(self, backoff: float) -> bool:
+        """Take the loader's result; False when it failed."""
+        self._loader, loaded = None, self._loaded
+        if isinstance(loaded, Exception):
+            if self.engine is None:
+                log.error(
+                    "engine: could not load (%s); passthrough, retry in %.0f s", loaded, backoff
+                )
+                self.state = "failed"
+                return False
+            # A preset's LoRAs failed: keep the running engine, run the preset without them.
+            wanted = self.presets.current()
+            log.error("preset %s: LoRAs failed (%s); running it without them", wanted.name, loaded)
+            self._apply(wanted.model_copy(update={"loras": None}), remember=wanted)
+            return True
+        preset, self.engine, self.switcher, self._library_version = loaded
+        self.applied = preset
+        self._set_state("warming")
+        return True
+
+    def _follow_presets(self) -> None:
+        """Between frames: encode changed presets, and start a switch when the active preset
+        differs from the applied one."""
+        assert self.switcher is not None
+        library = self.presets.library
+        if library.version != self._library_version:
+            self._library_version = library.version
+            self.switcher.encode(library.presets.values())
+        wanted = self.presets.current()
+        if wanted == self.applied or self._loader is not None:
+            return
+        loras = wanted.engine_config(self.base).loras
+        if not wanted.passthrough and loras != self.engine.config.loras:
+            self._start_loading(wanted)  # the current style runs on until the new model is ready
+            return
+        self._apply(wanted)
+
+    def _apply(self, preset: Preset, remember: Preset | None = None) -> None:
+        assert self.switcher is not None
+        previous = self.applied
+        self.applied = remember or preset
+        if preset.passthrough:
+            return
+        if previous is None or previous.passthrough:
+            self.switcher.start(preset)  # nothing styled to blend from: restart the stream
+        else:
+            self.switcher.switch(preset)
+
     def _run(self) -> None:
         backoff, retry_at = _BACKOFF_MIN_S, 0.0
-        self._loader: threading.Thread | None = None
         while not self._stop.is_set():
-            if self.engine is None:
-                if self._loader is None and time.monotonic() >= retry_at:
-                    self._start_loading()
-                elif self._loader is not None and not self._loader.is_alive():
-                    self._loader, loaded = None, self._loaded
-                    if isinstance(loaded, Exception):
-                        log.error(
-                            "engine: could not load (%s); passthrough, retry in %.0f s",
-                            loaded,
-                            backoff,
-                        )
-                        self.state = "failed"
-                        retry_at = time.monotonic() + backoff
-                        backoff = min(backoff * 2, _BACKOFF_MAX_S)
-                    else:
-                        self.engine, backoff = loaded, _BACKOFF_MIN_S
-                        self._set_state("warming")
+            if self._loader is None and self.engine is None and time.monotonic() >= retry_at:
+                self._start_loading(self.presets.current())
+            elif self._loader is not None and not self._loader.is_alive():
+                if self._finish_loading(backoff):
+                    backoff = _BACKOFF_MIN_S
+                else:
+                    retry_at = time.monotonic() + backoff
+                    backoff = min(backoff * 2, _BACKOFF_MAX_S)
             frame = self._in.get(timeout=0.1)
             if frame is None:
                 continue
-            if frame.kind == "unavailable" or self.engine is None:
-                self._out.put(frame)  # passthrough while loading or failed
+            if self.engine is not None:
+                self._follow_presets()
+            passthrough = self.applied is None or self.applied.passthrough
+            if frame.kind == "unavailable" or self.engine is None or passthrough:
+                self._send(frame)  # passthrough while loading, failed, or by choice
                 continue
             try:
                 t0 = time.perf_counter()
+                self.switcher.before_frame()
                 styled = self.engine(frame.image, tag=frame.captured_at)
                 self.call_ms.add((time.perf_counter() - t0) * 1000)
             except Exception as err:
                 log.error("engine: frame failed (%s); passthrough, retry in %.0f s", err, backoff)
                 self.state = "failed"
-                self.engine = None  # rebuilt after the backoff: a half-broken engine is not reused
+                # Rebuilt after the backoff: a half-broken engine is not reused.
+                self.engine, self.switcher, self.applied = None, None, None
                 retry_at = time.monotonic() + backoff
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
-                self._out.put(frame)
+                self._send(frame)
                 continue
-            if styled is None:  # the stream buffer is still filling: never publish warm-up frames
-                self._out.put(Frame(frame.image, frame.captured_at, frame.seq, "passthrough"))
+            if styled is None:
+                # The stream buffer is filling (start, or a preset that restarts the stream):
+                # warm-up frames are never published. After a styled frame the output repeats
+                # it; otherwise the camera frame goes out.
+                if not self._showing_styled:
+                    self._send(Frame(frame.image, frame.captured_at, frame.seq, "passthrough"))
                 continue
             self._set_state("running")
             self.frames_styled += 1
+            self._showing_styled = True
             self._out.put(Frame(styled, self.engine.output_tag, frame.seq, "styled"))
+
+    def _send(self, frame: Frame) -> None:
+        self._showing_styled = False
+        self._out.put(frame)
 
 
 class OutputWorker:
@@ -293,18 +393,29 @@ class OutputWorker:
 
 
 class Daemon:
-    """The whole data plane, started and stopped as one."""
+    """The whole daemon, started and stopped as one: the data plane (camera, engine, output
+    threads) and the control plane (preset files, OBS, hotkeys, the control API), all of whose
+    switches go through one :class:`PresetManager`."""
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         s = config.engine.settings
         vc = config.output.virtual_camera
         self.size = (vc.width or s.width, vc.height or s.height)
+        self.library = preset_library(config)
+        self.library.scan()
+        # UnknownPreset when presets.startup names no preset (the CLI checks this first).
+        self.presets = PresetManager(self.library, config.presets.startup)
         self.camera_slot: LatestSlot[Frame] = LatestSlot()
         self.output_slot: LatestSlot[Frame] = LatestSlot()
         self.camera = CameraSource(config.camera, self.camera_slot, unavailable_size=self.size)
-        self.engine = EngineWorker(config, self.camera_slot, self.output_slot)
+        self.engine = EngineWorker(config, self.camera_slot, self.output_slot, self.presets)
         self.output = OutputWorker(config, self.output_slot, self.size)
+        self.obs: Any = None
+        self.hotkeys: Any = None
+        self.control: Any = None
+        self._watch_stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch_presets, name="presets", daemon=True)
         self.notes: list[str] = []
 
     def start(self) -> None:
@@ -314,27 +425,140 @@ class Daemon:
         self.output.start()
         self.engine.start()
         self.camera.start()
+        self._watcher.start()
+        self._start_control_plane()
+
+    def _start_control_plane(self) -> None:
+        cfg = self.config
+        if cfg.control.enabled:
+            from daemon.control import ControlServer
+
+            try:
+                self.control = ControlServer(
+                    self, cfg.control.host, cfg.control.port, cfg.control.token_file
+                )
+                self.control.start()
+            except OSError as err:
+                log.error(
+                    "control API: cannot listen on %s:%s (%s); `streamv2v preset` will not reach "
+                    "this daemon (set control.port)",
+                    cfg.control.host,
+                    cfg.control.port,
+                    err,
+                )
+                self.control = None
+        if cfg.obs.enabled:
+            from daemon.obs import ObsControl
+
+            self.obs = ObsControl(
+                cfg.obs,
+                on_preset=self._select_quietly,
+                preset_for_scene=self.library.preset_for_scene,
+            )
+            self.obs.start()
+        if cfg.hotkeys.enabled:
+            from daemon.hotkeys import HotkeyListener
+
+            self.hotkeys = HotkeyListener(self._hotkey_bindings())
+            self.hotkeys.start()
 
     def stop(self) -> None:
-        """Stop within ~2 s: camera first (released), then engine, then outputs."""
+        """Stop within ~2 s: control plane, then camera (released), engine, outputs."""
+        self._watch_stop.set()
+        for part in (self.control, self.obs, self.hotkeys):
+            if part is not None:
+                try:
+                    part.stop()
+                except Exception as err:  # stopping must never block the shutdown
+                    log.warning("stopping %s: %s", type(part).__name__, err)
         self.camera.stop(timeout=1.0)
         self.camera_slot.close()
         self.engine.stop(timeout=0.5)
         self.output_slot.close()
         self.output.stop(timeout=0.5)
 
+    # ------------------------------------------------------------------ presets
+    def _watch_presets(self) -> None:
+        interval = self.config.presets.reload_interval_s
+        while not self._watch_stop.wait(interval):
+            self.reload_presets()
+
+    def reload_presets(self) -> dict[str, Any]:
+        """Re-read the preset files now (they are also polled every reload_interval_s)."""
+        if self.library.scan() and self.hotkeys is not None:
+            self.hotkeys.update(self._hotkey_bindings())
+        return {"presets": list(self.library.presets), "errors": self.library.errors}
+
+    def select_preset(self, target: str, reason: str) -> str:
+        """Switch to ``target`` (a name, "next" or "prev"); UnknownPreset names the choices."""
+        return self.presets.select(target, reason)
+
+    def _select_quietly(self, target: str, reason: str) -> None:
+        """For event sources (OBS, hotkeys): an unknown name is one log line, not an error."""
+        try:
+            self.presets.select(target, reason)
+        except UnknownPreset as err:
+            log.warning("%s asked for a preset: %s", reason, err)
+
+    def _hotkey_bindings(self) -> dict[str, Callable[[], None]]:
+        combos: dict[str, str] = {}
+        cfg = self.config.hotkeys
+        wanted = [(cfg.next, "next"), (cfg.prev, "prev")]
+        wanted += [(cfg.presets.get(n, p.hotkey), n) for n, p in self.library.presets.items()]
+        for combo, target in wanted:
+            if not combo:
+                continue
+            if combo in combos:
+                log.warning("hotkey %s: bound to %s, not to %s", combo, combos[combo], target)
+                continue
+            combos[combo] = target
+        return {
+            combo: functools.partial(self._select_quietly, target, f"hotkey {combo}")
+            for combo, target in combos.items()
+        }
+
+    def preset_listing(self) -> dict[str, Any]:
+        return {
+            "active": self.presets.active,
+            "presets": self.presets.listing(),
+            "errors": self.library.errors,
+        }
+
+    # ------------------------------------------------------------------ figures
     def status(self) -> dict[str, Any]:
         """Live figures (the metrics issue extends these)."""
-        out = self.output
+        out, engine = self.output, self.engine
         return {
             "camera": self.camera.state,
-            "engine": self.engine.state,
+            "engine": engine.state,
+            "preset": self.presets.active,
+            "switching": engine.switching,
+            "steps": engine.engine.config.steps if engine.engine is not None else None,
+            "obs": self.obs.state if self.obs is not None else "disabled",
+            "hotkeys": self.hotkeys.state if self.hotkeys is not None else "disabled",
             "published": out.published,
             "new_frames": out.new_frames,
             "kinds": dict(out.kinds),
             "latency_ms_p50": out.latency_ms.pct(50),
             "latency_ms_p95": out.latency_ms.pct(95),
-            "engine_ms_p50": self.engine.call_ms.pct(50),
+            "engine_ms_p50": engine.call_ms.pct(50),
             "dropped_input_frames": self.camera_slot.dropped,
             "preview_url": out.preview_url,
+            "control_url": self.control.url if self.control is not None else None,
         }
+
+
+def preset_library(config: DaemonConfig) -> PresetLibrary:
+    """The bundled presets, the user's folder and the [engine] prompt, with the OBS scene map."""
+    user_dir = config.presets.dir or default_presets_dir()
+    return PresetLibrary(
+        user_dir,
+        engine_config(config),
+        config_preset(config.engine.prompt, config.engine.negative_prompt),
+        scene_map=config.obs.scenes,
+    )
+
+
+def default_presets_dir() -> Path:
+    """``presets`` in the user config dir (e.g. ~/.config/streamv2v/presets)."""
+    return default_config_path().parent / "presets"

@@ -572,7 +572,7 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from daemon.app import Daemon, apply_demo
+    from daemon.app import apply_demo
     from daemon.logs import setup_logging
 
     config = read_config(args)
@@ -597,8 +597,7 @@ def run(args: argparse.Namespace) -> int:
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
 
-    daemon = Daemon(config)
-    daemon.start()
+    daemon = start_daemon(config)
     deadline = None if args.duration is None else time.monotonic() + args.duration
     try:
         while not stop.is_set():
@@ -617,6 +616,19 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def start_daemon(config: Any) -> Any:
+    """A started Daemon; a startup preset that does not exist is a configuration error."""
+    from daemon.app import Daemon
+    from daemon.presets import UnknownPreset
+
+    try:
+        daemon = Daemon(config)
+    except UnknownPreset as err:
+        raise CliError(f"presets.startup = {config.presets.startup!r}: {err}") from None
+    daemon.start()
+    return daemon
+
+
 def exit_now_if_threads_linger() -> None:
     """End the process at once when a worker is still inside native code (a model load, a long
     engine call): letting the interpreter finalise under a running torch thread can abort it.
@@ -632,7 +644,7 @@ def exit_now_if_threads_linger() -> None:
 
 def reload_daemon(daemon: Any, args: argparse.Namespace, logger: logging.Logger) -> Any:
     """SIGHUP: read the configuration again; a bad file keeps the running configuration."""
-    from daemon.app import Daemon, apply_demo
+    from daemon.app import apply_demo
 
     try:
         config = read_config(args)
@@ -644,11 +656,28 @@ def reload_daemon(daemon: Any, args: argparse.Namespace, logger: logging.Logger)
     if config == daemon.config:
         logger.info("reload: configuration unchanged")
         return daemon
-    logger.info("reload: configuration changed, restarting the data plane")
+    if without_prompt(config) == without_prompt(daemon.config):
+        # Only the [engine] prompt changed: a preset switch, not a restart.
+        from daemon.presets import config_preset
+
+        daemon.library.set_config_preset(
+            config_preset(config.engine.prompt, config.engine.negative_prompt)
+        )
+        daemon.config = config
+        logger.info("reload: new [engine] prompt (preset 'config')")
+        return daemon
+    logger.info("reload: configuration changed, restarting the daemon")
     daemon.stop()
-    fresh = Daemon(config)
-    fresh.start()
-    return fresh
+    try:
+        return start_daemon(config)
+    except CliError as err:
+        logger.error("reload: %s; restarting with the previous configuration", err)
+        return start_daemon(daemon.config)
+
+
+def without_prompt(config: Any) -> Any:
+    engine = config.engine.model_copy(update={"prompt": "", "negative_prompt": ""})
+    return config.model_copy(update={"engine": engine})
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -664,4 +693,81 @@ def config_command(args: argparse.Namespace) -> int:
         print(args.config or default_config_path())
         return EXIT_OK
     print(dump_config(read_config(args), mask_secrets=True), end="")
+    return EXIT_OK
+
+
+# --- presets ----------------------------------------------------------------------------------
+
+
+def add_presets_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_argument(parser)
+    parser.add_argument("--json", action="store_true", help="Print JSON (for scripts).")
+
+
+@command(
+    "presets",
+    "List the presets; the running daemon's active one is marked with *.",
+    add_presets_arguments,
+)
+def presets_command(args: argparse.Namespace) -> int:
+    import json
+
+    from daemon.control import ControlClientError, call
+
+    config = read_config(args)
+    try:
+        listing = call("GET", "/presets", control_file=config.control.token_file)
+        running = True
+    except ControlClientError as err:
+        listing, running = local_preset_listing(config), False
+        if not args.json:
+            print(f"({err}; showing the preset files)", file=sys.stderr)
+    if args.json:
+        print(json.dumps({**listing, "daemon_running": running}, indent=2))
+        return EXIT_OK
+    rows = listing["presets"]
+    width = max(len(r["name"]) for r in rows)
+    keys = max([len(r["hotkey"] or "") for r in rows] + [6])
+    for r in rows:
+        mark = "*" if r["active"] and running else " "
+        what = "(camera unchanged) " if r["passthrough"] else ""
+        scenes = f"  [OBS: {', '.join(r['obs_scenes'])}]" if r["obs_scenes"] else ""
+        line = f"{mark} {r['name']:<{width}}  {r['hotkey'] or '-':<{keys}}  {what}"
+        print(f"{line}{r['description']}{scenes}".rstrip())
+    for file, error in listing["errors"].items():
+        print(f"error: {error}" if file in error else f"error: {file}: {error}", file=sys.stderr)
+    return EXIT_OK
+
+
+def local_preset_listing(config: Any) -> dict[str, Any]:
+    """The preset files as the daemon would read them (when no daemon is running)."""
+    from daemon.app import preset_library
+    from daemon.presets import PresetManager
+
+    library = preset_library(config)
+    library.scan()
+    startup = config.presets.startup if config.presets.startup in library.presets else "config"
+    manager = PresetManager(library, startup)
+    return {"active": startup, "presets": manager.listing(), "errors": library.errors}
+
+
+def add_preset_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="A preset name (see `streamv2v presets`), next or prev.")
+    add_config_argument(parser)
+
+
+@command(
+    "preset", "Switch the running daemon to a preset: NAME, next or prev.", add_preset_arguments
+)
+def preset_command(args: argparse.Namespace) -> int:
+    from daemon.control import ControlClientError, call
+
+    config = read_config(args)
+    try:
+        result = call(
+            "POST", "/preset", {"name": args.name}, control_file=config.control.token_file
+        )
+    except ControlClientError as err:
+        raise CliError(str(err)) from None
+    print(f"active preset: {result['active']}")
     return EXIT_OK

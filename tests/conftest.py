@@ -18,6 +18,17 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+@pytest.fixture(autouse=True)
+def private_user_dirs(tmp_path_factory, monkeypatch) -> Path:
+    """Every test (and every daemon it starts) gets its own user config/runtime dirs, so the
+    control file, user presets and config of the machine's user are never read or written."""
+    home = tmp_path_factory.mktemp("xdg")
+    for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_RUNTIME_DIR", "run")):
+        (home / sub).mkdir(mode=0o700)
+        monkeypatch.setenv(var, str(home / sub))
+    return home / "config"
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """The tiny random-weight SD-family model folder (built once per test session)."""

@@ -28,6 +28,8 @@ def demo_config(tiny_model: Path, **extra) -> DaemonConfig:
     data["engine"]["settings"].update({"width": 64, "height": 64, "vae": "model", "loras": ()})
     data["engine"]["loras"] = []
     data["output"]["preview"]["port"] = 0
+    data["control"]["port"] = 0
+    data["hotkeys"]["enabled"] = False
     data["output"]["fps"] = 20.0
     data["camera"]["fps"] = 20.0
     for key, value in extra.items():
@@ -130,6 +132,8 @@ def test_sigterm_stops_the_daemon_within_two_seconds(tiny_model, tmp_path):
         "--set",
         "output.preview.port=0",
         "--set",
+        "control.port=0",
+        "--set",
         f"log.file='{tmp_path / 'daemon.log'}'",
     ]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
@@ -159,6 +163,7 @@ def test_sighup_reloads_a_changed_config_and_keeps_the_old_one_when_broken(tmp_p
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "daemon", "run", "--config", str(config)]
     cmd += ["--set", "output.preview.port=0", "--set", f"log.file='{tmp_path / 'd.log'}'"]
+    cmd += ["--set", "control.port=0"]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
@@ -175,6 +180,13 @@ def test_sighup_reloads_a_changed_config_and_keeps_the_old_one_when_broken(tmp_p
         config.write_text('[camera]\nsource = "testpattern"\nfps = 15\n[engine]\nmodel = "tiny"\n')
         proc.send_signal(signal.SIGHUP)
         assert wait_for(lambda: said("configuration changed"), 10), lines
+        assert wait_for(lambda: said("engine: running"), 90), lines
+        restarts = sum("engine: loading" in ln for ln in lines)
+        config.write_text(config.read_text() + 'prompt = "a cat"\n')
+        proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: said("new [engine] prompt"), 10), lines
+        time.sleep(1.0)
+        assert sum("engine: loading" in ln for ln in lines) == restarts  # no restart for a prompt
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     finally:
