@@ -275,7 +275,7 @@ class EngineWorker:
                 # warm-up frames are never published. After a styled frame the output repeats
                 # it; otherwise the camera frame goes out.
                 if not self._showing_styled:
-                    self._send(Frame(frame.image, frame.captured_at, frame.seq, "passthrough"))
+                    self._send(frame)
                 continue
             self._set_state("running")
             self.frames_styled += 1
@@ -283,7 +283,10 @@ class EngineWorker:
             self._out.put(Frame(styled, self.engine.output_tag, frame.seq, "styled"))
 
     def _send(self, frame: Frame) -> None:
+        """Send a camera (or "camera unavailable") frame on as it is."""
         self._showing_styled = False
+        if frame.kind == "camera":
+            frame = Frame(frame.image, frame.captured_at, frame.seq, "passthrough")
         self._out.put(frame)
 
 

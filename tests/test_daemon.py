@@ -76,7 +76,7 @@ def test_a_broken_model_falls_back_to_passthrough_and_keeps_publishing(tmp_path,
         assert wait_for(lambda: daemon.engine.state == "failed", 30)
         cam = memory_vcam.instances[-1]
         n = len(cam.frames)
-        assert wait_for(lambda: daemon.status()["kinds"].get("camera", 0) > 5, 10)
+        assert wait_for(lambda: daemon.status()["kinds"].get("passthrough", 0) > 5, 10)
         time.sleep(0.5)
     finally:
         daemon.stop()
