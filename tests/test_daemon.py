@@ -32,9 +32,12 @@ def demo_config(tiny_model: Path, **extra) -> DaemonConfig:
     data["hotkeys"]["enabled"] = False
     data["output"]["fps"] = 20.0
     data["camera"]["fps"] = 20.0
-    for key, value in extra.items():
-        section, name = key.split("__")
-        data[section][name] = value
+    for key, value in extra.items():  # section__key=value, or section={...} merged in
+        if "__" in key:
+            section, name = key.split("__")
+            data[section][name] = value
+        else:
+            data[key].update(value)
     return DaemonConfig.model_validate(data)
 
 
