@@ -242,3 +242,40 @@ def test_every_bundled_preset_renders_with_the_tiny_model(tiny_model, frames, dt
         out = [eng(f) for f in frames[: eng.latency_frames + 1]][-1]
         assert isinstance(out, np.ndarray) and out.shape == (64, 64, 3), preset.name
         assert np.isfinite(out).all() and out.std() > 0, preset.name
+
+
+def test_bundled_presets_ship_in_a_non_editable_install(tmp_path):
+    """`pip install .` (a built wheel, not the source tree): the presets are inside it."""
+    import subprocess
+    import sys
+
+    import shutil
+
+    # A copy of the source, so no build/ folder is left in (or reused from) the checkout.
+    repo = tmp_path / "src"
+    skip = shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "bench")
+    shutil.copytree(Path(__file__).resolve().parents[1], repo, ignore=skip)
+    target = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+    subprocess.run(
+        [*pip, "--target", str(target), str(repo)],
+        check=True,
+        timeout=300,
+        env={**os.environ, "PIP_NO_INDEX": "1"},
+    )
+    script = (
+        "import json, daemon.presets as p\n"
+        "folder = p.bundled_presets_dir()\n"
+        "names = sorted(p.load_preset_file(f).name for f in folder.glob('*.toml'))\n"
+        "print(json.dumps({'folder': str(folder), 'names': names}))\n"
+    )
+    # From outside the repo, with the installed copy first on the path.
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    found = __import__("json").loads(out.stdout)
+    assert Path(found["folder"]).is_relative_to(target)
+    bundled = sorted(load_preset_file(f).name for f in bundled_presets_dir().glob("*.toml"))
+    assert found["names"] == bundled and len(bundled) >= 7
