@@ -246,10 +246,9 @@ def test_every_bundled_preset_renders_with_the_tiny_model(tiny_model, frames, dt
 
 def test_bundled_presets_ship_in_a_non_editable_install(tmp_path):
     """`pip install .` (a built wheel, not the source tree): the presets are inside it."""
+    import shutil
     import subprocess
     import sys
-
-    import shutil
 
     # A copy of the source, so no build/ folder is left in (or reused from) the checkout.
     repo = tmp_path / "src"
