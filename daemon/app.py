@@ -198,10 +198,14 @@ class EngineWorker:
                 )
                 self.state = "failed"
                 return False
-            # A preset's LoRAs failed: keep the running engine, run the preset without them.
+            # A preset's LoRAs failed: run it on the weights loaded now (until its file changes).
             wanted = self.presets.current()
-            log.error("preset %s: LoRAs failed (%s); running it without them", wanted.name, loaded)
-            self._apply(wanted.model_copy(update={"loras": None}), remember=wanted)
+            log.error(
+                "preset %s: LoRAs failed (%s); running it on the current weights",
+                wanted.name,
+                loaded,
+            )
+            self._apply(wanted)
             return True
         preset, self.engine, self.switcher, self._library_version = loaded
         self.applied = preset
@@ -225,10 +229,9 @@ class EngineWorker:
             return
         self._apply(wanted)
 
-    def _apply(self, preset: Preset, remember: Preset | None = None) -> None:
+    def _apply(self, preset: Preset) -> None:
         assert self.switcher is not None
-        previous = self.applied
-        self.applied = remember or preset
+        previous, self.applied = self.applied, preset
         if preset.passthrough:
             return
         if previous is None or previous.passthrough:

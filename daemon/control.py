@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -68,7 +69,9 @@ class ControlServer:
         self.api = api
         self.control_file = control_file or default_control_file()
         self.token = secrets.token_urlsafe(32)
-        self._server = ThreadingHTTPServer((host.strip("[]"), port), self._handler_class())
+        address = host.strip("[]")
+        server_class = _Ipv6Server if ":" in address else ThreadingHTTPServer
+        self._server = server_class((address, port), self._handler_class())
         self._server.daemon_threads = True
         bound_host, bound_port = self._server.server_address[:2]
         shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
@@ -191,6 +194,10 @@ class ControlServer:
                 log.debug("control API: " + format, *args)  # never the Authorization header
 
         return Handler
+
+
+class _Ipv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
 
 
 def write_private(path: Path, data: dict[str, Any]) -> None:

@@ -111,11 +111,6 @@ class Preset(BaseModel):
             steps = len(base.t_index_list)
         return EngineConfig.model_validate({**data, "steps": steps})
 
-    def needs_reset_from(self, current: EngineConfig, base: EngineConfig) -> bool:
-        """Whether switching the engine from ``current`` to this preset changes more than the
-        prompt (a new schedule, seed, guidance or bank: the stream restarts after the blend)."""
-        return self.engine_config(base, current.steps) != current
-
 
 def config_preset(prompt: str, negative_prompt: str) -> Preset:
     """The preset made of the configuration's ``[engine]`` prompt (always present)."""

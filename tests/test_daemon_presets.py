@@ -130,3 +130,42 @@ def test_a_global_hotkey_switches_the_running_daemon(tiny_model, memory_vcam, mo
             daemon.stop()
     finally:
         server.kill()
+
+
+def test_a_preset_with_its_own_lora_loads_in_the_background_and_a_bad_one_falls_back(
+    tiny_model, memory_vcam, private_user_dirs, tmp_path, caplog
+):
+    from test_engine import save_tiny_lora
+
+    lora = save_tiny_lora(tiny_model, tmp_path / "lora")
+    folder = private_user_dirs / "streamv2v" / "presets"
+    folder.mkdir(parents=True)
+    (folder / "lora.toml").write_text(f'prompt = "a robot"\nloras = [{{ id = "{lora}" }}]\n')
+    (folder / "broken-lora.toml").write_text(
+        f'prompt = "a cat"\nloras = [{{ id = "{tmp_path / "missing"}" }}]\n'
+    )
+    daemon = started(tiny_model)
+    try:
+        first = daemon.engine.engine
+        passthrough = daemon.output.kinds["passthrough"]
+        daemon.select_preset("lora", "test")
+        assert wait_for(lambda: daemon.engine.engine is not first, 30)  # a new model, loaded
+        assert daemon.engine.applied.name == "lora"
+        assert [spec.id for spec in daemon.engine.engine.config.loras] == [str(lora)]
+        styled = daemon.output.kinds["styled"]
+        assert wait_for(lambda: daemon.output.kinds["styled"] > styled + 3, 30)
+
+        second = daemon.engine.engine
+        daemon.select_preset("broken-lora", "test")
+        assert wait_for(lambda: getattr(daemon.engine.applied, "name", "") == "broken-lora", 30)
+        assert wait_for(lambda: not daemon.engine.switching, 30)
+        assert daemon.engine.engine is second  # the running model (and its weights) stays
+        assert daemon.engine.engine.config.loras == second.config.loras
+        styled = daemon.output.kinds["styled"]
+        assert wait_for(lambda: daemon.output.kinds["styled"] > styled + 3, 30)
+        assert daemon.engine.state == "running"
+        assert daemon.output.kinds["passthrough"] == passthrough  # styled all along
+    finally:
+        daemon.stop()
+    assert any("broken-lora: LoRAs failed" in r.getMessage() for r in caplog.records)
+    assert not any("frame failed" in r.getMessage() for r in caplog.records)
