@@ -32,6 +32,7 @@ from pydantic import (
 
 from daemon.hotkeys import check_combo
 from streamv2v import EngineConfig, LoraSpec
+from streamv2v.config import SCHEDULE_STEPS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -369,6 +370,52 @@ class ControlConfig(_Section):
         return value.expanduser() if value is not None else None
 
 
+class LatencyConfig(_Section):
+    """The latency controller: the daemon picks the number of denoising steps (and whether to
+    stream-batch them) so that the measured glass-to-glass p95 fits ``budget_ms`` and the engine
+    keeps up with ``target_fps``. Unset both (or enabled = false) for fixed steps."""
+
+    enabled: bool = True
+    budget_ms: float | None = Field(
+        250.0, gt=0, le=60_000, description="Capture-to-publish p95 budget; 0 for none."
+    )
+    target_fps: float | None = Field(
+        None, gt=0, le=240, description="Engine rate to sustain; 0 (or unset) for none."
+    )
+    min_steps: int = Field(1, ge=1, le=SCHEDULE_STEPS)
+    max_steps: int = Field(4, ge=1, le=SCHEDULE_STEPS)
+    stream_batch: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: use stream batching when it serves the budget better."
+    )
+    hysteresis: float = Field(
+        0.15, ge=0.0, lt=1.0, description="Step up only with this fraction of the budget spare."
+    )
+    calibrate: bool = Field(True, description="Measure every step count briefly at start.")
+    calibration_frames: int = Field(4, ge=1, le=100)
+    av_sync_input: str | None = Field(
+        None,
+        description="OBS audio input whose sync offset follows the measured latency (needs [obs]).",
+    )
+
+    @field_validator("budget_ms", "target_fps", mode="before")
+    @classmethod
+    def _zero_is_none(cls, value: Any) -> Any:
+        return None if value == 0 else value  # TOML has no null: 0 switches a goal off
+
+    @model_validator(mode="after")
+    def _range(self) -> LatencyConfig:
+        if self.min_steps > self.max_steps:
+            raise ValueError(
+                f"min_steps ({self.min_steps}) must not exceed max_steps ({self.max_steps})"
+            )
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether the controller runs (enabled, with a budget or a target rate)."""
+        return self.enabled and (self.budget_ms is not None or self.target_fps is not None)
+
+
 class DaemonConfig(_Section):
     """Everything ``streamv2v run`` reads; every section has defaults."""
 
@@ -379,6 +426,7 @@ class DaemonConfig(_Section):
     obs: ObsConfig = Field(default_factory=ObsConfig)
     hotkeys: HotkeysConfig = Field(default_factory=HotkeysConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     demo: bool = False
 
