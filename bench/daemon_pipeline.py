@@ -88,6 +88,9 @@ def main() -> None:
     data["output"]["preview"]["port"] = 0
     data["output"]["virtual_camera"]["enabled"] = False  # no v4l2loopback device here
     data["camera"]["fps"] = 30
+    data["latency"]["enabled"] = False  # fixed steps: this measures the pipeline, not the budget
+    data["control"]["enabled"] = False
+    data["hotkeys"]["enabled"] = False
     daemon = Daemon(DaemonConfig.model_validate(data))
     daemon.start()
     stop = threading.Event()
@@ -105,9 +108,8 @@ def main() -> None:
     end = t0 + args.seconds
     while time.monotonic() < end:
         time.sleep(min(10.0, end - time.monotonic()))
-        window = daemon.output.latency_ms.values
-        latencies.extend(list(window))
-        window.clear()  # (the output thread only appends; a sample lost here is harmless)
+        latencies.extend(daemon.output.latency_ms.snapshot())
+        daemon.output.latency_ms.clear()  # (a sample appended in between is lost: harmless)
         if args.rss:
             rss.append((time.monotonic() - t0, proc.memory_info().rss))
     styled = daemon.output.kinds["styled"] - styled0

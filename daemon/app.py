@@ -20,7 +20,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +28,8 @@ import numpy as np
 from daemon.camera import CameraSource
 from daemon.config import DaemonConfig, default_config_path
 from daemon.frames import Frame, fit_to, unavailable_frame
+from daemon.latency import LatencyBudget, StepChoice
+from daemon.metrics import RateMeter, Rolling, prometheus_text
 from daemon.outputs import Recorder, VirtualCameraSink, VirtualCameraUnavailable
 from daemon.presets import (
     Preset,
@@ -39,6 +40,7 @@ from daemon.presets import (
 )
 from daemon.preview import PreviewServer
 from daemon.slots import LatestSlot
+from streamv2v.config import SCHEDULE_STEPS
 
 if TYPE_CHECKING:
     from daemon.switching import StyleSwitcher
@@ -46,22 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamv2v")
 
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 2.0, 60.0
-
-
-@dataclass
-class Rolling:
-    """The last ``size`` samples of a figure, for medians and percentiles of live metrics."""
-
-    size: int = 300
-    values: collections.deque = field(default_factory=collections.deque)
-
-    def add(self, value: float) -> None:
-        self.values.append(value)
-        if len(self.values) > self.size:
-            self.values.popleft()
-
-    def pct(self, q: float) -> float | None:
-        return float(np.percentile(np.fromiter(self.values, float), q)) if self.values else None
 
 
 def engine_config(config: DaemonConfig):
@@ -126,6 +112,10 @@ class EngineWorker:
         self._showing_styled = False  # the last frame sent out was a styled one
         self.call_ms = Rolling()
         self.frames_styled = 0
+        self.calls = 0  # engine calls (for the engine rate)
+        latency = config.latency
+        self.budget = LatencyBudget(latency, config.camera.fps) if latency.active else None
+        self.output_delay: Rolling | None = None  # the output worker's pacing delay
 
     def start(self) -> None:
         self._thread.start()
@@ -229,6 +219,37 @@ class EngineWorker:
             return
         self._apply(wanted)
 
+    def _follow_budget(self) -> None:
+        """Between frames: let the latency controller pick the steps (not while a preset
+        switch is in flight: the blend and its flush must finish on one configuration)."""
+        budget, engine = self.budget, self.engine
+        if budget is None or self.switching or self.applied is None:
+            return
+        cfg = engine.config
+        lo, hi = self.applied.step_range(self.base)
+        hi = min(hi, int(SCHEDULE_STEPS * cfg.strength))  # what the strength leaves room for
+        lo = min(lo, hi)
+        if self.output_delay is not None and self.calls % 10 == 0:
+            budget.output_delay_ms = self.output_delay.pct(95) or 0.0
+        current = StepChoice(cfg.steps, cfg.stream_batch)
+        cost_class = f"{cfg.width}x{cfg.height} guidance={cfg.guidance} bank={cfg.bank.enabled}"
+        choice = budget.decide(current, lo, hi, cost_class)
+        if choice == current:
+            return
+        predicted = budget.predict_p95(choice)
+        level = logging.DEBUG if budget.last_reason == "calibrating" else logging.INFO
+        log.log(
+            level,
+            "steps: %s -> %s (%s; predicted p95 %s ms, budget %s ms)",
+            current,
+            choice,
+            budget.last_reason,
+            "?" if predicted is None else f"{predicted:.0f}",
+            budget.config.budget_ms,
+        )
+        update = {"steps": choice.steps, "stream_batch": choice.stream_batch, "t_index_list": None}
+        engine.set_config(type(cfg).model_validate({**cfg.model_dump(), **update}))
+
     def _apply(self, preset: Preset) -> None:
         assert self.switcher is not None
         previous, self.applied = self.applied, preset
@@ -260,10 +281,18 @@ class EngineWorker:
                 self._send(frame)  # passthrough while loading, failed, or by choice
                 continue
             try:
+                self._follow_budget()
+                choice = StepChoice(self.engine.config.steps, self.engine.config.stream_batch)
                 t0 = time.perf_counter()
                 self.switcher.before_frame()
                 styled = self.engine(frame.image, tag=frame.captured_at)
-                self.call_ms.add((time.perf_counter() - t0) * 1000)
+                call_ms = (time.perf_counter() - t0) * 1000
+                self.call_ms.add(call_ms)
+                self.calls += 1
+                if self.budget is not None:
+                    tag = self.engine.output_tag if styled is not None else None
+                    latency = None if tag is None else (time.monotonic() - tag) * 1000
+                    self.budget.observe(choice, call_ms, latency)
             except Exception as err:
                 log.error("engine: frame failed (%s); passthrough, retry in %.0f s", err, backoff)
                 self.state = "failed"
@@ -308,6 +337,9 @@ class OutputWorker:
         self.recorder: Recorder | None = None
         self.preview_url: str | None = None
         self.latency_ms = Rolling()
+        self.delay_ms = Rolling()  # from a frame's arrival to its publishing (output pacing)
+        self.budget_ms = config.latency.budget_ms
+        self.deadline_misses = 0
         self.published = 0
         self.new_frames = 0
         self.kinds: collections.Counter = collections.Counter()
@@ -367,14 +399,20 @@ class OutputWorker:
         while not self._stop.is_set():
             frame = self._src.get(timeout=max(0.0, due - time.monotonic()))
             if frame is not None:
+                arrived = time.monotonic()
                 image = fit_to(frame.image, w, h)
                 self.new_frames += 1
                 self.kinds[frame.kind] += 1
                 opens = due - period / 2
                 if time.monotonic() < opens:
                     self._stop.wait(opens - time.monotonic())
+                now = time.monotonic()
+                self.delay_ms.add((now - arrived) * 1000)
                 if frame.kind != "unavailable":
-                    self.latency_ms.add((time.monotonic() - frame.captured_at) * 1000)
+                    latency = (now - frame.captured_at) * 1000
+                    self.latency_ms.add(latency)
+                    if self.budget_ms is not None and latency > self.budget_ms:
+                        self.deadline_misses += 1
             elif self._src.closed:
                 break
             self._publish(image)
@@ -417,6 +455,9 @@ class Daemon:
         self.camera = CameraSource(config.camera, self.camera_slot, unavailable_size=self.size)
         self.engine = EngineWorker(config, self.camera_slot, self.output_slot, self.presets)
         self.output = OutputWorker(config, self.output_slot, self.size)
+        self.engine.output_delay = self.output.delay_ms
+        self.rates = {stage: RateMeter() for stage in ("input", "engine", "output")}
+        self._av_sync: tuple[int, int] | None = None  # (OBS connection, offset) last pushed
         self.obs: Any = None
         self.hotkeys: Any = None
         self.control: Any = None
@@ -485,9 +526,41 @@ class Daemon:
 
     # ------------------------------------------------------------------ presets
     def _watch_presets(self) -> None:
-        interval = self.config.presets.reload_interval_s
+        """The housekeeping thread: preset files, rates, A/V sync (never per frame)."""
+        interval = min(self.config.presets.reload_interval_s, 0.5)
         while not self._watch_stop.wait(interval):
             self.reload_presets()
+            now = time.monotonic()
+            self.rates["input"].sample(self.camera_slot.puts, now)
+            self.rates["engine"].sample(self.engine.calls, now)
+            self.rates["output"].sample(self.output.published, now)
+            self._sync_audio()
+
+    def _sync_audio(self) -> None:
+        """Keep an OBS audio input's sync offset at the measured glass-to-glass latency (p50),
+        pushed again when it drifts by more than 20 ms or OBS (re)connects."""
+        name = self.config.latency.av_sync_input
+        if not name or self.obs is None or self.obs.state != "connected":
+            return
+        measured = self.output.latency_ms.pct(50)
+        if measured is None:
+            return
+        offset = round(measured)
+        last = self._av_sync
+        if last is not None and last[0] == self.obs.generation and abs(last[1] - offset) <= 20:
+            return
+        try:
+            answer = self.obs.request(
+                "SetInputAudioSyncOffset", {"inputName": name, "inputAudioSyncOffset": offset}
+            )
+        except Exception as err:  # e.g. no such input: said once per connection
+            if last is None or last[0] != self.obs.generation:
+                log.error("A/V sync: OBS refused the offset for %r (%s)", name, err)
+                self._av_sync = (self.obs.generation, -(10**9))
+            return
+        if answer is not None:
+            log.info("A/V sync: %r audio offset %d ms (measured latency)", name, offset)
+            self._av_sync = (self.obs.generation, offset)
 
     def reload_presets(self) -> dict[str, Any]:
         """Re-read the preset files now (they are also polled every reload_interval_s)."""
@@ -532,26 +605,77 @@ class Daemon:
 
     # ------------------------------------------------------------------ figures
     def status(self) -> dict[str, Any]:
-        """Live figures (the metrics issue extends these)."""
-        out, engine = self.output, self.engine
+        """Live figures (GET /status, `streamv2v status`, GET /metrics)."""
+        out, worker = self.output, self.engine
+        engine = worker.engine
+        cfg = engine.config if engine is not None else None
+        stats = engine.stats() if engine is not None else {}
+        budget = worker.budget
+        latency = self.config.latency
         return {
+            "state": {
+                "camera": self.camera.state,
+                "engine": worker.state,
+                "obs": self.obs.state if self.obs is not None else "disabled",
+                "hotkeys": self.hotkeys.state if self.hotkeys is not None else "disabled",
+            },
             "camera": self.camera.state,
-            "engine": engine.state,
-            "preset": self.presets.active,
-            "switching": engine.switching,
-            "steps": engine.engine.config.steps if engine.engine is not None else None,
+            "engine": worker.state,
             "obs": self.obs.state if self.obs is not None else "disabled",
-            "hotkeys": self.hotkeys.state if self.hotkeys is not None else "disabled",
+            "preset": self.presets.active,
+            "switching": worker.switching,
+            "steps": cfg.steps if cfg is not None else None,
+            "stream_batch": cfg.stream_batch if cfg is not None else None,
+            "size": list(self.size),
+            "controller": {
+                "active": budget is not None,
+                "reason": budget.last_reason if budget is not None else "",
+                "predicted_p95_ms": (
+                    budget.predict_p95(StepChoice(cfg.steps, cfg.stream_batch))
+                    if budget is not None and cfg is not None
+                    else None
+                ),
+            },
+            "latency_budget_ms": latency.budget_ms,
+            "target_fps": latency.target_fps,
+            "fps": {stage: meter.rate for stage, meter in self.rates.items()},
+            "latency_ms": {f"p{q}": out.latency_ms.pct(q) for q in (50, 95, 99)},
+            "engine_ms_p50": worker.call_ms.pct(50),
+            "deadline_misses": out.deadline_misses,
+            "dropped_input_frames": self.camera_slot.dropped,
             "published": out.published,
             "new_frames": out.new_frames,
             "kinds": dict(out.kinds),
-            "latency_ms_p50": out.latency_ms.pct(50),
-            "latency_ms_p95": out.latency_ms.pct(95),
-            "engine_ms_p50": engine.call_ms.pct(50),
-            "dropped_input_frames": self.camera_slot.dropped,
+            "bank": {
+                "enabled": bool(stats.get("bank_enabled")),
+                "bytes": stats.get("bank_bytes", 0),
+                "tokens": sum(stats.get("bank_tokens_per_layer", {}).values()),
+            },
+            "device": device_figures(engine),
             "preview_url": out.preview_url,
             "control_url": self.control.url if self.control is not None else None,
         }
+
+    def metrics_text(self) -> str:
+        """GET /metrics: the status in the Prometheus text format."""
+        return prometheus_text(self.status())
+
+
+def device_figures(engine: Any) -> dict[str, Any]:
+    """The engine's device and dtype, and the accelerator memory torch holds (CUDA only)."""
+    if engine is None:
+        return {"name": None, "dtype": None, "memory_bytes": None}
+    device = engine.device
+    memory = None
+    if device.type == "cuda":
+        import torch
+
+        memory = torch.cuda.memory_allocated(device)
+    return {
+        "name": str(device),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "memory_bytes": memory,
+    }
 
 
 def preset_library(config: DaemonConfig) -> PresetLibrary:

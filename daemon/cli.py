@@ -771,3 +771,78 @@ def preset_command(args: argparse.Namespace) -> int:
         raise CliError(str(err)) from None
     print(f"active preset: {result['active']}")
     return EXIT_OK
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+def add_status_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_argument(parser)
+    parser.add_argument("--json", action="store_true", help="Print the figures as JSON.")
+
+
+@command("status", "Show the running daemon's live figures.", add_status_arguments)
+def status_command(args: argparse.Namespace) -> int:
+    import json
+
+    from daemon.control import ControlClientError, call
+
+    config = read_config(args)
+    try:
+        status = call("GET", "/status", control_file=config.control.token_file)
+    except ControlClientError as err:
+        raise CliError(str(err)) from None
+    print(json.dumps(status, indent=2) if args.json else status_table(status))
+    return EXIT_OK
+
+
+def status_table(s: dict[str, Any]) -> str:
+    """The figures of GET /status as a compact table."""
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f} ms"
+
+    def num(value: float | None, unit: str = "") -> str:
+        return "-" if value is None else f"{value:.1f}{unit}"
+
+    state = s["state"]
+    steps = "-" if s["steps"] is None else f"{s['steps']}{' (stream batch)' * s['stream_batch']}"
+    control = s["controller"]
+    if control["active"]:
+        budget = "" if s["latency_budget_ms"] is None else f", budget {s['latency_budget_ms']:g} ms"
+        fps = "" if s["target_fps"] is None else f", target {s['target_fps']:g} fps"
+        why = f"; last change: {control['reason']}" if control["reason"] else ""
+        steps += f"   predicted p95 {ms(control['predicted_p95_ms'])}{budget}{fps}{why}"
+    else:
+        steps += "   (fixed: latency controller off)"
+    fps, lat, kinds, bank, dev = s["fps"], s["latency_ms"], s["kinds"], s["bank"], s["device"]
+    memory = "" if dev["memory_bytes"] is None else f", {dev['memory_bytes'] / 2**30:.2f} GiB used"
+    rows = [
+        ("preset", f"{s['preset']}{'  (switching)' * s['switching']}"),
+        ("state", "   ".join(f"{part} {value}" for part, value in state.items())),
+        ("steps", steps),
+        (
+            "fps",
+            f"input {num(fps['input'])}   engine {num(fps['engine'])}   "
+            f"output {num(fps['output'])}",
+        ),
+        (
+            "latency",
+            f"p50 {ms(lat['p50'])}   p95 {ms(lat['p95'])}   p99 {ms(lat['p99'])}   "
+            f"deadline misses {s['deadline_misses']}",
+        ),
+        (
+            "frames",
+            f"published {s['published']}   styled {kinds.get('styled', 0)}   "
+            f"passthrough {kinds.get('passthrough', 0)}   "
+            f"dropped input {s['dropped_input_frames']}",
+        ),
+        (
+            "bank",
+            f"{bank['bytes'] / 2**20:.1f} MB, {bank['tokens']} tokens"
+            if bank["enabled"]
+            else "off",
+        ),
+        ("device", f"{dev['name'] or '-'} {dev['dtype'] or ''}{memory}".rstrip()),
+    ]
+    return "\n".join(f"{name:<8} {value}" for name, value in rows)

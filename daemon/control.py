@@ -1,7 +1,8 @@
 """The local control API: HTTP + JSON on a loopback address, for the CLI and scripts.
 
-    GET  /status    live figures                 POST /preset  {"name": NAME|"next"|"prev"}
+    GET  /status    live figures (JSON)          POST /preset  {"name": NAME|"next"|"prev"}
     GET  /presets   the presets, active marked    POST /reload  re-read the preset files
+    GET  /metrics   the figures as Prometheus text
 
 Mutating calls (POST) need ``Authorization: Bearer TOKEN``. The token is made at start and
 written with the URL to a file only the user can read (0600), which the CLI reads. Requests whose
@@ -35,6 +36,7 @@ from daemon.presets import UnknownPreset
 log = logging.getLogger("streamv2v.control")
 
 _MAX_BODY = 64 * 1024
+_JSON = "application/json"
 
 
 class ControlApi(Protocol):
@@ -47,6 +49,8 @@ class ControlApi(Protocol):
     def select_preset(self, target: str, reason: str) -> str: ...
 
     def reload_presets(self) -> dict[str, Any]: ...
+
+    def metrics_text(self) -> str: ...
 
 
 def default_control_file() -> Path:
@@ -96,10 +100,11 @@ class ControlServer:
     def _route(self, method: str, path: str, body: Any) -> tuple[HTTPStatus, Any]:
         api = self.api
         routes: dict[tuple[str, str], Callable[[], Any]] = {
-            ("GET", "/status"): api.status,
-            ("GET", "/presets"): api.preset_listing,
+            ("GET", "/status"): lambda: api.status(),
+            ("GET", "/presets"): lambda: api.preset_listing(),
+            ("GET", "/metrics"): lambda: api.metrics_text(),
             ("POST", "/preset"): lambda: {"active": self._select(body)},
-            ("POST", "/reload"): api.reload_presets,
+            ("POST", "/reload"): lambda: api.reload_presets(),
         }
         handler = routes.get((method, path))
         if handler is None:
@@ -180,9 +185,12 @@ class ControlServer:
                     raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {err}") from None
 
             def _reply(self, status: HTTPStatus, payload: Any) -> None:
-                data = (json.dumps(payload, default=str) + "\n").encode()
+                if isinstance(payload, str):  # /metrics
+                    data, kind = payload.encode(), "text/plain; version=0.0.4; charset=utf-8"
+                else:
+                    data, kind = (json.dumps(payload, default=str) + "\n").encode(), _JSON
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(data)))
                 self.send_header("Cache-Control", "no-store")
                 if status == HTTPStatus.UNAUTHORIZED:

@@ -51,6 +51,7 @@ class ObsControl:
     ) -> None:
         self.state = "stopped"
         self.scene: str | None = None
+        self.generation = 0  #: connections made so far (a reconnect is a new OBS session)
         self._config = config
         self._on_preset = on_preset
         self._preset_for_scene = preset_for_scene
@@ -158,6 +159,7 @@ class ObsControl:
         self._follow_current_scene(requests)
         log.info("Connected to OBS at %s (program scene %r)", self._where, self.scene)
         self._ever_connected, self._reported = True, None
+        self.generation += 1
         self._set_state("connected")
         return None
 

@@ -66,6 +66,11 @@ class LatestSlot(Generic[T]):
             self._cond.notify_all()
 
     @property
+    def puts(self) -> int:
+        """Items stored so far (for rates)."""
+        return self._version
+
+    @property
     def dropped(self) -> int:
         """Items replaced before anyone got them."""
         return self._dropped

@@ -73,12 +73,16 @@ class StyleSwitcher:
         return self._embeds[key]
 
     def config_for(self, preset: Preset) -> EngineConfig:
-        """The engine configuration of ``preset`` at the engine's current step count (the
-        latency controller's choice survives a switch, clamped into the preset's range), on
+        """The engine configuration of ``preset`` at the engine's current step count and stream
+        batching (the latency controller's choice survives a switch, clamped into the preset's
+        range), on
         the weights loaded now: LoRAs are fused into them, so other LoRAs need a new engine
         (the daemon loads one in the background)."""
-        config = preset.engine_config(self.base, self.engine.config.steps)
-        return config.model_copy(update={"loras": self.engine.config.loras})
+        running = self.engine.config
+        config = preset.engine_config(self.base, running.steps)
+        return config.model_copy(
+            update={"loras": running.loras, "stream_batch": running.stream_batch}
+        )
 
     def start(self, preset: Preset) -> None:
         """Apply ``preset`` at once, restarting the stream (first load, or after passthrough,
