@@ -629,6 +629,7 @@ class Daemon:
             "size": list(self.size),
             "controller": {
                 "active": budget is not None,
+                "calibrating": budget is not None and budget.calibrating,
                 "reason": budget.last_reason if budget is not None else "",
                 "predicted_p95_ms": (
                     budget.predict_p95(StepChoice(cfg.steps, cfg.stream_batch))

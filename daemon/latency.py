@@ -97,6 +97,8 @@ class LatencyBudget:
         self._last_latency = 0.0
         self._skip = 0  # samples to ignore after a change (allocation, warm-up effects)
         self.last_reason = ""
+        self.calibrating = config.calibrate  #: still measuring every candidate once
+        self._calibrated: set[tuple[str, StepChoice]] = set()
 
     # ------------------------------------------------------------------ measurements
     def observe(self, choice: StepChoice, cost_ms: float, latency_ms: float | None = None) -> None:
@@ -195,10 +197,14 @@ class LatencyBudget:
         if current not in options:  # the range moved (another preset): nearest allowed
             return self._change(min(options, key=lambda c: abs(c.steps - current.steps)), "range")
         need = self.config.calibration_frames
+        self.calibrating = False
         if self.config.calibrate:
             for choice in options:
                 entry = self.costs.get((cost_class, choice))
-                if entry is None or entry.stats.count < need:
+                if entry is not None and entry.stats.count >= need:
+                    self._calibrated.add((cost_class, choice))
+                if (cost_class, choice) not in self._calibrated:
+                    self.calibrating = True
                     if choice != current:
                         return self._change(choice, "calibrating")
                     return current

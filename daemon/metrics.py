@@ -91,14 +91,12 @@ class _Exposition:
         help_text: str,
         samples: Iterable[tuple[Mapping[str, Any], float | int | bool | None]],
     ) -> None:
-        self.lines.append(f"# HELP streamv2v_{name} {help_text}")
-        self.lines.append(f"# TYPE streamv2v_{name} {kind}")
-        suffix = "_total" if kind == "counter" else ""
+        metric = f"streamv2v_{name}{'_total' if kind == 'counter' else ''}"
+        self.lines.append(f"# HELP {metric} {help_text}")
+        self.lines.append(f"# TYPE {metric} {kind}")
         for labels, value in samples:
             text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            self.lines.append(
-                f"streamv2v_{name}{suffix}{'{' + text + '}' if text else ''} {_number(value)}"
-            )
+            self.lines.append(f"{metric}{'{' + text + '}' if text else ''} {_number(value)}")
 
     def one(self, name: str, kind: str, help_text: str, value: float | int | bool | None) -> None:
         self.family(name, kind, help_text, [({}, value)])

@@ -90,8 +90,9 @@ class ObsControl:
         self.state = "stopped"
 
     def request(self, name: str, data: dict | None = None) -> Any | None:
-        """Send an obs-websocket request; its response data, or None while not connected (or
-        when the connection breaks now). OBSSDKRequestError (OBS refused it) is raised."""
+        """Send an obs-websocket request; its response data ({} for a request that answers
+        none), or None while not connected (or when the connection breaks now).
+        OBSSDKRequestError (OBS refused it) is raised."""
         client = self._requests
         if client is None or self.state != "connected":
             return None
@@ -100,7 +101,8 @@ class ObsControl:
     def _send(self, client: obsws_python.ReqClient, name: str, data: dict | None) -> Any | None:
         with self._request_lock:
             try:
-                return client.send(name, data, raw=True)
+                answer = client.send(name, data, raw=True)
+                return {} if answer is None else answer
             except OBSSDKRequestError:
                 raise
             except _CONNECTION_ERRORS as exc:

@@ -83,9 +83,10 @@ class Preset(BaseModel):
         return self
 
     def step_range(self, base: EngineConfig) -> tuple[int, int]:
-        """The steps this preset allows (the latency controller picks within it)."""
+        """The steps this preset allows: the latency controller picks within it (and within
+        its own min/max); with the controller off, ``base.steps`` is clamped into it."""
         lo = self.min_steps or 1
-        hi = self.max_steps or max(lo, base.steps)
+        hi = self.max_steps or SCHEDULE_STEPS
         return lo, max(lo, hi)
 
     def engine_config(self, base: EngineConfig, steps: int | None = None) -> EngineConfig:

@@ -15,7 +15,7 @@ from daemon.app import Daemon
 PASSWORD = "correct horse battery staple"
 
 
-def daemon_for(tiny_model, port: int, password: str) -> Daemon:
+def daemon_for(tiny_model, port: int, password: str, **extra) -> Daemon:
     obs = {
         "enabled": True,
         "port": port,
@@ -24,7 +24,7 @@ def daemon_for(tiny_model, port: int, password: str) -> Daemon:
         "reconnect_min_s": 0.1,
         "reconnect_max_s": 0.5,
     }
-    daemon = Daemon(demo_config(tiny_model, obs=obs))
+    daemon = Daemon(demo_config(tiny_model, obs=obs, **extra))
     daemon.start()
     return daemon
 
@@ -87,3 +87,49 @@ def test_a_wrong_obs_password_is_one_log_line_and_the_frames_keep_flowing(
     assert len(password_lines) == 1, errors
     assert "obs.password" in password_lines[0]
     assert not any("wrong password" in r.getMessage() for r in caplog.records)
+
+
+def test_av_sync_sets_the_obs_audio_offset_to_the_measured_latency(
+    tiny_model, memory_vcam, tmp_path, caplog
+):
+    require_obs()
+    with ObsStudio(tmp_path / "obs") as studio, caplog.at_level(logging.INFO):
+        scene = studio.client.send("GetCurrentProgramScene", raw=True)["currentProgramSceneName"]
+        studio.client.send(
+            "CreateInput",
+            {"sceneName": scene, "inputName": "Mic", "inputKind": "ffmpeg_source"},
+        )
+
+        def offset() -> int:
+            answer = studio.client.send("GetInputAudioSyncOffset", {"inputName": "Mic"}, raw=True)
+            return answer["inputAudioSyncOffset"]
+
+        assert offset() == 0
+        latency = {"enabled": False, "av_sync_input": "Mic"}
+        daemon = daemon_for(tiny_model, studio.port, "", latency=latency)
+        try:
+            assert wait_for(lambda: offset() > 0, 15), daemon.status()
+            measured = daemon.output.latency_ms.pct(50)
+            pushed = offset()
+        finally:
+            daemon.stop()
+    assert abs(pushed - measured) <= 40, (pushed, measured)  # re-pushed on a 20 ms drift
+    lines = [r.getMessage() for r in caplog.records if "A/V sync" in r.getMessage()]
+    assert any(f"audio offset {pushed} ms" in line for line in lines), (pushed, lines)
+
+
+def test_av_sync_with_a_missing_obs_input_is_one_error_line(
+    tiny_model, memory_vcam, tmp_path, caplog
+):
+    require_obs()
+    with ObsStudio(tmp_path / "obs") as studio, caplog.at_level(logging.INFO):
+        latency = {"enabled": False, "av_sync_input": "No Such Mic"}
+        daemon = daemon_for(tiny_model, studio.port, "", latency=latency)
+        try:
+            assert wait_for(lambda: daemon.output.latency_ms.pct(50) is not None, 30)
+            time.sleep(2.0)  # several housekeeping rounds
+            assert daemon.obs.state == "connected"
+        finally:
+            daemon.stop()
+    refused = [r for r in caplog.records if "A/V sync" in r.getMessage()]
+    assert len(refused) == 1 and "No Such Mic" in refused[0].getMessage()
