@@ -230,7 +230,9 @@ class EngineWorker:
         hi = min(hi, int(SCHEDULE_STEPS * cfg.strength))  # what the strength leaves room for
         lo = min(lo, hi)
         if self.output_delay is not None and self.calls % 10 == 0:
-            budget.output_delay_ms = self.output_delay.pct(95) or 0.0
+            delays = self.output_delay.snapshot()
+            if delays.size:
+                budget.output_delay = (float(delays.mean()), float(delays.var()))
         current = StepChoice(cfg.steps, cfg.stream_batch)
         cost_class = f"{cfg.width}x{cfg.height} guidance={cfg.guidance} bank={cfg.bank.enabled}"
         choice = budget.decide(current, lo, hi, cost_class)
@@ -262,6 +264,7 @@ class EngineWorker:
 
     def _run(self) -> None:
         backoff, retry_at = _BACKOFF_MIN_S, 0.0
+        last_call: float | None = None  # when the previous engine call started
         while not self._stop.is_set():
             if self._loader is None and self.engine is None and time.monotonic() >= retry_at:
                 self._start_loading(self.presets.current())
@@ -292,7 +295,9 @@ class EngineWorker:
                 if self.budget is not None:
                     tag = self.engine.output_tag if styled is not None else None
                     latency = None if tag is None else (time.monotonic() - tag) * 1000
-                    self.budget.observe(choice, call_ms, latency)
+                    interval = None if last_call is None else (t0 - last_call) * 1000
+                    self.budget.observe(choice, call_ms, latency, interval)
+                last_call = t0
             except Exception as err:
                 log.error("engine: frame failed (%s); passthrough, retry in %.0f s", err, backoff)
                 self.state = "failed"

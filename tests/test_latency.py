@@ -131,3 +131,18 @@ def test_running_stats_follow_a_step_change_quickly():
     for _ in range(5):
         stats.add(30.0)
     assert stats.mean > 25.0
+
+
+def test_a_step_count_that_keeps_failing_is_probed_ever_more_rarely():
+    # After calibration, 4 steps get 40% dearer than their baseline says (e.g. another process
+    # took the GPU's memory bandwidth): every probe up to 4 fails; the probes must thin out.
+    def dearer_four(choice: StepChoice, i: int) -> float:
+        return cost_of(choice) * (1.4 if choice.steps == 4 and i > 100 else 1.0)
+
+    history, _ = simulate(6000, dearer_four, budget_ms=300, stream_batch="always")
+    probes = [i for i, (a, b) in enumerate(itertools.pairwise(history)) if b.steps > a.steps]
+    late = [i for i in probes if i > 200]
+    assert len(late) <= 7, late  # blocks of 150, 300, 600, ... frames
+    gaps = [b - a for a, b in itertools.pairwise(late)]
+    assert gaps == sorted(gaps)  # ever more rarely
+    assert history[-1] == StepChoice(3, True)
