@@ -42,7 +42,9 @@ if TYPE_CHECKING:
 
 PROG = "streamv2v"
 EXIT_OK = 0
+EXIT_DOCTOR_FAILED = 1  # a check FAILed
 EXIT_ERROR = 2
+EXIT_NOT_INSTALLED = 3  # `service status`: nothing installed (as systemctl's "inactive")
 EXIT_INTERRUPTED = 130
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -846,3 +848,70 @@ def status_table(s: dict[str, Any]) -> str:
         ("device", f"{dev['name'] or '-'} {dev['dtype'] or ''}{memory}".rstrip()),
     ]
     return "\n".join(f"{name:<8} {value}" for name, value in rows)
+
+
+# --- service and doctor -----------------------------------------------------------------------
+
+
+def add_service_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["install", "uninstall", "status"])
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="Configuration the service runs with (default: the user config file, if any).",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="Print the file install would write; change nothing."
+    )
+
+
+@command(
+    "service",
+    "Start the daemon at login: systemd user unit, launchd agent or Task Scheduler task.",
+    add_service_arguments,
+)
+def service_command(args: argparse.Namespace) -> int:
+    from daemon import service
+    from daemon.logs import default_log_file
+
+    if args.config is not None and args.action == "install":
+        args.overrides = []
+        read_config(args)  # a broken file is refused now, not at every login (exit 2)
+    try:
+        kind = service.service_for(sys.platform, Path.home())
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    launch = service.default_launch(args.config, default_log_file().parent)
+    if args.dry_run:
+        if args.action != "install":
+            raise CliError("--dry-run goes with install")
+        print(f"# would write {kind.path}")
+        print(kind.render(launch), end="")
+        return EXIT_OK
+    actions = {
+        "install": lambda: service.install(kind, launch),
+        "uninstall": lambda: service.uninstall(kind),
+        "status": lambda: service.status(kind),
+    }
+    outcome = actions[args.action]()
+    for line in outcome.lines:
+        print(line)
+    if outcome.ok:
+        return EXIT_OK
+    return EXIT_NOT_INSTALLED if args.action == "status" else EXIT_ERROR
+
+
+def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_argument(parser)
+    parser.add_argument("--json", action="store_true", help="Print the checks as JSON.")
+
+
+@command("doctor", "Check this machine and the configuration before a run.", add_doctor_arguments)
+def doctor_command(args: argparse.Namespace) -> int:
+    from daemon.doctor import FAIL, report, run_checks
+
+    config = read_config(args)
+    results = run_checks(config)
+    print(report(results, as_json=args.json))
+    return EXIT_DOCTOR_FAILED if any(r.status == FAIL for r in results) else EXIT_OK

@@ -315,3 +315,33 @@ def _redact(text: str, password: str) -> str:
 
 def _kind(exc: BaseException) -> str:
     return type(exc).__name__
+
+
+def probe(config: ObsConfig, password: str) -> tuple[str, str]:
+    """One connection attempt for `streamv2v doctor`: ("ok" | "auth" | "unreachable" |
+    "error", what OBS said). Never logs, never raises."""
+    where = f"{config.host}:{config.port}"
+    try:
+        client = obsws_python.ReqClient(
+            host=config.host, port=config.port, password=password, timeout=config.timeout_s
+        )
+    except OBSSDKError as exc:
+        if not isinstance(exc, OBSSDKTimeoutError):
+            problem = "rejected the password" if password else "wants a password"
+            return "auth", f"OBS at {where} {problem}"
+        return "unreachable", f"OBS at {where}: no answer in {config.timeout_s:g} s"
+    except _CONNECTION_ERRORS as exc:
+        reason = _redact(str(exc) or type(exc).__name__, password)
+        return "unreachable", f"OBS not reachable at {where} ({reason})"
+    except Exception as exc:
+        return "error", _redact(f"OBS at {where}: {type(exc).__name__}: {exc}", password)
+    try:
+        version = client.send("GetVersion", raw=True)
+        return "ok", (
+            f"OBS {version.get('obsVersion', '?')}, obs-websocket "
+            f"{version.get('obsWebSocketVersion', '?')} at {where}"
+        )
+    except Exception as exc:
+        return "error", _redact(f"OBS at {where}: {type(exc).__name__}: {exc}", password)
+    finally:
+        _close(client)
