@@ -36,7 +36,14 @@ def _byte_unicode_chars() -> list[str]:
     return chars
 
 
-def _write_tokenizer(folder: Path) -> None:
+def tiny_vocab_size() -> tuple[int, int, int]:
+    """(vocabulary size, bos id, eos id) of the tiny offline tokenizer."""
+    vocab = 2 * 256 + len(_MERGES) + 2
+    return vocab, vocab - 2, vocab - 1
+
+
+def write_tiny_tokenizer(folder: Path) -> None:
+    """An offline byte-level BPE CLIP tokenizer (no download), saved at ``folder``."""
     from transformers import CLIPTokenizer
 
     raw = folder / "_raw"
@@ -120,7 +127,7 @@ def save_tiny_model(path: str | Path, *, seed: int = 0, safe_serialization: bool
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    _write_tokenizer(path / "tokenizer")
+    write_tiny_tokenizer(path / "tokenizer")
     parts = build_tiny_components(seed)
     pipe = StableDiffusionPipeline(
         **parts,
