@@ -36,6 +36,7 @@ from daemon.presets import (
     PresetLibrary,
     PresetManager,
     UnknownPreset,
+    bundled_presets_dir,
     config_preset,
 )
 from daemon.preview import PreviewServer
@@ -53,29 +54,46 @@ _BACKOFF_MIN_S, _BACKOFF_MAX_S = 2.0, 60.0
 def engine_config(config: DaemonConfig):
     """The EngineConfig the daemon's engine section describes (LoRAs folded in; the tiny model
     uses its own small VAE and no LoRA)."""
-    from daemon.cli import TINY_MODEL
+    from daemon.cli import BUILTIN_MODELS
     from streamv2v import LoraSpec
 
     section = config.engine
     update: dict[str, Any] = {"loras": tuple(LoraSpec.model_validate(x) for x in section.loras)}
-    if section.model == TINY_MODEL:
+    if section.model in BUILTIN_MODELS:
         update = {"loras": (), "vae": "model"}
     return section.settings.model_copy(update=update)
 
 
 def apply_demo(config: DaemonConfig) -> tuple[DaemonConfig, list[str]]:
-    """The embedded default: a generated camera and the tiny local model, so the whole data
-    plane runs on a machine with no camera, no GPU and no network. Returns what was substituted."""
-    settings = config.engine.settings.model_copy(update={"width": 256, "height": 256, "steps": 2})
-    engine = config.engine.model_copy(update={"model": "tiny", "settings": settings})
-    camera = config.camera.model_copy(update={"source": "testpattern"})
-    notes = [
-        "demo: camera -> a generated moving test pattern (no physical camera needed)",
-        "demo: model -> the built-in tiny model with RANDOM weights (no download): its output is "
-        "noise-like, it shows the pipeline, not a style",
-        "demo: engine size 256x256, 2 steps (fast enough on a CPU)",
-    ]
-    return config.model_copy(update={"engine": engine, "camera": camera}), notes
+    """The embedded default: a generated camera and a built-in model, so the whole daemon runs
+    on a machine with no camera, no GPU and no network. With the trained tiny style model (the
+    package ships it) the camera is a moving scene of its world and the demo presets switch
+    between its four styles. Returns what was substituted, for the log."""
+    from daemon.cli import TINY_MODEL, TINY_STYLES, tiny_styles_available
+
+    data = config.model_dump()
+    if tiny_styles_available():
+        model, size, source, steps = TINY_STYLES, 128, "scene", 1
+        notes = [
+            "demo: camera -> a generated moving scene of simple shapes (no camera needed)",
+            "demo: model -> the built-in tiny style model, trained on such scenes (no "
+            "download): presets plain, warm, cool, outline (hotkeys <ctrl>+<alt>+1..4, or "
+            "`streamv2v preset NAME`); it knows nothing else",
+        ]
+        data["presets"].update({"bundled": "demo", "startup": "warm"})
+    else:
+        model, size, source, steps = TINY_MODEL, 256, "testpattern", 2
+        notes = [
+            "demo: camera -> a generated moving test pattern (no physical camera needed)",
+            "demo: model -> the built-in tiny model with RANDOM weights (no download): its "
+            "output is noise-like, it shows the pipeline, not a style",
+        ]
+    notes.append(f"demo: engine size {size}x{size}, {steps} step(s) (fast enough on a CPU)")
+    data["engine"].update({"model": model, "loras": []})
+    data["engine"]["settings"].update({"width": size, "height": size, "steps": steps})
+    data["camera"].update({"source": source, "width": 256, "height": 256})
+    data["output"]["virtual_camera"].update({"width": 256, "height": 256})
+    return DaemonConfig.model_validate(data), notes
 
 
 class EngineWorker:
@@ -691,6 +709,7 @@ def preset_library(config: DaemonConfig) -> PresetLibrary:
         user_dir,
         engine_config(config),
         config_preset(config.engine.prompt, config.engine.negative_prompt),
+        bundled_dir=bundled_presets_dir(config.presets.bundled),
         scene_map=config.obs.scenes,
     )
 

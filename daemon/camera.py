@@ -95,8 +95,8 @@ class CameraSource:
 
     def _run(self) -> None:
         try:
-            if self._kind == "testpattern":
-                self._run_test_pattern()
+            if self._kind in ("testpattern", "scene"):
+                self._run_generated()
             else:
                 self._run_capture()
         except Exception:  # a bug, not a camera problem: say so in the daemon's log
@@ -104,14 +104,30 @@ class CameraSource:
         finally:
             self._state = "stopped"
 
-    def _run_test_pattern(self) -> None:
+    def _run_generated(self) -> None:
+        """A generated camera: the test pattern, or a moving scene of the tiny style model's
+        world (in its "plain" style, what that model restyles best)."""
         width, height = self.config.width, self.config.height
+        if self._kind == "scene":
+            from streamv2v.scenes import moving_scene, random_scene, render
+
+            scene = random_scene(np.random.default_rng(7))
+            side = min(width, height)
+            width = height = side
+
+            def draw(t: float) -> np.ndarray:
+                return render(moving_scene(scene, t), "plain", side)
+        else:
+
+            def draw(t: float) -> np.ndarray:
+                return test_pattern(width, height, t)
+
         self._set_live(width, height)
         start = time.monotonic()
         pacer = _Pacer(self._period)
         while not self._stop.is_set():
             now = time.monotonic()
-            self._publish_camera(test_pattern(width, height, now - start), now)
+            self._publish_camera(draw(now - start), now)
             if pacer.wait(self._stop):
                 return
 
@@ -323,7 +339,7 @@ def describe_source(source: int | str) -> str:
         return re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", str(source))
     if kind == "file":
         return f"video file {source}"
-    return "test pattern"
+    return "generated scene" if kind == "scene" else "test pattern"
 
 
 def _good(ok: bool, image: np.ndarray | None) -> bool:

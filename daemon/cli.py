@@ -52,10 +52,16 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_MODEL_LORA = "latent-consistency/lcm-lora-sdv1-5"
 #: The special model name for the embedded random-weight model (works offline, makes noise).
 TINY_MODEL = "tiny"
+#: The tiny model TRAINED on synthetic scenes in four styles, shipped with the package: the
+#: embedded default where no real model is at hand (see streamv2v/tiny_styles.py).
+TINY_STYLES = "tiny-styles"
+BUILTIN_MODELS = (TINY_MODEL, TINY_STYLES)
 
 DEMO_SIZE = 256
 DEMO_FPS = 15.0
 DEMO_STEPS = 2
+#: The prompts the built-in style model knows (streamv2v.scenes.STYLES).
+STYLE_PROMPTS = ("a plain scene", "a warm scene", "a cool striped scene", "an outline drawing")
 
 
 class CliError(Exception):
@@ -255,8 +261,27 @@ def tiny_model_dir() -> Path:
     return folder
 
 
+def tiny_styles_dir() -> Path:
+    """The trained tiny style model shipped inside the package."""
+    from importlib import resources
+
+    return Path(str(resources.files("streamv2v"))) / "models" / "tiny-styles"
+
+
+def tiny_styles_available() -> bool:
+    return (tiny_styles_dir() / "model_index.json").is_file()
+
+
 def model_location(model: str) -> str:
     """What to hand to from_pretrained for ``model``; builds the tiny model when asked for."""
+    if model == TINY_STYLES:
+        if not tiny_styles_available():
+            raise CliError(
+                f"the built-in style model is missing from this installation ({tiny_styles_dir()}):"
+                " reinstall streamv2v, or train one with `python -m streamv2v.tiny_styles --out "
+                "DIR` and pass that folder as the model"
+            )
+        return str(tiny_styles_dir())
     if model != TINY_MODEL:
         return model
     from streamv2v.testing import TINY_MODEL_NOTE
@@ -283,8 +308,8 @@ def engine_config(
         fields["width"], fields["height"] = size
     optional = {"steps": steps, "strength": strength, "seed": seed}
     fields.update({name: value for name, value in optional.items() if value is not None})
-    if vae is None and model == TINY_MODEL:
-        vae = "model"  # the tiny model's own small VAE; a real one would not match its latents
+    if vae is None and model in BUILTIN_MODELS:
+        vae = "model"  # the tiny models' own small VAE; a real one would not match their latents
     if vae is not None:
         fields["vae"] = vae
     if model == DEFAULT_MODEL:
@@ -397,9 +422,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative-prompt", default="", help="What it should not look like.")
     parser.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
-        help=f"Hub id or local folder of an SD-family model, or '{TINY_MODEL}' for the embedded "
-        f"random-weight demo model (default: {DEFAULT_MODEL} with the LCM-LoRA).",
+        default=None,
+        help=f"Hub id or local folder of an SD-family model; '{TINY_STYLES}' for the built-in "
+        f"tiny style model (prompts: {', '.join(repr(p) for p in STYLE_PROMPTS)}), '{TINY_MODEL}' "
+        f"for the random-weight one (default: {DEFAULT_MODEL} with the LCM-LoRA when it is in "
+        f"the local cache, else {TINY_STYLES}).",
     )
     parser.add_argument("--steps", type=int, help="Denoising steps per frame (engine default: 4).")
     parser.add_argument("--strength", type=float, help="How much to change each frame (0-1].")
@@ -431,7 +458,25 @@ def add_translate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @command("translate", "Restyle a video file into a new video file.", add_translate_arguments)
+def default_model() -> str:
+    """SD1.5 when its weights are in the local cache; else the built-in style model (the
+    embedded default: it works offline on any machine), said on stderr."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(DEFAULT_MODEL, "model_index.json"), str):
+        return DEFAULT_MODEL
+    print(
+        f"{PROG}: note: {DEFAULT_MODEL} is not in the local cache: using the built-in tiny "
+        f"style model ({TINY_STYLES}; it knows only synthetic shapes and 4 styles). Pass --model "
+        "to choose another.",
+        file=sys.stderr,
+    )
+    return TINY_STYLES
+
+
 def translate(args: argparse.Namespace) -> int:
+    if args.model is None:
+        args.model = default_model()
     with VideoReader(args.input) as reader:
         check_output_path(args.output)
         if args.output.resolve() == reader.path.resolve():

@@ -48,7 +48,7 @@ SECRET_WORDS = ("password", "token", "secret")
 CONFIG_PRESET = "config"
 _SOURCE_WORDS = (
     "a device index (0, 1, ...), a /dev/videoN path, a video file, "
-    "an http(s)/rtsp URL or 'testpattern'"
+    "an http(s)/rtsp URL, 'testpattern' or 'scene' (generated cameras)"
 )
 _URL_SCHEMES = ("http", "https", "rtsp", "rtsps", "rtmp", "udp", "tcp")
 
@@ -116,17 +116,17 @@ class CameraConfig(_Section):
             )
         return self
 
-    def source_kind(self) -> Literal["device", "file", "url", "testpattern"]:
+    def source_kind(self) -> Literal["device", "file", "url", "testpattern", "scene"]:
         """How :attr:`source` is opened."""
         return source_kind(self.source)
 
 
-def source_kind(source: int | str) -> Literal["device", "file", "url", "testpattern"]:
+def source_kind(source: int | str) -> Literal["device", "file", "url", "testpattern", "scene"]:
     """Classify a camera source: device index or /dev path, URL, the test pattern, or a file."""
     if isinstance(source, int) or source.startswith("/dev/"):
         return "device"
-    if source == "testpattern":
-        return "testpattern"
+    if source in ("testpattern", "scene"):
+        return source  # type: ignore[return-value]
     scheme, sep, _ = source.partition("://")
     if sep and scheme.lower() in _URL_SCHEMES:
         return "url"
@@ -253,6 +253,10 @@ class PresetsConfig(_Section):
     )
     startup: str = Field(
         CONFIG_PRESET, description="Preset active at start; 'config' is the [engine] prompt."
+    )
+    bundled: Literal["default", "demo"] = Field(
+        "default",
+        description="Which bundled set: the SD styles, or the built-in tiny style model's.",
     )
     reload_interval_s: float = Field(
         0.5, gt=0, le=2.0, description="How often preset files are checked for changes."

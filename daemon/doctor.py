@@ -193,8 +193,8 @@ def check_camera(config: DaemonConfig, timeout_s: float = 5.0) -> Iterable[Check
     from daemon.camera import describe_source, open_capture, quiet_opencv
 
     source = config.camera.source
-    if source == "testpattern":
-        yield Check(OK, "camera", "the generated test pattern")
+    if source in ("testpattern", "scene"):
+        yield Check(OK, "camera", f"generated ({source})")
         return
     quiet_opencv()
     what = describe_source(source)

@@ -123,9 +123,10 @@ def config_preset(prompt: str, negative_prompt: str) -> Preset:
     )
 
 
-def bundled_presets_dir() -> Path:
-    """The presets installed with the package."""
-    return Path(str(resources.files("presets")))
+def bundled_presets_dir(which: str = "default") -> Path:
+    """The presets installed with the package: the default set, or the demo model's."""
+    folder = Path(str(resources.files("presets")))
+    return folder / "demo" if which == "demo" else folder
 
 
 @dataclass

@@ -31,6 +31,9 @@ def demo_config(tiny_model: Path, **extra) -> DaemonConfig:
     data["control"]["port"] = 0
     data["hotkeys"]["enabled"] = False
     data["latency"]["enabled"] = False  # fixed steps, unless a test turns the controller on
+    data["presets"].update({"bundled": "default", "startup": "config"})
+    data["camera"]["source"] = "testpattern"
+    data["output"]["virtual_camera"].update({"width": None, "height": None})
     data["output"]["fps"] = 20.0
     data["camera"]["fps"] = 20.0
     for key, value in extra.items():  # section__key=value, or section={...} merged in
@@ -157,7 +160,7 @@ def test_sigterm_stops_the_daemon_within_two_seconds(tiny_model, tmp_path):
     text = "".join(lines)
     assert code == 0 and elapsed < 2.0, (elapsed, text[-2000:])
     # The first lines say what the demo substituted and why.
-    assert "test pattern" in text and "RANDOM weights" in text
+    assert "demo: camera -> a generated moving" in text and "demo: model -> the built-in" in text
     assert "Traceback" not in text
 
 

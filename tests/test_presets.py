@@ -53,6 +53,15 @@ def test_bundled_presets_validate_and_include_six_styles_and_passthrough():
         p.engine_config(DaemonConfig().engine.settings)
 
 
+def test_demo_presets_use_the_style_models_prompts():
+    from streamv2v.scenes import STYLES
+
+    presets = [load_preset_file(f) for f in sorted(bundled_presets_dir("demo").glob("*.toml"))]
+    styles = {p.prompt for p in presets if not p.passthrough}
+    assert styles == set(STYLES.values())
+    assert any(p.passthrough for p in presets)
+
+
 def test_user_folder_adds_and_overrides_by_name(tmp_path):
     write(tmp_path / "anime.toml", 'prompt = "my own anime"\n')
     write(tmp_path / "mine.toml", 'prompt = "a robot"\nhotkey = "<ctrl>+<alt>+9"\n')
@@ -263,10 +272,13 @@ def test_bundled_presets_ship_in_a_non_editable_install(tmp_path):
         env={**os.environ, "PIP_NO_INDEX": "1"},
     )
     script = (
-        "import json, daemon.presets as p\n"
+        "import json, daemon.presets as p, daemon.cli as c\n"
+        "def names(folder):\n"
+        "    return sorted(p.load_preset_file(f).name for f in folder.glob('*.toml'))\n"
         "folder = p.bundled_presets_dir()\n"
-        "names = sorted(p.load_preset_file(f).name for f in folder.glob('*.toml'))\n"
-        "print(json.dumps({'folder': str(folder), 'names': names}))\n"
+        "print(json.dumps({'folder': str(folder), 'names': names(folder),\n"
+        "    'demo': names(p.bundled_presets_dir('demo')), 'model': c.tiny_styles_available(),\n"
+        "    'model_dir': str(c.tiny_styles_dir())}))\n"
     )
     # From outside the repo, with the installed copy first on the path.
     env = {**os.environ, "PYTHONPATH": str(target)}
@@ -278,3 +290,9 @@ def test_bundled_presets_ship_in_a_non_editable_install(tmp_path):
     assert Path(found["folder"]).is_relative_to(target)
     bundled = sorted(load_preset_file(f).name for f in bundled_presets_dir().glob("*.toml"))
     assert found["names"] == bundled and len(bundled) >= 7
+    demo = sorted(load_preset_file(f).name for f in bundled_presets_dir("demo").glob("*.toml"))
+    assert found["demo"] == demo and len(demo) == 5
+    from daemon.cli import tiny_styles_available
+
+    if tiny_styles_available():  # the trained model ships inside the package too
+        assert found["model"] and Path(found["model_dir"]).is_relative_to(target)
