@@ -513,8 +513,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--frames",
         type=parse_positive_int,
-        default=int(2 * DEMO_FPS),
-        help=f"Frames of test pattern to restyle (default: 2 s at {DEMO_FPS:g} fps).",
+        default=int(4 * DEMO_FPS),
+        help=f"Frames of the generated camera to restyle (default: 4 s at {DEMO_FPS:g} fps).",
     )
     parser.add_argument(
         "--output",
@@ -526,14 +526,16 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command(
     "demo",
-    "Run the whole pipeline offline: a test pattern through the tiny model into a video file.",
+    "Run the whole pipeline offline: a generated camera through the built-in model into a video.",
     add_demo_arguments,
 )
 def demo(args: argparse.Namespace) -> int:
     check_output_path(args.output)
-    # This version has no camera input, virtual camera or model download yet: say what stands in.
+    if tiny_styles_available():
+        return styles_demo(args)
+    # Without the trained style model (a source tree where it was not built), the random one.
     print(
-        f"{PROG} demo: this version has no camera, virtual camera or downloaded model, so it uses\n"
+        f"{PROG} demo: no camera, virtual camera or downloaded model is needed; it uses\n"
         f"  camera         -> a generated moving test pattern "
         f"({args.frames} frames, {DEMO_SIZE}x{DEMO_SIZE} at {DEMO_FPS:g} fps)\n"
         f"  model          -> the embedded tiny random-weight model (noise-like images)\n"
@@ -545,6 +547,38 @@ def demo(args: argparse.Namespace) -> int:
     engine.set_prompt("an oil painting of colorful shapes")
     frames = moving_test_pattern(args.frames, DEMO_SIZE, DEMO_SIZE)
     stats = run_engine_on(engine, frames, args.output, DEMO_FPS, args.frames)
+    print(summary(args.output, stats, engine, DEMO_FPS))
+    return EXIT_OK
+
+
+def styles_demo(args: argparse.Namespace) -> int:
+    """A moving scene restyled by the built-in style model, switching style every quarter."""
+    import numpy as np
+
+    from streamv2v.scenes import SIZE, moving_scene, random_scene, render
+
+    print(
+        f"{PROG} demo: no camera, virtual camera or downloaded model is needed; it uses\n"
+        f"  camera         -> a generated moving scene ({args.frames} frames at {DEMO_FPS:g} fps)\n"
+        f"  model          -> the built-in tiny style model; the style changes every quarter:\n"
+        f"                    {', '.join(STYLE_PROMPTS[1:])}, then back to plain\n"
+        f"  virtual camera -> the video file {args.output}",
+        flush=True,
+    )
+    config = engine_config(model=TINY_STYLES, size=(SIZE, SIZE), steps=1, strength=0.5)
+    engine = load_engine(TINY_STYLES, config)
+    prompts = [*STYLE_PROMPTS[1:], STYLE_PROMPTS[0]]
+    embeds = [(engine.encode_prompt(p), engine.encode_prompt("")) for p in prompts]
+    scene = random_scene(np.random.default_rng(7))
+
+    def frames():
+        for i in range(args.frames):
+            quarter = min(3, 4 * i // args.frames)
+            if i == 0 or quarter != min(3, 4 * (i - 1) // args.frames):
+                engine.set_prompt_embeds(*embeds[quarter])  # pre-encoded: no encoder call
+            yield render(moving_scene(scene, i / DEMO_FPS), "plain", SIZE)
+
+    stats = run_engine_on(engine, frames(), args.output, DEMO_FPS, args.frames)
     print(summary(args.output, stats, engine, DEMO_FPS))
     return EXIT_OK
 

@@ -1,0 +1,82 @@
+"""Flicker of the built-in tiny style model with the feature bank off and on.
+
+    python bench/temporal.py                       # the shipped model, prompt "a warm scene"
+    python bench/temporal.py --model DIR --prompt "a cool striped scene" --frames 60
+
+Two clips of the model's own world, 128x128: a STATIC scene with fresh camera-like noise on every
+frame (sigma 6/255), and a MOVING scene. For each bank setting it prints the consecutive-frame
+MAD of the output, the MAD on frames right after a bank update vs the others (the "update pulse"
+of Dynamic Merging), the FF pass rate and, for scale, the input's own MAD. One step, strength 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from daemon.cli import set_runtime_defaults
+from streamv2v import BankConfig, EngineConfig
+from streamv2v.scenes import SIZE, moving_scene, random_scene, render
+
+BANKS = {
+    "off": BankConfig(enabled=False),
+    "on (reference: EA+FF+DyMe)": BankConfig(),
+    "on, FIFO (no merging)": BankConfig(mode="fifo", merge_ratio=0.5),
+    "on, EA only": BankConfig(feature_fusion=False),
+}
+
+
+def clips(frames: int, seed: int = 7) -> dict[str, list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    scene = random_scene(rng)
+    still = render(scene, "plain").astype(np.float32)
+    noisy = [
+        np.clip(still + rng.normal(0, 6, still.shape), 0, 255).astype(np.uint8)
+        for _ in range(frames)
+    ]
+    moving = [render(moving_scene(scene, i / 15), "plain") for i in range(frames)]
+    return {"static + noise": noisy, "moving": moving}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default=None, help="default: the shipped tiny style model")
+    p.add_argument("--prompt", default="a warm scene")
+    p.add_argument("--frames", type=int, default=48)
+    p.add_argument("--steps", type=int, default=1)
+    args = p.parse_args()
+    set_runtime_defaults()  # quiet library progress bars: before torch/transformers load
+    from streamv2v import StreamV2V
+    from streamv2v.temporal import temporal_figures
+
+    if args.model is None:
+        from daemon.cli import tiny_styles_dir
+
+        args.model = str(tiny_styles_dir())
+    print(f"model {args.model}, prompt {args.prompt!r}, {args.steps} step(s), {SIZE}x{SIZE}")
+    header = f"{'clip':<16} {'bank':<28} {'MAD':>7} {'after upd':>9} {'other':>7} {'FF pass':>7}"
+    print(header + f" {'input MAD':>9}")
+    for clip_name, frames in clips(args.frames).items():
+        for bank_name, bank in BANKS.items():
+            config = EngineConfig(
+                width=SIZE, height=SIZE, steps=args.steps, strength=0.5, vae="model", bank=bank
+            )
+            engine = StreamV2V.from_pretrained(args.model, config=config, device="cpu")
+            engine.set_prompt(args.prompt)
+            f = temporal_figures(engine, frames)
+
+            def show(x: float | None, width: int) -> str:
+                return f"{'-':>{width}}" if x is None else f"{x:{width}.4f}"
+
+            print(
+                f"{clip_name:<16} {bank_name:<28} {show(f.mad, 7)} {show(f.mad_after_update, 9)} "
+                f"{show(f.mad_other, 7)} {show(f.ff_pass_rate, 7)} {show(f.input_mad, 9)}"
+            )
+
+
+if __name__ == "__main__":
+    main()
