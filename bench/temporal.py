@@ -12,6 +12,7 @@ of Dynamic Merging), the FF pass rate and, for scale, the input's own MAD. One s
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -40,6 +41,44 @@ def clips(frames: int, seed: int = 7) -> dict[str, list[np.ndarray]]:
     ]
     moving = [render(moving_scene(scene, i / 15), "plain") for i in range(frames)]
     return {"static + noise": noisy, "moving": moving}
+
+
+def attention_entropy(engine, frame: np.ndarray) -> dict[str, float]:
+    """Softmax entropy of every self-attention layer on ``frame``, as a fraction of the maximum
+    (log of the token count): ~1.0 is uniform attention (nothing for the bank to match),
+    lower is structured."""
+    import torch
+
+    from streamv2v.attention import self_attention_layers
+
+    found: dict[str, float] = {}
+
+    def hook(name):
+        def record(module, args, kwargs, _output):
+            x = args[0] if args else kwargs["hidden_states"]
+            if x.ndim == 4:
+                x = x.flatten(2).transpose(1, 2)
+            if module.group_norm is not None:
+                x = module.group_norm(x.transpose(1, 2)).transpose(1, 2)
+            q, k = module.to_q(x), module.to_k(x)
+            b, n, c = q.shape
+            h = module.heads
+            q = q.view(b, n, h, c // h).transpose(1, 2)
+            k = k.view(b, n, h, c // h).transpose(1, 2)
+            attn = torch.softmax(q @ k.transpose(-1, -2) * module.scale, dim=-1).float()
+            entropy = -(attn * attn.clamp_min(1e-12).log()).sum(-1).mean()
+            found[name] = float(entropy / math.log(n))
+
+        return record
+
+    layers = self_attention_layers(engine.unet)
+    handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in layers.items()]
+    try:
+        engine(frame)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
 
 
 def main() -> None:
@@ -76,6 +115,15 @@ def main() -> None:
                 f"{clip_name:<16} {bank_name:<28} {show(f.mad, 7)} {show(f.mad_after_update, 9)} "
                 f"{show(f.mad_other, 7)} {show(f.ff_pass_rate, 7)} {show(f.input_mad, 9)}"
             )
+    config = EngineConfig(
+        width=SIZE, height=SIZE, steps=args.steps, strength=0.5, vae="model", bank=BANKS["off"]
+    )
+    engine = StreamV2V.from_pretrained(args.model, config=config, device="cpu")
+    engine.set_prompt(args.prompt)
+    entropy = attention_entropy(engine, clips(2)["moving"][0])
+    print("self-attention entropy (1.0 = uniform), by layer:")
+    for name, value in entropy.items():
+        print(f"  {name:<48} {value:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,156 @@
+"""The shipped tiny TRAINED style model as a witness: it loads offline, follows its prompts,
+switches style within a preset's transition, and shows the feature bank's temporal effects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from daemon.cli import tiny_styles_dir
+from daemon.presets import Preset
+from daemon.switching import StyleSwitcher
+from streamv2v import BankConfig, EngineConfig, StreamV2V
+from streamv2v.scenes import SIZE, STYLES, moving_scene, random_scene, render
+from streamv2v.temporal import temporal_figures
+from streamv2v.tiny_styles import Recipe, train
+
+MODEL = tiny_styles_dir()
+OFF = BankConfig(enabled=False)
+
+
+def engine(bank: BankConfig = OFF, dtype: torch.dtype | None = None, **cfg) -> StreamV2V:
+    # One step at strength 0.4: timestep 399 of 1000, where the styles separate best (at 0.5,
+    # timestep 499, "cool" lands only 2.7x closer to its own render than to "warm").
+    settings = {"width": SIZE, "height": SIZE, "steps": 1, "strength": 0.4, "vae": "model"}
+    config = EngineConfig(**{**settings, "bank": bank, **cfg})
+    return StreamV2V.from_pretrained(MODEL, config=config, device="cpu", dtype=dtype)
+
+
+def held_out_scenes(n: int = 6):
+    rng = np.random.default_rng(20261125)  # not a training seed
+    return [random_scene(rng) for _ in range(n)]
+
+
+def mae(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
+
+
+def test_the_shipped_model_loads_offline_and_is_small(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    files = [p for p in MODEL.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 10 * 2**20
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    out = engine()(render(held_out_scenes(1)[0], "plain"))
+    assert out.shape == (SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_step_img2img_lands_3x_closer_to_the_prompted_style(dtype):
+    eng = engine(dtype=dtype)
+    scenes = held_out_scenes()
+    for style, prompt in STYLES.items():
+        eng.set_prompt(prompt)
+        errors = {other: 0.0 for other in STYLES}
+        for scene in scenes:
+            out = eng(render(scene, "plain"))
+            for other in STYLES:
+                errors[other] += mae(out, render(scene, other)) / len(scenes)
+        for other, error in errors.items():
+            if other != style:
+                assert 3 * errors[style] <= error, (
+                    prompt,
+                    {k: round(v, 1) for k, v in errors.items()},
+                )
+
+
+def test_a_preset_switch_mid_stream_ends_in_the_new_style_within_the_transition():
+    base = EngineConfig(width=SIZE, height=SIZE, steps=2, strength=0.4, vae="model")
+    warm = Preset(name="warm", prompt=STYLES["warm"], transition_frames=6)
+    cool = Preset(name="cool", prompt=STYLES["cool"], transition_frames=6)
+    eng = StreamV2V.from_pretrained(MODEL, config=warm.engine_config(base), device="cpu")
+    switcher = StyleSwitcher(eng, base)
+    switcher.encode([warm, cool])
+    switcher.start(warm)
+    scene = held_out_scenes(1)[0]
+    outs, ended = [], None
+    for i in range(24):
+        frame = moving_scene(scene, i / 15)
+        if i == 8:
+            switcher.switch(cool)
+        switcher.before_frame()
+        out = eng(render(frame, "plain"))
+        outs.append((out, frame))
+        if i >= 8 and ended is None and not switcher.switching:
+            ended = i
+    assert ended is not None and ended <= 8 + cool.transition_frames + eng.latency_frames
+    before, _ = outs[7]
+    assert mae(before, render(outs[7][1], "warm")) * 2 < mae(before, render(outs[7][1], "cool"))
+    for out, frame in outs[ended:]:  # every frame after the transition is in the new style
+        assert mae(out, render(frame, "cool")) * 2 < mae(out, render(frame, "warm"))
+
+
+def test_bank_temporal_figures_show_the_dynamic_merging_update_pulse():
+    still = render(held_out_scenes(1)[0], "plain")
+    frames = [still] * 21  # a static, noiseless clip: any change comes from the engine itself
+    off = temporal_figures(engine(), frames)
+    assert off.mad == 0.0 and off.input_mad == 0.0  # deterministic without a bank
+    dyme = engine(BankConfig(interval=4))
+    on = temporal_figures(dyme, frames)
+    # Between updates the bank is constant: identical outputs. Right after an update, Dynamic
+    # Merging has re-paired tokens at random, and the output moves: the update pulse.
+    assert on.mad_other is not None and on.mad_other < 1e-6
+    assert on.mad_after_update is not None and on.mad_after_update > 1e-4
+    assert 0.0 < on.ff_pass_rate <= 1.0
+
+
+def test_training_is_reproducible_with_the_same_seeds(tmp_path):
+    micro = Recipe(ae_steps=4, ae_batch=4, scenes=8, unet_steps=4, unet_batch=4)
+    figures = [train(tmp_path / name, micro, log=lambda _: None) for name in ("a", "b")]
+    assert figures[0]["ae"] == figures[1]["ae"]
+    for part in ("unet", "vae", "text_encoder"):
+        files = sorted((tmp_path / "a" / part).glob("*.safetensors"))
+        assert files
+        for file in files:
+            a, b = load_file(file), load_file(tmp_path / "b" / part / file.name)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = train(tmp_path / "c", Recipe(**{**micro.__dict__, "seed": 1}), log=lambda _: None)
+    assert other["ae"] != figures[0]["ae"]  # the seed matters (the check can fail)
+
+
+def test_the_demo_daemon_shows_the_style_switch(memory_vcam):
+    from test_daemon import wait_for
+
+    from daemon.app import Daemon, apply_demo
+    from daemon.config import DaemonConfig
+
+    config, notes = apply_demo(DaemonConfig())
+    assert any("tiny style model" in note for note in notes)
+    assert config.engine.model == "tiny-styles" and config.camera.source == "scene"
+    data = config.model_dump()
+    data["output"]["preview"]["port"] = 0
+    data["control"]["port"] = 0
+    data["hotkeys"]["enabled"] = False
+    daemon = Daemon(DaemonConfig.model_validate(data))
+    daemon.start()
+    cam = memory_vcam.instances[-1]
+
+    def mean_rgb() -> np.ndarray:
+        return cam.frames[-1].reshape(256, 256, 3).reshape(-1, 3).mean(0)
+
+    try:
+        assert daemon.presets.active == "warm"
+        assert wait_for(lambda: daemon.output.kinds["styled"] > 5, 90), daemon.status()
+        warm = mean_rgb()
+        daemon.select_preset("cool", "test")
+        assert wait_for(lambda: daemon.engine.applied.name == "cool", 10)
+        assert wait_for(lambda: not daemon.engine.switching, 30)
+        styled = daemon.output.kinds["styled"]
+        assert wait_for(lambda: daemon.output.kinds["styled"] > styled + 3, 30)
+        cool = mean_rgb()
+    finally:
+        daemon.stop()
+    assert warm[0] > warm[2] + 20, warm  # orange and brown
+    assert cool[2] > cool[0] + 40, cool  # blue and navy
