@@ -304,6 +304,8 @@ def engine_config(
     from streamv2v import EngineConfig, LoraSpec
 
     fields: dict[str, Any] = {"stream_batch": stream_batch}
+    if size is None and model == TINY_STYLES:
+        size = (128, 128)  # the size it was trained at
     if size is not None:
         fields["width"], fields["height"] = size
     optional = {"steps": steps, "strength": strength, "seed": seed}
@@ -457,7 +459,6 @@ def add_translate_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
 
 
-@command("translate", "Restyle a video file into a new video file.", add_translate_arguments)
 def default_model() -> str:
     """SD1.5 when its weights are in the local cache; else the built-in style model (the
     embedded default: it works offline on any machine), said on stderr."""
@@ -474,6 +475,7 @@ def default_model() -> str:
     return TINY_STYLES
 
 
+@command("translate", "Restyle a video file into a new video file.", add_translate_arguments)
 def translate(args: argparse.Namespace) -> int:
     if args.model is None:
         args.model = default_model()

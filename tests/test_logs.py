@@ -41,26 +41,26 @@ def test_state_changes_are_logged_once_each_to_the_user_log_dir_never_per_frame(
     try:
         assert wait_for(lambda: any("engine: running" in ln for ln in lines), 90), lines
         time.sleep(1.0)
-        assert main(["preset", "anime"]) == 0
+        assert main(["preset", "cool"]) == 0
         time.sleep(4.0)  # ~120 frames published at 30 fps
     finally:
         stop(proc)
     log_file = tmp_path / "state" / "streamv2v" / "log" / "streamv2v.log"
     text = log_file.read_text()
     assert text.count("engine: running") == 1
-    assert "preset: config -> anime (control API)" in text
-    assert "camera live: test pattern" in text
+    assert "preset: warm -> cool (control API)" in text
+    assert "camera live: generated scene" in text
     assert "stopped:" in text  # the figures at exit
     logged = text.splitlines()
     published = int(text.split("'published': ")[1].split(",")[0])
     assert published > 100 and len(logged) < 30, (published, logged)
-    assert "".join(lines).count("preset: config -> anime") == 1  # and the same on stderr
+    assert "".join(lines).count("preset: warm -> cool") == 1  # and the same on stderr
 
 
 def test_log_level_warning_keeps_info_lines_out(tmp_path):
     proc, lines = run_daemon(tmp_path, "--log-level", "WARNING")
     try:
-        assert wait_for(lambda: any("RANDOM weights" in ln for ln in lines), 30), lines
+        assert wait_for(lambda: any("demo: model ->" in ln for ln in lines), 30), lines
         time.sleep(3.0)
     finally:
         stop(proc)

@@ -130,6 +130,18 @@ def test_translate_writes_one_engine_sized_frame_per_input_frame(
     assert f"{CLIP_FRAMES} frames" in capsys.readouterr().out
 
 
+def test_without_a_model_and_no_cached_sd15_the_shipped_style_model_is_used(
+    clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    output = tmp_path / "out.mp4"
+    argv = ["translate", str(clip), str(output), "--prompt", "a warm scene", "--steps", "1"]
+    assert main(argv) == 0
+    assert "using the built-in tiny style model" in capsys.readouterr().err
+    frames = read_frames(output)
+    assert len(frames) == CLIP_FRAMES and frames[0].shape == (128, 128, 3)  # its trained size
+
+
 def test_missing_input_is_one_clear_error_naming_the_file(
     tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -246,12 +258,15 @@ def test_demo_runs_the_pipeline_offline_into_a_video(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     output = tmp_path / "demo.mp4"
 
-    assert main(["demo", "--frames", "4", "--output", str(output)]) == 0
+    assert main(["demo", "--frames", "8", "--output", str(output)]) == 0
 
     frames = read_frames(output)
-    assert len(frames) == 4
-    assert frames[0].shape == (256, 256, 3)
+    assert len(frames) == 8
+    assert frames[0].shape == (128, 128, 3)  # the shipped style model's own size
     out = capsys.readouterr().out
-    assert "test pattern" in out
+    assert "moving scene" in out and "built-in tiny style model" in out
     assert "median" in out
-    assert (tmp_path / "cache" / "streamv2v" / "tiny-model").is_dir()
+    # The style changes every quarter: warm (orange on brown), then cool (blue on navy).
+    warm, cool = (frames[i][..., ::-1].reshape(-1, 3).mean(0) for i in (0, 2))  # BGR -> RGB
+    assert warm[0] > warm[2] + 20 and cool[2] > cool[0] + 40, (warm, cool)
+    assert not (tmp_path / "cache" / "streamv2v" / "tiny-model").exists()  # nothing built
