@@ -567,7 +567,7 @@ def styles_demo(args: argparse.Namespace) -> int:
         f"  virtual camera -> the video file {args.output}",
         flush=True,
     )
-    config = engine_config(model=TINY_STYLES, size=(SIZE, SIZE), steps=1, strength=0.4)
+    config = engine_config(model=TINY_STYLES, size=(SIZE, SIZE), steps=1, strength=0.3)
     engine = load_engine(TINY_STYLES, config)
     prompts = [*STYLE_PROMPTS[1:], STYLE_PROMPTS[0]]
     embeds = [(engine.encode_prompt(p), engine.encode_prompt("")) for p in prompts]

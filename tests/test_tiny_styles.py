@@ -21,9 +21,10 @@ OFF = BankConfig(enabled=False)
 
 
 def engine(bank: BankConfig = OFF, dtype: torch.dtype | None = None, **cfg) -> StreamV2V:
-    # One step at strength 0.4: timestep 399 of 1000, where the styles separate best (at 0.5,
-    # timestep 499, "cool" lands only 2.7x closer to its own render than to "warm").
-    settings = {"width": SIZE, "height": SIZE, "steps": 1, "strength": 0.4, "vae": "model"}
+    # One step at strength 0.3 (timestep 299 of 1000), as the demo presets: the styles separate
+    # best there (worst ratio 3.5; at 0.5, timestep 499, "cool" is only 2.7x closer to its own
+    # render than to "warm") and the source's shapes survive best.
+    settings = {"width": SIZE, "height": SIZE, "steps": 1, "strength": 0.3, "vae": "model"}
     config = EngineConfig(**{**settings, "bank": bank, **cfg})
     return StreamV2V.from_pretrained(MODEL, config=config, device="cpu", dtype=dtype)
 
@@ -47,11 +48,16 @@ def test_the_shipped_model_loads_offline_and_is_small(monkeypatch):
     assert out.shape == (SIZE, SIZE, 3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_one_step_img2img_lands_3x_closer_to_the_prompted_style(dtype):
+# float16 on a CPU is slow: fewer scenes and two styles there, to catch dtype mix-ups.
+@pytest.mark.parametrize(
+    ("dtype", "scenes", "styles"),
+    [(torch.float32, 6, tuple(STYLES)), (torch.float16, 2, ("warm", "cool"))],
+)
+def test_one_step_img2img_lands_3x_closer_to_the_prompted_style(dtype, scenes, styles):
     eng = engine(dtype=dtype)
-    scenes = held_out_scenes()
-    for style, prompt in STYLES.items():
+    scenes = held_out_scenes(scenes)
+    for style in styles:
+        prompt = STYLES[style]
         eng.set_prompt(prompt)
         errors = {other: 0.0 for other in STYLES}
         for scene in scenes:
@@ -67,7 +73,7 @@ def test_one_step_img2img_lands_3x_closer_to_the_prompted_style(dtype):
 
 
 def test_a_preset_switch_mid_stream_ends_in_the_new_style_within_the_transition():
-    base = EngineConfig(width=SIZE, height=SIZE, steps=2, strength=0.4, vae="model")
+    base = EngineConfig(width=SIZE, height=SIZE, steps=2, strength=0.3, vae="model")
     warm = Preset(name="warm", prompt=STYLES["warm"], transition_frames=6)
     cool = Preset(name="cool", prompt=STYLES["cool"], transition_frames=6)
     eng = StreamV2V.from_pretrained(MODEL, config=warm.engine_config(base), device="cpu")
