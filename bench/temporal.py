@@ -6,7 +6,8 @@
 Two clips of the model's own world, 128x128: a STATIC scene with fresh camera-like noise on every
 frame (sigma 6/255), and a MOVING scene. For each bank setting it prints the consecutive-frame
 MAD of the output, the MAD on frames right after a bank update vs the others (the "update pulse"
-of Dynamic Merging), the FF pass rate and, for scale, the input's own MAD. One step, strength 0.5.
+of Dynamic Merging), the FF pass rate and, for scale, the input's own MAD. One step, strength 0.3
+(as the demo presets); then the self-attention entropy of every layer.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def main() -> None:
     p.add_argument("--prompt", default="a warm scene")
     p.add_argument("--frames", type=int, default=48)
     p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--strength", type=float, default=0.3, help="the demo presets' strength")
     args = p.parse_args()
     set_runtime_defaults()  # quiet library progress bars: before torch/transformers load
     from streamv2v import StreamV2V
@@ -96,13 +98,21 @@ def main() -> None:
         from daemon.cli import tiny_styles_dir
 
         args.model = str(tiny_styles_dir())
-    print(f"model {args.model}, prompt {args.prompt!r}, {args.steps} step(s), {SIZE}x{SIZE}")
+    print(
+        f"model {args.model}, prompt {args.prompt!r}, {args.steps} step(s), strength "
+        f"{args.strength:g}, {SIZE}x{SIZE}"
+    )
     header = f"{'clip':<16} {'bank':<28} {'MAD':>7} {'after upd':>9} {'other':>7} {'FF pass':>7}"
     print(header + f" {'input MAD':>9}")
     for clip_name, frames in clips(args.frames).items():
         for bank_name, bank in BANKS.items():
             config = EngineConfig(
-                width=SIZE, height=SIZE, steps=args.steps, strength=0.5, vae="model", bank=bank
+                width=SIZE,
+                height=SIZE,
+                steps=args.steps,
+                strength=args.strength,
+                vae="model",
+                bank=bank,
             )
             engine = StreamV2V.from_pretrained(args.model, config=config, device="cpu")
             engine.set_prompt(args.prompt)
@@ -116,7 +126,12 @@ def main() -> None:
                 f"{show(f.mad_other, 7)} {show(f.ff_pass_rate, 7)} {show(f.input_mad, 9)}"
             )
     config = EngineConfig(
-        width=SIZE, height=SIZE, steps=args.steps, strength=0.5, vae="model", bank=BANKS["off"]
+        width=SIZE,
+        height=SIZE,
+        steps=args.steps,
+        strength=args.strength,
+        vae="model",
+        bank=BANKS["off"],
     )
     engine = StreamV2V.from_pretrained(args.model, config=config, device="cpu")
     engine.set_prompt(args.prompt)
