@@ -14,9 +14,11 @@ import logging
 import re
 import sys
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -160,6 +162,7 @@ class PresetLibrary:
         self._files: dict[Path, _File] = {}
         self._lock = threading.Lock()
         self._presets: dict[str, Preset] = {config.name: config}
+        self._ordered: Mapping[str, Preset] = MappingProxyType(dict(self._presets))
         self._origin: dict[str, Path | None] = {config.name: None}
         self.version = 0
 
@@ -221,6 +224,9 @@ class PresetLibrary:
         changed = presets != self._presets
         if changed:
             self._presets, self._origin = presets, origin
+            rest = sorted(n for n in presets if n != CONFIG_PRESET)
+            ordered = {n: presets[n] for n in [CONFIG_PRESET, *rest]}
+            self._ordered = MappingProxyType(ordered)
             self.version += 1
         return changed
 
@@ -232,11 +238,10 @@ class PresetLibrary:
 
     # ------------------------------------------------------------------ queries
     @property
-    def presets(self) -> dict[str, Preset]:
-        """Name -> preset: the config preset first, then by name."""
-        with self._lock:
-            rest = sorted(n for n in self._presets if n != CONFIG_PRESET)
-            return {n: self._presets[n] for n in [CONFIG_PRESET, *rest]}
+    def presets(self) -> Mapping[str, Preset]:
+        """Name -> preset: the config preset first, then by name. Read every frame by the
+        engine thread, so it is built once per change, and replaced (never mutated)."""
+        return self._ordered
 
     def origin(self, name: str) -> Path | None:
         with self._lock:
