@@ -272,13 +272,15 @@ class EngineWorker:
 
     def _apply(self, preset: Preset) -> None:
         assert self.switcher is not None
-        previous, self.applied = self.applied, preset
+        previous = self.applied
         if preset.passthrough:
-            return
-        if previous is None or previous.passthrough:
+            pass
+        elif previous is None or previous.passthrough:
             self.switcher.start(preset)  # nothing styled to blend from: restart the stream
         else:
             self.switcher.switch(preset)
+        # Published last: whoever sees the new preset applied also sees its switch in flight.
+        self.applied = preset
 
     def _run(self) -> None:
         backoff, retry_at = _BACKOFF_MIN_S, 0.0
