@@ -98,6 +98,13 @@ def main() -> None:
         from daemon.cli import tiny_styles_dir
 
         args.model = str(tiny_styles_dir())
+
+    def config(bank: BankConfig) -> EngineConfig:
+        size = {"width": SIZE, "height": SIZE}
+        return EngineConfig(
+            **size, steps=args.steps, strength=args.strength, vae="model", bank=bank
+        )
+
     print(
         f"model {args.model}, prompt {args.prompt!r}, {args.steps} step(s), strength "
         f"{args.strength:g}, {SIZE}x{SIZE}"
@@ -106,15 +113,7 @@ def main() -> None:
     print(header + f" {'input MAD':>9}")
     for clip_name, frames in clips(args.frames).items():
         for bank_name, bank in BANKS.items():
-            config = EngineConfig(
-                width=SIZE,
-                height=SIZE,
-                steps=args.steps,
-                strength=args.strength,
-                vae="model",
-                bank=bank,
-            )
-            engine = StreamV2V.from_pretrained(args.model, config=config, device="cpu")
+            engine = StreamV2V.from_pretrained(args.model, config=config(bank), device="cpu")
             engine.set_prompt(args.prompt)
             f = temporal_figures(engine, frames)
 
@@ -125,15 +124,7 @@ def main() -> None:
                 f"{clip_name:<16} {bank_name:<28} {show(f.mad, 7)} {show(f.mad_after_update, 9)} "
                 f"{show(f.mad_other, 7)} {show(f.ff_pass_rate, 7)} {show(f.input_mad, 9)}"
             )
-    config = EngineConfig(
-        width=SIZE,
-        height=SIZE,
-        steps=args.steps,
-        strength=args.strength,
-        vae="model",
-        bank=BANKS["off"],
-    )
-    engine = StreamV2V.from_pretrained(args.model, config=config, device="cpu")
+    engine = StreamV2V.from_pretrained(args.model, config=config(BANKS["off"]), device="cpu")
     engine.set_prompt(args.prompt)
     entropy = attention_entropy(engine, clips(2)["moving"][0])
     print("self-attention entropy (1.0 = uniform), by layer:")

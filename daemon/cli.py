@@ -834,6 +834,17 @@ def local_preset_listing(config: Any) -> dict[str, Any]:
     return {"active": startup, "presets": manager.listing(), "errors": library.errors}
 
 
+def call_daemon(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    """One control-API call to the daemon the configuration names; its failure is a CliError."""
+    from daemon.control import ControlClientError, call
+
+    config = read_config(args)
+    try:
+        return call(method, path, body, control_file=config.control.token_file)
+    except ControlClientError as err:
+        raise CliError(str(err)) from None
+
+
 def add_preset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="A preset name (see `streamv2v presets`), next or prev.")
     add_config_argument(parser)
@@ -843,15 +854,7 @@ def add_preset_arguments(parser: argparse.ArgumentParser) -> None:
     "preset", "Switch the running daemon to a preset: NAME, next or prev.", add_preset_arguments
 )
 def preset_command(args: argparse.Namespace) -> int:
-    from daemon.control import ControlClientError, call
-
-    config = read_config(args)
-    try:
-        result = call(
-            "POST", "/preset", {"name": args.name}, control_file=config.control.token_file
-        )
-    except ControlClientError as err:
-        raise CliError(str(err)) from None
+    result = call_daemon(args, "POST", "/preset", {"name": args.name})
     print(f"active preset: {result['active']}")
     return EXIT_OK
 
@@ -868,13 +871,7 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
 def status_command(args: argparse.Namespace) -> int:
     import json
 
-    from daemon.control import ControlClientError, call
-
-    config = read_config(args)
-    try:
-        status = call("GET", "/status", control_file=config.control.token_file)
-    except ControlClientError as err:
-        raise CliError(str(err)) from None
+    status = call_daemon(args, "GET", "/status")
     print(json.dumps(status, indent=2) if args.json else status_table(status))
     return EXIT_OK
 

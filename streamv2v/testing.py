@@ -61,10 +61,46 @@ def write_tiny_tokenizer(folder: Path) -> None:
     raw.rmdir()
 
 
+def tiny_text_encoder():
+    """A 2-layer, 32-wide CLIP text encoder over the tiny tokenizer's vocabulary (random)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab, bos, eos = tiny_vocab_size()
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+    )
+
+
+def tiny_lcm_scheduler():
+    """SD1.5's noise schedule (scaled-linear betas, epsilon) as an LCMScheduler."""
+    from diffusers import LCMScheduler
+
+    return LCMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        original_inference_steps=50,
+        prediction_type="epsilon",
+        set_alpha_to_one=True,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
 def build_tiny_components(seed: int = 0) -> dict:
     """The tiny model's components in memory (random weights, fixed by ``seed``)."""
-    from diffusers import AutoencoderTiny, LCMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderTiny, UNet2DConditionModel
 
     torch.manual_seed(seed)
     # SD1.5's layout in miniature: attention only at the low resolutions, present in the mid
@@ -88,30 +124,8 @@ def build_tiny_components(seed: int = 0) -> dict:
         num_decoder_blocks=(1, 1, 1, 1),
         latent_channels=4,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=2 * 256 + len(_MERGES) + 2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=2 * 256 + len(_MERGES),
-            eos_token_id=2 * 256 + len(_MERGES) + 1,
-            pad_token_id=2 * 256 + len(_MERGES) + 1,
-        )
-    )
-    scheduler = LCMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        original_inference_steps=50,
-        prediction_type="epsilon",
-        set_alpha_to_one=True,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
+    text_encoder = tiny_text_encoder()
+    scheduler = tiny_lcm_scheduler()
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
 
 

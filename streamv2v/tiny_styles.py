@@ -31,13 +31,11 @@ from streamv2v.scenes import SIZE, STYLES, random_scene, render
 # --------------------------------------------------------------------------- the model
 def build_components(seed: int) -> dict:
     """Untrained components (diffusers/transformers classes, so the folder loads anywhere)."""
-    from diffusers import AutoencoderTiny, LCMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderTiny, UNet2DConditionModel
 
-    from streamv2v.testing import tiny_vocab_size
+    from streamv2v.testing import tiny_lcm_scheduler, tiny_text_encoder
 
     torch.manual_seed(seed)
-    vocab, bos, eos = tiny_vocab_size()
     # SD1.5's layout in miniature: attention at the two lower resolutions (8x8 and 4x4 latents
     # for 128 px), in the mid block and in up_blocks.1, where the reference fuses features.
     unet = UNet2DConditionModel(
@@ -59,30 +57,8 @@ def build_components(seed: int) -> dict:
         num_decoder_blocks=(1, 1, 1, 1),
         latent_channels=4,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=bos,
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )
-    )
-    scheduler = LCMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        original_inference_steps=50,
-        prediction_type="epsilon",
-        set_alpha_to_one=True,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
+    text_encoder = tiny_text_encoder()  # (after the UNet and VAE: the seed's draw order)
+    scheduler = tiny_lcm_scheduler()
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
 
 
