@@ -17,10 +17,11 @@ from collections.abc import Mapping
 from datetime import date, datetime, time
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import platformdirs
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -51,6 +52,24 @@ _SOURCE_WORDS = (
     "an http(s)/rtsp URL, 'testpattern' or 'scene' (generated cameras)"
 )
 _URL_SCHEMES = ("http", "https", "rtsp", "rtsps", "rtmp", "udp", "tcp")
+
+
+#: A path the user may write with ~ (expanded when the configuration is read).
+UserPath = Annotated[Path, AfterValidator(Path.expanduser)]
+
+
+def loopback_only(why: str) -> AfterValidator:
+    """A host validator for servers that must stay on this machine; ``why`` says why."""
+
+    def check(host: str) -> str:
+        if not is_loopback(host):
+            raise ValueError(
+                f"{why}, so it is served on this machine only: use a loopback address "
+                "(127.0.0.1, ::1 or localhost)"
+            )
+        return host
+
+    return AfterValidator(check)
 
 
 class _Section(BaseModel):
@@ -174,19 +193,9 @@ class PreviewConfig(_Section):
     """The MJPEG-over-HTTP preview; loopback only, since it has no authentication."""
 
     enabled: bool = True
-    host: str = "127.0.0.1"
+    host: Annotated[str, loopback_only("the preview has no authentication")] = "127.0.0.1"
     port: int = Field(8765, ge=0, le=65535, description="0 picks any free port.")
     quality: int = Field(85, ge=1, le=100)
-
-    @field_validator("host")
-    @classmethod
-    def _loopback_only(cls, value: str) -> str:
-        if not is_loopback(value):
-            raise ValueError(
-                "the preview has no authentication, so it is served on this machine only: "
-                "use a loopback address (127.0.0.1, ::1 or localhost)"
-            )
-        return value
 
 
 def is_loopback(host: str) -> bool:
@@ -203,12 +212,7 @@ def is_loopback(host: str) -> bool:
 class RecordConfig(_Section):
     """Optional recording of the output (.mp4 or .avi); unset means no recording."""
 
-    path: Path | None = None
-
-    @field_validator("path")
-    @classmethod
-    def _expand(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
+    path: UserPath | None = None
 
 
 class OutputConfig(_Section):
@@ -225,7 +229,7 @@ class LogConfig(_Section):
     """Log level, and the log file (unset: ``streamv2v.log`` in the user log dir)."""
 
     level: LogLevel = "INFO"
-    file: Path | None = None
+    file: UserPath | None = None
 
     @field_validator("level", mode="before")
     @classmethod
@@ -235,11 +239,6 @@ class LogConfig(_Section):
             return value.upper()
         return value
 
-    @field_validator("file")
-    @classmethod
-    def _expand(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
-
 
 class PresetsConfig(_Section):
     """Where presets come from and which one is active at start.
@@ -248,7 +247,7 @@ class PresetsConfig(_Section):
     them and replace a bundled preset of the same name.
     """
 
-    dir: Path | None = Field(
+    dir: UserPath | None = Field(
         None, description="User presets folder (unset: 'presets' in the user config dir)."
     )
     startup: str = Field(
@@ -261,11 +260,6 @@ class PresetsConfig(_Section):
     reload_interval_s: float = Field(
         0.5, gt=0, le=2.0, description="How often preset files are checked for changes."
     )
-
-    @field_validator("dir")
-    @classmethod
-    def _expand(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
 
 
 class ObsConfig(_Section):
@@ -280,7 +274,7 @@ class ObsConfig(_Section):
     port: int = Field(4455, ge=1, le=65535)
     password: str = ""
     password_env: str | None = None
-    password_file: Path | None = None
+    password_file: UserPath | None = None
     scenes: dict[str, str] = Field(
         default_factory=dict,
         description="Scene name or glob (e.g. 'Gaming*') -> preset name; before the presets' own.",
@@ -288,11 +282,6 @@ class ObsConfig(_Section):
     timeout_s: float = Field(3.0, gt=0, le=60)
     reconnect_min_s: float = Field(1.0, gt=0, le=60)
     reconnect_max_s: float = Field(30.0, gt=0, le=600)
-
-    @field_validator("password_file")
-    @classmethod
-    def _expand(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
 
     @model_validator(mode="after")
     def _backoff_order(self) -> ObsConfig:
@@ -352,26 +341,11 @@ class ControlConfig(_Section):
     """The local control API (HTTP + JSON on loopback; mutating calls need the token)."""
 
     enabled: bool = True
-    host: str = "127.0.0.1"
+    host: Annotated[str, loopback_only("the control API is for this machine's CLI")] = "127.0.0.1"
     port: int = Field(8766, ge=0, le=65535, description="0 picks any free port.")
-    token_file: Path | None = Field(
+    token_file: UserPath | None = Field(
         None, description="Where the token is written, mode 0600 (unset: the user config dir)."
     )
-
-    @field_validator("host")
-    @classmethod
-    def _loopback_only(cls, value: str) -> str:
-        if not is_loopback(value):
-            raise ValueError(
-                "the control API is served on this machine only: use a loopback address "
-                "(127.0.0.1, ::1 or localhost)"
-            )
-        return value
-
-    @field_validator("token_file")
-    @classmethod
-    def _expand(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
 
 
 class LatencyConfig(_Section):
