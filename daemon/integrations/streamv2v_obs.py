@@ -252,8 +252,8 @@ def script_properties() -> Any:
     obs.obs_properties_add_button(
         props, "add_source", "Add / fix the output source", _on_add_source
     )
+    label = "Control file (empty: the daemon's own)"
     obs.obs_properties_add_path(
-        props, "control_file", "Control file (empty: the daemon's own)", obs.OBS_PATH_FILE,
-        "control.json (*.json)", None,
-    )  # fmt: skip
+        props, "control_file", label, obs.OBS_PATH_FILE, "control.json (*.json)", None
+    )
     return props

@@ -305,13 +305,8 @@ class Worker:
         return job.done
 
     def _run(self) -> None:
-        while True:
-            try:
-                job = self._jobs.get(timeout=self.poll_s)
-            except queue.Empty:
-                job = Job("refresh")
-            if job is None:
-                return
+        job: Job | None = Job("refresh")  # at once: OBS shows the state as soon as it loads us
+        while job is not None:
             try:
                 if job.action != "refresh":
                     self._select(job.action, job.target)
@@ -320,6 +315,10 @@ class Worker:
                 self.messages.put(("warning", f"unexpected error: {err!r}"))
             finally:
                 job.done.set()
+            try:
+                job = self._jobs.get(timeout=self.poll_s)
+            except queue.Empty:
+                job = Job("refresh")
 
     def refresh(self) -> None:
         try:
