@@ -89,6 +89,9 @@ def test_hotkeys_switch_presets_add_the_source_and_stay_harmless_once_the_daemon
         studio.client.send("TriggerHotkeyByKeySequence", {"keyId": "OBS_KEY_F13"})
         assert switched_within(daemon, after_anime, sent) < 0.5  # the saved binding is live
 
+        # TODO(phase 2): /status says output_fps; until then the script reads the measured rate.
+        assert wait_for(lambda: daemon.status()["fps"]["output"], 10)
+        time.sleep(1.2)  # the script's next poll
         press(studio, "streamv2v.add_source")
         assert wait_for(lambda: SOURCE in inputs(studio), 5), studio.log_tail()
         settings = studio.client.send("GetInputSettings", {"inputName": SOURCE}, raw=True)
