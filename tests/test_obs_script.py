@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import socket
+import subprocess
 import sys
 import time
 import types
@@ -21,6 +22,7 @@ from test_daemon import wait_for
 
 from daemon.config import load_config
 from daemon.control import ControlServer, default_control_file
+from daemon.integrations import obs_script
 from daemon.integrations import streamv2v_obs_client as core
 from daemon.integrations.streamv2v_obs_client import (
     NOT_RUNNING,
@@ -513,3 +515,45 @@ def test_unload_stops_the_worker_and_the_timer(in_obs, tmp_path):
     script.script_unload()
     assert fake.timers == [] and script._script is None
     assert not worker._thread.is_alive()
+
+
+# --------------------------------------------------------------------------- installing it
+def test_an_installed_copy_is_complete_and_loads_on_its_own(tmp_path):
+    path = obs_script.install(tmp_path / "scripts")
+    assert path == tmp_path / "scripts" / "streamv2v_obs.py"
+    for name in obs_script.SCRIPT_FILES:
+        assert (path.parent / name).read_bytes() == obs_script.script_path().with_name(
+            name
+        ).read_bytes()
+    # As OBS loads it: a top-level module from its folder, no daemon package, no obspython.
+    probe = f"import sys; sys.path.insert(0, {str(path.parent)!r}); import streamv2v_obs as s; "
+    probe += "print(s.core.__file__, s.obs)"
+    command = [sys.executable, "-I", "-c", probe]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(path.parent / "streamv2v_obs_client.py"), "None"]
+    assert f"pick {path}" in obs_script.how_to_add(path)
+
+
+def test_obs_config_folder_on_each_platform(tmp_path):
+    home = tmp_path
+    linux = obs_script.obs_config_dir({}, "linux", home)
+    assert linux == home / ".config" / "obs-studio"
+    assert obs_script.obs_config_dir({"XDG_CONFIG_HOME": "/x"}, "linux", home) == Path(
+        "/x/obs-studio"
+    )
+    (home / obs_script.FLATPAK_OBS).mkdir(parents=True)  # only the Flatpak OBS has run
+    assert obs_script.obs_config_dir({}, "linux", home) == home / obs_script.FLATPAK_OBS
+    linux.mkdir(parents=True)  # both: the native one
+    assert obs_script.obs_config_dir({}, "linux", home) == linux
+    windows = obs_script.obs_config_dir({"APPDATA": r"C:\Users\me\AppData\Roaming"}, "win32", home)
+    assert windows == Path(r"C:\Users\me\AppData\Roaming") / "obs-studio"
+    mac = obs_script.obs_config_dir({}, "darwin", home)
+    assert mac == home / "Library" / "Application Support" / "obs-studio"
+
+
+def test_inside_a_flatpak_obs_the_daemon_is_found_outside_the_sandbox(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    sandbox = {"FLATPAK_ID": "com.obsproject.Studio", "XDG_CONFIG_HOME": "/home/me/.var/app/x"}
+    expected = tmp_path / ".config" / "streamv2v" / "control.json"
+    assert core.default_control_file(sandbox, "linux") == expected

@@ -15,17 +15,18 @@ from test_daemon import demo_config, wait_for
 
 from daemon.app import Daemon
 from daemon.control import default_control_file
+from daemon.integrations.obs_script import install, obs_config_dir
 
 SCRIPT = Path(__file__).resolve().parents[1] / "daemon" / "integrations" / "streamv2v_obs.py"
 FIXED = ["streamv2v.next", "streamv2v.prev", "streamv2v.passthrough", "streamv2v.add_source"]
 SOURCE = "streamv2v output"
 
 
-def with_script(studio: ObsStudio, settings: dict) -> None:
+def with_script(studio: ObsStudio, settings: dict, script: Path = SCRIPT) -> None:
     """List the script in the scene collection (OBS 29 loads it at start, with ``settings``)."""
     path = studio.home / ".config" / "obs-studio" / "basic" / "scenes" / "Test.json"
     collection = json.loads(path.read_text())
-    collection["modules"] = {"scripts-tool": [{"path": str(SCRIPT), "settings": settings}]}
+    collection["modules"] = {"scripts-tool": [{"path": str(script), "settings": settings}]}
     path.write_text(json.dumps(collection))
 
 
@@ -125,12 +126,13 @@ def inputs(studio: ObsStudio) -> list[str]:
     return [i["inputName"] for i in studio.client.send("GetInputList", raw=True)["inputs"]]
 
 
-def test_loaded_before_the_daemon_starts_the_script_waits_then_follows_its_presets(
+def test_an_installed_copy_loaded_before_the_daemon_starts_waits_then_follows_its_presets(
     tiny_model, memory_vcam, tmp_path
 ):
     require_obs()
     studio = ObsStudio(tmp_path / "obs")
-    with_script(studio, {"control_file": str(default_control_file())})
+    installed = install(obs_config_dir({}, home=studio.home) / "scripts" / "streamv2v")
+    with_script(studio, {"control_file": str(default_control_file())}, installed)
     with studio:
         assert wait_for(lambda: set(FIXED) <= set(hotkeys(studio)), 10), hotkeys(studio)
         press(studio, "streamv2v.next")

@@ -35,7 +35,8 @@ def default_control_file(env: dict[str, str] | None = None, platform: str = sys.
     rules (which this file can not import): ``$XDG_CONFIG_HOME`` when absolute, else ~/.config
     on Linux, ~/Library/Application Support on macOS; %LOCALAPPDATA% on Windows."""
     env = os.environ if env is None else env
-    xdg = env.get("XDG_CONFIG_HOME", "")
+    # A Flatpak OBS sets XDG_CONFIG_HOME to its own sandbox folder; the daemon runs outside it.
+    xdg = "" if env.get("FLATPAK_ID") else env.get("XDG_CONFIG_HOME", "")
     if platform == "win32":
         base = env.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
     elif posixpath.isabs(xdg):
