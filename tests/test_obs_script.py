@@ -21,7 +21,7 @@ from test_control import PresetsOnly
 from test_daemon import wait_for
 
 from daemon.config import load_config
-from daemon.control import ControlServer, default_control_file
+from daemon.control.api import ControlServer, default_control_file
 from daemon.integrations import obs_script
 from daemon.integrations import streamv2v_obs_client as core
 from daemon.integrations.streamv2v_obs_client import (

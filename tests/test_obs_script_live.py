@@ -14,7 +14,7 @@ from obs_helpers import ObsStudio, require_obs
 from test_daemon import demo_config, wait_for
 
 from daemon.app import Daemon
-from daemon.control import default_control_file
+from daemon.control.api import default_control_file
 from daemon.integrations.obs_script import install, obs_config_dir
 
 SCRIPT = Path(__file__).resolve().parents[1] / "daemon" / "integrations" / "streamv2v_obs.py"
@@ -90,9 +90,6 @@ def test_hotkeys_switch_presets_add_the_source_and_stay_harmless_once_the_daemon
         studio.client.send("TriggerHotkeyByKeySequence", {"keyId": "OBS_KEY_F13"})
         assert switched_within(daemon, after_anime, sent) < 0.5  # the saved binding is live
 
-        # TODO(phase 2): /status says output_fps; until then the script reads the measured rate.
-        assert wait_for(lambda: daemon.status()["fps"]["output"], 10)
-        time.sleep(1.2)  # the script's next poll
         press(studio, "streamv2v.add_source")
         assert wait_for(lambda: SOURCE in inputs(studio), 5), studio.log_tail()
         settings = studio.client.send("GetInputSettings", {"inputName": SOURCE}, raw=True)

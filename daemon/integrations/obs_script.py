@@ -13,6 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from daemon.errors import UserError
+
 SCRIPT_FILES = ("streamv2v_obs.py", "streamv2v_obs_client.py")
 FLATPAK_OBS = Path(".var") / "app" / "com.obsproject.Studio" / "config" / "obs-studio"
 
@@ -44,9 +46,15 @@ def install(folder: Path | None = None) -> Path:
     """Copy the script's files into ``folder`` (default: scripts/streamv2v in OBS's config
     folder); returns the path to pick in Tools -> Scripts."""
     folder = folder or obs_config_dir() / "scripts" / "streamv2v"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in SCRIPT_FILES:
-        shutil.copyfile(script_path().with_name(name), folder / name)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in SCRIPT_FILES:
+            shutil.copyfile(script_path().with_name(name), folder / name)
+    except OSError as err:
+        raise UserError(
+            f"cannot copy the OBS script into {folder} ({err.strerror or err}); pick the file "
+            f"in place instead: {script_path()}"
+        ) from None
     return folder / SCRIPT_FILES[0]
 
 

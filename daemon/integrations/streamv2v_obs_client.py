@@ -251,6 +251,7 @@ def preview_stream(status: dict[str, Any]) -> tuple[str, float]:
         raise RequestRefused(
             "the daemon's preview is off: set output.preview.enabled = true and restart it"
         )
+    # An older daemon does not say its output_fps: its measured rate, rounded, is the next best.
     fps = status.get("output_fps") or round((status.get("fps") or {}).get("output") or 0) or 30
     return urllib.parse.urljoin(base, "stream.mjpg"), float(fps)
 
