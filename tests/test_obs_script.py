@@ -20,6 +20,7 @@ import pytest
 from test_control import PresetsOnly
 from test_daemon import wait_for
 
+from daemon.cli import main
 from daemon.config import load_config
 from daemon.control.api import ControlServer, default_control_file
 from daemon.integrations import obs_script
@@ -557,3 +558,27 @@ def test_inside_a_flatpak_obs_the_daemon_is_found_outside_the_sandbox(tmp_path, 
     sandbox = {"FLATPAK_ID": "com.obsproject.Studio", "XDG_CONFIG_HOME": "/home/me/.var/app/x"}
     expected = tmp_path / ".config" / "streamv2v" / "control.json"
     assert core.default_control_file(sandbox, "linux") == expected
+
+
+def test_the_obs_script_command_prints_the_path_and_installs(private_user_dirs, capsys):
+    assert main(["obs-script"]) == 0
+    assert capsys.readouterr().out == f"{obs_script.script_path()}\n"
+    assert obs_script.script_path().is_file()
+
+    assert main(["obs-script", "--install"]) == 0
+    first, *steps = capsys.readouterr().out.splitlines()
+    installed = private_user_dirs / "obs-studio" / "scripts" / "streamv2v" / "streamv2v_obs.py"
+    assert first == str(installed) and installed.is_file()
+    assert (installed.parent / "streamv2v_obs_client.py").is_file()
+    assert "Tools -> Scripts" in steps[1] and str(installed) in steps[1]
+    assert len([line for line in steps if line.lstrip()[:2] in ("1.", "2.", "3.")]) == 3
+
+
+def test_an_install_that_can_not_write_says_where_the_script_is(monkeypatch, tmp_path, capsys):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(blocker))  # the folder can not be made under it
+    assert main(["obs-script", "--install"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("streamv2v: error: cannot copy the OBS script into ")
+    assert str(obs_script.script_path()) in error

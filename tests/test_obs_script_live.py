@@ -5,7 +5,6 @@ stopped (or not started yet) the hotkeys are harmless and OBS's log has no Pytho
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -20,14 +19,6 @@ from daemon.integrations.obs_script import install, obs_config_dir
 SCRIPT = Path(__file__).resolve().parents[1] / "daemon" / "integrations" / "streamv2v_obs.py"
 FIXED = ["streamv2v.next", "streamv2v.prev", "streamv2v.passthrough", "streamv2v.add_source"]
 SOURCE = "streamv2v output"
-
-
-def with_script(studio: ObsStudio, settings: dict, script: Path = SCRIPT) -> None:
-    """List the script in the scene collection (OBS 29 loads it at start, with ``settings``)."""
-    path = studio.home / ".config" / "obs-studio" / "basic" / "scenes" / "Test.json"
-    collection = json.loads(path.read_text())
-    collection["modules"] = {"scripts-tool": [{"path": str(script), "settings": settings}]}
-    path.write_text(json.dumps(collection))
 
 
 def hotkeys(studio: ObsStudio) -> list[str]:
@@ -69,13 +60,12 @@ def test_hotkeys_switch_presets_add_the_source_and_stay_harmless_once_the_daemon
     require_obs()
     names = [row["name"] for row in daemon.preset_listing()["presets"]]
     after_anime = names[(names.index("anime") + 1) % len(names)]
-    studio = ObsStudio(tmp_path / "obs")
     # A binding saved by an earlier session: F13 on "next preset".
-    with_script(
-        studio,
-        {"control_file": str(default_control_file()), "streamv2v.next": [{"key": "OBS_KEY_F13"}]},
-    )
-    with studio:
+    saved = {
+        "control_file": str(default_control_file()),
+        "streamv2v.next": [{"key": "OBS_KEY_F13"}],
+    }
+    with ObsStudio(tmp_path / "obs", scripts=[(SCRIPT, saved)]) as studio:
         wanted = FIXED + [f"streamv2v.preset.{name}" for name in names]
         assert wait_for(lambda: set(wanted) <= set(hotkeys(studio)), 10), hotkeys(studio)
 
@@ -127,10 +117,10 @@ def test_an_installed_copy_loaded_before_the_daemon_starts_waits_then_follows_it
     tiny_model, memory_vcam, tmp_path
 ):
     require_obs()
-    studio = ObsStudio(tmp_path / "obs")
-    installed = install(obs_config_dir({}, home=studio.home) / "scripts" / "streamv2v")
-    with_script(studio, {"control_file": str(default_control_file())}, installed)
-    with studio:
+    home = tmp_path / "obs"
+    installed = install(obs_config_dir({}, home=home) / "scripts" / "streamv2v")
+    settings = {"control_file": str(default_control_file())}
+    with ObsStudio(home, scripts=[(installed, settings)]) as studio:
         assert wait_for(lambda: set(FIXED) <= set(hotkeys(studio)), 10), hotkeys(studio)
         press(studio, "streamv2v.next")
         press(studio, "streamv2v.add_source")
