@@ -302,11 +302,12 @@ def _stop_pynput_listener(listener: Any) -> None:
         threading.Thread.join(listener, _JOIN_TIMEOUT_S)
 
 
-#: What works where global hotkeys do not (Wayland): both run outside the daemon's process.
+#: What works where global hotkeys do not (Wayland gives no application keys it has not got
+#: the focus for): the desktop's own shortcuts, and OBS's hotkeys (OBS focused, or a Stream Deck).
 WAYLAND_WAYS = (
-    "OBS's own hotkeys through the OBS script (`streamv2v obs-script` says how to add it), or "
     "`streamv2v preset NAME|next|prev` bound to keyboard shortcuts in the desktop's settings "
-    "(README: Desktop shortcuts)"
+    "(README: Desktop shortcuts), or OBS's own hotkeys through the OBS script (`streamv2v "
+    "obs-script` says how to add it; they fire while OBS has focus, or from a Stream Deck)"
 )
 #: Taken, never released, by the first start that notes it: the log says it once per process.
 _wayland_note = threading.Lock()
