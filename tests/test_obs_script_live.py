@@ -17,6 +17,7 @@ from daemon.control.api import default_control_file
 from daemon.integrations.obs_script import install, obs_config_dir
 
 SCRIPT = Path(__file__).resolve().parents[1] / "daemon" / "integrations" / "streamv2v_obs.py"
+PANEL_PROBE = Path(__file__).resolve().with_name("obs_panel_probe.py")
 FIXED = ["streamv2v.next", "streamv2v.prev", "streamv2v.passthrough", "streamv2v.add_source"]
 SOURCE = "streamv2v output"
 
@@ -65,9 +66,18 @@ def test_hotkeys_switch_presets_add_the_source_and_stay_harmless_once_the_daemon
         "control_file": str(default_control_file()),
         "streamv2v.next": [{"key": "OBS_KEY_F13"}],
     }
-    with ObsStudio(tmp_path / "obs", scripts=[(SCRIPT, saved)]) as studio:
+    scripts = [(SCRIPT, saved), (PANEL_PROBE, {})]
+    with ObsStudio(tmp_path / "obs", scripts=scripts) as studio:
         wanted = FIXED + [f"streamv2v.preset.{name}" for name in names]
         assert wait_for(lambda: set(wanted) <= set(hotkeys(studio)), 10), hotkeys(studio)
+
+        # The panel, built with OBS's own property functions: every item, the daemon's state.
+        press(studio, "streamv2v_test.panel")
+        assert wait_for(lambda: "panel: " in studio.log_path.read_text(), 5), studio.log_tail()
+        [panel] = [line for line in studio.log_path.read_text().splitlines() if "panel: " in line]
+        items = "status,preset,apply,refresh,add_source,control_file"
+        assert f"panel: {items}; {len(names)} presets; connected to the daemon at " in panel
+        assert "preset: config" in panel and " fps, glass-to-glass p95 " in panel
 
         assert switched_within(daemon, "anime", press(studio, "streamv2v.preset.anime")) < 0.5
         assert switched_within(daemon, after_anime, press(studio, "streamv2v.next")) < 0.5
