@@ -88,6 +88,7 @@ class PeerSession:
         self.last_heard = time.monotonic()
         self.tasks: list[asyncio.Task] = []
         self.closed = False
+        self.has_video = False
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_state)
@@ -100,6 +101,7 @@ class PeerSession:
         if track.kind != "video":
             return
         self.pc.addTrack(self.styled)
+        self.has_video = True
         self.tasks.append(asyncio.ensure_future(self._read(track)))
 
     def _on_datachannel(self, channel: Any) -> None:
@@ -278,6 +280,8 @@ class RemoteServer:
         self.sessions[number] = session  # counted at once, so concurrent offers respect the limit
         try:
             await session.pc.setRemoteDescription(RTCSessionDescription(data["sdp"], "offer"))
+            if not session.has_video or session.pc.sctp is None:
+                raise ValueError("it must carry a video track and a data channel")
             await session.pc.setLocalDescription(await session.pc.createAnswer())
         except Exception as err:  # a malformed SDP: the client's mistake
             await session.close()

@@ -157,4 +157,6 @@ class EngineSession:
             "steps": cfg.steps if cfg is not None else None,
             "stream_batch": cfg.stream_batch if cfg is not None else None,
             "frames": self.frames,
+            # Which feature bank the session's engine runs: every session has its own.
+            "bank_id": f"{id(self.engine.bank):x}" if self.engine is not None else None,
         }
