@@ -321,3 +321,24 @@ def test_listen_beyond_loopback_needs_a_token(tmp_path):
     with pytest.raises(UserError, match="empty"):
         serve_token(ServeOptions(model="tiny-styles", listen="0.0.0.0", token_file=empty))
     assert serve_token(ServeOptions(model="tiny-styles")) == ""  # loopback: allowed
+
+
+def test_doctor_and_status_show_the_remote(tmp_path, server, token_file):
+    from daemon.control.tables import status_table
+    from daemon.doctor import run_checks
+
+    daemon = remote_daemon(tmp_path, server.url, token_file)
+    checks = [c for c in run_checks(daemon.config) if c.name == "remote engine"]
+    assert checks[0].status == "OK" and "round trip" in checks[0].detail, checks
+    wrong = tmp_path / "wrong"
+    wrong.write_text("nope\n")
+    bad = remote_daemon(tmp_path, server.url, wrong)
+    checks = [c for c in run_checks(bad.config) if c.name == "remote engine"]
+    assert checks[0].status == "FAIL" and "401" in checks[0].detail and TOKEN not in str(checks)
+    daemon.start()
+    try:
+        assert wait_for(lambda: daemon.engine.rtt_ms.pct(50) is not None, 20)
+        table = status_table(daemon.status())
+    finally:
+        daemon.stop()
+    assert f"remote   {server.url} connected" in table and "round trip" in table

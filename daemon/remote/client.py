@@ -367,3 +367,32 @@ async def _reason(response: aiohttp.ClientResponse) -> str:
         return str(body.get("error", ""))[:300] or response.reason or ""
     except (ValueError, aiohttp.ClientError, AttributeError):
         return response.reason or ""
+
+
+def probe(url: str, token: str, timeout_s: float = 3.0) -> tuple[str, str, float | None]:
+    """``GET /health`` of a ``streamv2v serve``: (ok | refused | unreachable, detail, round
+    trip in ms) for ``streamv2v doctor``."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"{url}/health", headers=headers)
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as answer:
+            health = json.loads(answer.read(64 * 1024))
+    except urllib.error.HTTPError as err:
+        try:
+            reason = json.loads(err.read(4096)).get("error", "")
+        except (ValueError, AttributeError):
+            reason = err.reason
+        return "refused", f"{url} refused this daemon: HTTP {err.code}: {reason}", None
+    except (OSError, ValueError) as err:
+        return "unreachable", f"{url} unreachable ({getattr(err, 'reason', err)})", None
+    rtt_ms = (time.perf_counter() - t0) * 1000
+    detail = (
+        f"{url}: {health.get('sessions')}/{health.get('max_sessions')} session(s) on "
+        f"{health.get('device')}, round trip {rtt_ms:.0f} ms"
+    )
+    return "ok", detail, rtt_ms
