@@ -95,8 +95,8 @@ def remote_daemon(tmp_path: Path, url: str, token_file: Path, startup: str = "wa
     cfg = demo_config(Path("tiny-styles"))
     data = cfg.model_dump()
     data["engine"].update({"model": "tiny-styles", "remote": url, "token_file": token_file})
-    data["engine"]["settings"].update({"width": 128, "height": 128, "steps": 1})
-    data["camera"].update({"source": "scene", "width": 128, "height": 128})
+    data["engine"]["settings"].update({"width": 96, "height": 96, "steps": 1})
+    data["camera"].update({"source": "scene", "width": 96, "height": 96})
     data["presets"].update({"bundled": "demo", "startup": startup})
     data["control"]["token_file"] = tmp_path / f"control-{startup}.json"
     return Daemon(DaemonConfig.model_validate(data))
@@ -129,6 +129,7 @@ def test_styled_frames_reach_the_preview_and_follow_preset_switches(tmp_path, se
         assert wait_for(lambda: styled_now(daemon), 20), daemon.status()
         styled = latest(daemon)
         camera = daemon.camera_slot.latest()
+        assert wait_for(lambda: warmth(preview_image(daemon)) > 10, 5)
         shown = preview_image(daemon)
         # The preview shows the server's style, not the camera: the scene restyled warm.
         assert warmth(styled.image) > 10, warmth(styled.image)

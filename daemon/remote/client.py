@@ -177,9 +177,15 @@ class RemoteEngineWorker:
                 video = VideoFrame.from_ndarray(image, format="rgb24")
                 video.opaque = (frame.captured_at, frame.seq)
                 self._call_soon(self._put_uplink, video)
-                if time.monotonic() - self._last_styled < STALE_S:
+                if time.monotonic() - self._last_styled < self._stale_s():
                     continue  # styled frames are flowing: they are published as they arrive
             self._pass(frame)
+
+    def _stale_s(self) -> float:
+        """How long without a styled frame before camera frames go out: STALE_S, longer for a
+        slow server (no flicker between styled and camera frames), never past 0.9 s."""
+        cost = self.call_ms.pct(50)
+        return STALE_S if cost is None else min(0.9, max(STALE_S, 3 * cost / 1000))
 
     def _pass(self, frame: Frame) -> None:
         if frame.kind == "camera":
