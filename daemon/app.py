@@ -61,7 +61,10 @@ class Daemon:
         self.camera_slot: LatestSlot[Frame] = LatestSlot()
         self.output_slot: LatestSlot[Frame] = LatestSlot()
         self.camera = CameraSource(config.camera, self.camera_slot, unavailable_size=self.size)
-        self.engine = EngineWorker(config, self.camera_slot, self.output_slot, self.presets)
+        worker = EngineWorker
+        if config.engine.remote:  # the engine on another machine (`streamv2v serve`)
+            from daemon.remote.client import RemoteEngineWorker as worker  # type: ignore[assignment]
+        self.engine = worker(config, self.camera_slot, self.output_slot, self.presets)
         self.output = OutputWorker(config, self.output_slot, self.size)
         self.engine.output_delay = self.output.delay_ms
         self.rates = {stage: RateMeter() for stage in ("input", "engine", "output")}
@@ -261,6 +264,7 @@ class Daemon:
                 "tokens": sum(stats.get("bank_tokens_per_layer", {}).values()),
             },
             "device": device_figures(engine),
+            "remote": worker.remote_figures() if hasattr(worker, "remote_figures") else None,
             "preview_url": out.preview_url,
             "output_fps": self.config.output.fps,  # what an OBS Media Source must be told
             "control_url": self.control.url if self.control is not None else None,

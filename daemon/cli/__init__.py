@@ -310,6 +310,30 @@ def obs_script_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def serve_command(args: argparse.Namespace) -> int:
+    """Serve the engine to daemons on other machines (WebRTC; run it on the GPU box)."""
+    import logging
+
+    from daemon.remote.server import ServeOptions, serve
+
+    logging.basicConfig(
+        level=args.log_level or "INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    options = ServeOptions(
+        model=args.model,
+        listen=args.listen,
+        port=args.port,
+        token_file=args.token_file,
+        max_sessions=args.max_sessions,
+        device=args.device,
+        vae=args.vae,
+        loras=tuple(args.lora),
+        allow_pickle=args.allow_pickle,
+    )
+    serve(options)
+    return EXIT_OK
+
+
 def doctor_command(args: argparse.Namespace) -> int:
     """Check this machine and the configuration before a run."""
     from daemon.doctor import FAIL, report, run_checks
@@ -333,5 +357,6 @@ COMMANDS: dict[str, Command] = {
         Command("service", arguments.service, service_command),
         Command("obs-script", arguments.obs_script, obs_script_command),
         Command("doctor", arguments.with_json("Print the checks as JSON."), doctor_command),
+        Command("serve", arguments.serve, serve_command),
     )
 }
