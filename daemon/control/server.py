@@ -1,0 +1,190 @@
+"""The daemon's one HTTP server (aiohttp): the control API, /metrics, the MJPEG preview, the
+control page and its live event stream, on an asyncio loop in one daemon thread.
+
+    ControlPlaneServer(api=daemon, frames=FrameStore(...), addresses=[control, preview])
+
+serves one application on each configured loopback address (by default the control port 8766
+and the preview port 8765: OBS sources and scripts that know either keep working, and the
+page, reached on either, talks to the same origin it came from). Sockets are bound in the
+caller's thread, so a taken port is an OSError at start(), with a listen backlog of BACKLOG.
+
+Time bounds: a connection must deliver a request's headers within IDLE_TIMEOUT_S of opening
+(or of its previous response), else it is closed: idle keep-alive clients and slowloris
+senders alike. A body must follow within routes.BODY_TIMEOUT_S; a stream client that takes
+nothing for mjpeg.CLIENT_TIMEOUT_S is dropped. Every handler is a coroutine that never blocks
+the loop: JPEG encoding and every call into the daemon run in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from daemon.config import is_loopback
+from daemon.control.auth import Auth
+from daemon.control.bounded_json import MAX_BODY_BYTES
+from daemon.control.events import LiveStatus
+from daemon.control.guard import (
+    DebugAccessLog,
+    QuietServerLog,
+    add_security_headers,
+    guard,
+    quiet_loop_errors,
+)
+from daemon.control.mjpeg import FrameStore, add_preview_routes
+from daemon.control.page import add_page_routes
+from daemon.control.routes import ControlApi, ControlRoutes
+
+log = logging.getLogger("streamv2v.control")
+
+BACKLOG = 1024
+IDLE_TIMEOUT_S = 5.0
+#: How long stop() lets open streams end by themselves before they are cut.
+_SHUTDOWN_S = 0.2
+
+
+def build_app(
+    *, api: ControlApi | None, frames: FrameStore | None, auth: Auth, control_file: Path
+) -> web.Application:
+    """The application: the control API and page when ``api`` is given, the preview when
+    ``frames`` is; the guard (guard.py) in front of every route."""
+    app = web.Application(middlewares=[guard], client_max_size=MAX_BODY_BYTES)
+    app.on_response_prepare.append(add_security_headers)
+    if frames is not None:
+        add_preview_routes(app, frames)
+    if api is not None:
+        routes = ControlRoutes(api, auth, control_file)
+        routes.add_to(app)
+        LiveStatus(routes).add_to(app)
+    add_page_routes(app, control=api is not None)
+    return app
+
+
+def url_of(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on a loopback ``host`` (port 0: any free one)."""
+    address = host.strip("[]")
+    if not is_loopback(address):
+        raise ValueError(f"the control-plane server listens on loopback only, not {host!r}")
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    return socket.create_server((address, port), family=family, backlog=BACKLOG)
+
+
+class ControlPlaneServer:
+    """The server and its thread; ``addresses`` are (host, port) pairs, all loopback."""
+
+    def __init__(
+        self,
+        *,
+        api: ControlApi | None,
+        frames: FrameStore | None,
+        addresses: Sequence[tuple[str, int]],
+        control_file: Path,
+        auth: Auth | None = None,
+    ) -> None:
+        for host, _ in addresses:
+            if not is_loopback(host):
+                raise ValueError(f"the control-plane server listens on loopback only, not {host!r}")
+        self.api, self.frames, self.control_file = api, frames, control_file
+        self.addresses = list(addresses)
+        self.auth = auth or Auth()
+        self.urls: list[str] = []  # one per address once started, with the bound ports
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        """Bind every address (OSError names a taken one) and serve in a thread."""
+        if self._thread is not None:
+            return
+        sockets: list[socket.socket] = []
+        try:
+            for host, port in self.addresses:
+                try:
+                    sockets.append(bind(host, port))
+                except OSError as err:
+                    raise OSError(
+                        err.errno, f"cannot listen on {host}:{port}: {err.strerror}"
+                    ) from err
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        self.urls = [
+            url_of(host.strip("[]"), sock.getsockname()[1])
+            for (host, _), sock in zip(self.addresses, sockets)
+        ]
+        loop = asyncio.new_event_loop()
+        loop.set_exception_handler(quiet_loop_errors)
+        app = build_app(
+            api=self.api, frames=self.frames, auth=self.auth, control_file=self.control_file
+        )
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            shutdown_timeout=_SHUTDOWN_S,
+            keepalive_timeout=IDLE_TIMEOUT_S,
+            lingering_time=1.0,
+            max_line_size=8190,
+            max_field_size=8190,
+            max_headers=64,
+            logger=QuietServerLog(),
+            access_log_class=DebugAccessLog,
+            access_log=log,
+        )
+        try:
+            loop.run_until_complete(self._open(runner, sockets))
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            loop.close()
+            raise
+        self._loop, self._runner = loop, runner
+        self._thread = threading.Thread(
+            target=self._serve, args=(loop,), name="control-plane", daemon=True
+        )
+        self._thread.start()
+
+    @staticmethod
+    async def _open(runner: web.AppRunner, sockets: list[socket.socket]) -> None:
+        await runner.setup()
+        for sock in sockets:
+            await web.SockSite(runner, sock, backlog=BACKLOG, shutdown_timeout=_SHUTDOWN_S).start()
+
+    @staticmethod
+    def _serve(loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    def stop(self) -> None:
+        """Close every connection and stop the thread (within about half a second)."""
+        loop, runner, thread = self._loop, self._runner, self._thread
+        if loop is None or runner is None or thread is None:
+            return
+        self._loop = self._runner = self._thread = None
+        closing = asyncio.run_coroutine_threadsafe(runner.cleanup(), loop)
+        try:
+            closing.result(timeout=2.0)
+        except Exception as err:  # stopping must never hang the daemon's shutdown
+            log.warning("control plane: stopping took too long (%s)", err)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=1.0)
