@@ -35,6 +35,16 @@ def _as_bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+def session_cookie(cookie_header: str | None) -> str | None:
+    """This server's session cookie in a Cookie header, read by hand: a general cookie parser
+    warns in the log about every malformed cookie a client makes up."""
+    for part in (cookie_header or "").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == COOKIE:
+            return value
+    return None
+
+
 class Refused(Exception):
     """A state-changing call without valid credentials; ``status`` is 401 or 403."""
 
@@ -93,14 +103,12 @@ class Auth:
         table[key] = now + ttl
 
     # ------------------------------------------------------------------ the decision
-    def check_change(
-        self, headers: Mapping[str, str], cookies: Mapping[str, str], control_file: object
-    ) -> None:
+    def check_change(self, headers: Mapping[str, str], control_file: object) -> None:
         """Raise :class:`Refused` unless the request may change something: a valid Bearer
         token, or a valid session cookie with a same-origin Origin header."""
         if self.bearer_ok(headers.get("Authorization")):
             return
-        if self.session_ok(cookies.get(COOKIE)):
+        if self.session_ok(session_cookie(headers.get("Cookie"))):
             origin, host = headers.get("Origin"), headers.get("Host")
             if origin is None or host is None or origin != f"http://{host}":
                 raise Refused(

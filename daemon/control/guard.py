@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from daemon.config import is_loopback
 from daemon.control.auth import Auth, Refused
@@ -73,6 +75,9 @@ def _endpoints(request: web.Request) -> str:
     return ", ".join(sorted(seen))
 
 
+#: A Host header: a bracketed IPv6 literal or a name / IPv4 address, then an optional port.
+_HOST = re.compile(r"(?:\[([0-9A-Fa-f:.]{2,45})\]|([A-Za-z0-9.-]{1,253}))(?::[0-9]{1,5})?")
+
 _logged_kinds: set[tuple[str, str]] = set()
 
 
@@ -91,9 +96,15 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     failure becomes a JSON 4xx (or, for a bug, a 500 that shows no traceback)."""
     has_body = request.body_exists
     try:
+        if request.version not in ((1, 0), (1, 1)) or request.message.url.absolute:
+            raise ApiError(400, "send HTTP/1.x with a path as the target (this is no proxy)")
         host = request.headers.get("Host")
-        if host is not None and not is_loopback(_host_name(host)):
-            raise ApiError(403, "the Host header must name this machine", close=has_body)
+        if host is not None:
+            name = _HOST.fullmatch(host)
+            if name is None:
+                raise ApiError(400, "malformed Host header", close=True)
+            if not is_loopback(name.group(1) or name.group(2)):
+                raise ApiError(403, "the Host header must name this machine", close=has_body)
         if request.method not in METHODS:
             raise ApiError(
                 405, f"{request.method[:16]!r} is not a method this server answers", close=True
@@ -103,7 +114,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             if auth is None:
                 raise ApiError(405, f"{request.method} is not allowed here", close=has_body)
             try:
-                auth.check_change(request.headers, request.cookies, request.app[CONTROL_FILE_KEY])
+                auth.check_change(request.headers, request.app[CONTROL_FILE_KEY])
             except Refused as refused:
                 raise ApiError(refused.status, refused.reason, close=has_body) from None
         return await handler(request)
@@ -126,13 +137,6 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_reply(500, "internal error (the daemon's log has the details)", close=True)
 
 
-def _host_name(host: str) -> str:
-    """The name in a Host header: ``127.0.0.1:8766`` -> 127.0.0.1, ``[::1]:80`` -> ::1."""
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
 async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Every response: never cached, never sniffed into another type, never framed."""
     headers = response.headers
@@ -144,6 +148,9 @@ async def add_security_headers(request: web.Request, response: web.StreamRespons
 
 
 # --------------------------------------------------------------------------- logs
+_CLIENT_FAULTS = (HttpProcessingError, RequestPayloadError, ConnectionError, asyncio.TimeoutError)
+
+
 class QuietServerLog(logging.LoggerAdapter):
     """aiohttp's server logger: malformed requests and vanished clients are everyday events on
     a server, worth one DEBUG line without a traceback; anything else is logged in full."""
@@ -151,13 +158,23 @@ class QuietServerLog(logging.LoggerAdapter):
     def __init__(self) -> None:
         super().__init__(log, {})
 
+    def debug(self, msg: object, *args: object, exc_info: Any = None, **kw: Any) -> None:
+        self._one_line(logging.DEBUG, msg, args, exc_info)
+
     def exception(self, msg: object, *args: object, exc_info: Any = True, **kw: Any) -> None:
         err = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
-        if isinstance(err, (HttpProcessingError, ConnectionError, asyncio.TimeoutError)):
-            text = str(msg) % args if args else str(msg)
-            self.logger.debug("control plane: %s: %s", text, type(err).__name__)
+        if isinstance(err, _CLIENT_FAULTS):
+            self._one_line(logging.DEBUG, msg, args, err)
+        else:
+            self.logger.error(msg, *args, exc_info=exc_info, **kw)
+
+    def _one_line(self, level: int, msg: object, args: tuple, exc_info: Any) -> None:
+        if not self.logger.isEnabledFor(level):
             return
-        self.logger.error(msg, *args, exc_info=exc_info, **kw)
+        text = str(msg) % args if args else str(msg)
+        err = exc_info if isinstance(exc_info, BaseException) else None
+        suffix = f": {type(err).__name__}" if err is not None else ""
+        self.logger.log(level, "control plane: %s%s", text, suffix)
 
 
 class DebugAccessLog(AbstractAccessLogger):

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
-from daemon.control.auth import CODE_TTL_S, COOKIE, SESSION_TTL_S, Auth
+from daemon.control.auth import CODE_TTL_S, COOKIE, SESSION_TTL_S, Auth, session_cookie
 from daemon.control.bounded_json import MAX_BODY_BYTES, BodyError, parse_body
 from daemon.control.guard import AUTH_KEY, CONTROL_FILE_KEY, ApiError, json_reply
 from daemon.presets import UnknownPreset
@@ -116,7 +117,12 @@ class ControlRoutes:
     async def get_session(self, request: web.Request) -> web.Response:
         """What the page needs to know about itself: may it change things?"""
         return json_reply(
-            {"control": True, "authenticated": self.auth.session_ok(request.cookies.get(COOKIE))}
+            {
+                "control": True,
+                "authenticated": self.auth.session_ok(
+                    session_cookie(request.headers.get("Cookie"))
+                ),
+            }
         )
 
     # ------------------------------------------------------------------ changes
@@ -175,10 +181,14 @@ async def read_json(request: web.Request) -> Any:
     length = request.content_length
     if length is not None and length > MAX_BODY_BYTES:
         raise ApiError(400, f"body must be at most {MAX_BODY_BYTES} B", close=True)
+    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+        raise ApiError(415, "send the body uncompressed (no Content-Encoding)", close=True)
     try:
         raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(400, f"body must be at most {MAX_BODY_BYTES} B", close=True) from None
+    except RequestPayloadError as err:
+        raise ApiError(400, f"unreadable body ({err.__cause__ or err})", close=True) from None
     except asyncio.TimeoutError:
         raise ApiError(
             408, f"the body did not arrive within {BODY_TIMEOUT_S:g} s", close=True

@@ -139,6 +139,7 @@ class ControlPlaneServer:
             shutdown_timeout=_SHUTDOWN_S,
             keepalive_timeout=IDLE_TIMEOUT_S,
             lingering_time=1.0,
+            auto_decompress=False,  # no compressed bodies (read_json refuses them): no bombs
             max_line_size=8190,
             max_field_size=8190,
             max_headers=64,

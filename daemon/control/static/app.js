@@ -238,6 +238,7 @@ async function start() {
   }
   if (!state.session.control) {
     $("controls").hidden = true;
+    $("latency").hidden = true;
     notice("Preview only: this daemon's control API is off.", false);
     return;
   }
