@@ -166,13 +166,11 @@ class ControlRoutes:
 
 
 def _origin(request: web.Request) -> str:
-    """This server as the client reached it (the Host header, checked to be loopback)."""
-    host = request.headers.get("Host")
-    if host is None:
-        sockname = request.transport.get_extra_info("sockname") if request.transport else None
-        address, port = (sockname or ("127.0.0.1", 0))[:2]
-        host = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-    return f"http://{host}"
+    """This server as the socket the request came in on names it (not the Host header: the
+    link must lead back to this very port)."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    address, port = (sockname or ("127.0.0.1", 0))[:2]
+    return f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
 
 
 async def read_json(request: web.Request) -> Any:
