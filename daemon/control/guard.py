@@ -96,7 +96,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     failure becomes a JSON 4xx (or, for a bug, a 500 that shows no traceback)."""
     has_body = request.body_exists
     try:
-        if request.version not in ((1, 0), (1, 1)) or request.message.url.absolute:
+        if request.version not in ((1, 0), (1, 1)) or not request.raw_path.startswith("/"):
             raise ApiError(400, "send HTTP/1.x with a path as the target (this is no proxy)")
         host = request.headers.get("Host")
         if host is not None:

@@ -1,7 +1,9 @@
 """The daemon's one HTTP server (aiohttp): the control API, /metrics, the MJPEG preview, the
 control page and its live event stream, on an asyncio loop in one daemon thread.
 
-    ControlPlaneServer(api=daemon, frames=FrameStore(...), addresses=[control, preview])
+    server = ControlPlaneServer(api=daemon, frames=FrameStore(quality), control_file=...)
+    server.listen(control_host, control_port); server.listen(preview_host, preview_port)
+    server.start() ... server.stop()
 
 serves one application on each configured loopback address (by default the control port 8766
 and the preview port 8765: OBS sources and scripts that know either keep working, and the
@@ -22,7 +24,6 @@ import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -51,7 +52,7 @@ _SHUTDOWN_S = 0.2
 
 
 def build_app(
-    *, api: ControlApi | None, frames: FrameStore | None, auth: Auth, control_file: Path
+    *, api: ControlApi | None, frames: FrameStore | None, auth: Auth, control_file: Path | None
 ) -> web.Application:
     """The application: the control API and page when ``api`` is given, the preview when
     ``frames`` is; the guard (guard.py) in front of every route."""
@@ -81,24 +82,20 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class ControlPlaneServer:
-    """The server and its thread; ``addresses`` are (host, port) pairs, all loopback."""
+    """The server and its thread. ``listen`` on each loopback address first (the control
+    port, the preview port), then ``start``; ``frames`` may be set until then."""
 
     def __init__(
         self,
         *,
         api: ControlApi | None,
-        frames: FrameStore | None,
-        addresses: Sequence[tuple[str, int]],
-        control_file: Path,
+        frames: FrameStore | None = None,
+        control_file: Path | None = None,
         auth: Auth | None = None,
     ) -> None:
-        for host, _ in addresses:
-            if not is_loopback(host):
-                raise ValueError(f"the control-plane server listens on loopback only, not {host!r}")
         self.api, self.frames, self.control_file = api, frames, control_file
-        self.addresses = list(addresses)
         self.auth = auth or Auth()
-        self.urls: list[str] = []  # one per address once started, with the bound ports
+        self._sockets: list[socket.socket] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -107,27 +104,23 @@ class ControlPlaneServer:
     def running(self) -> bool:
         return self._thread is not None
 
-    def start(self) -> None:
-        """Bind every address (OSError names a taken one) and serve in a thread."""
+    def listen(self, host: str, port: int) -> str:
+        """Bind ``host:port`` (port 0: any free one) and return its URL; ValueError for a host
+        that is not loopback, OSError (naming the address) for a taken port."""
         if self._thread is not None:
-            return
-        sockets: list[socket.socket] = []
+            raise RuntimeError("listen() before start()")
         try:
-            for host, port in self.addresses:
-                try:
-                    sockets.append(bind(host, port))
-                except OSError as err:
-                    raise OSError(
-                        err.errno, f"cannot listen on {host}:{port}: {err.strerror}"
-                    ) from err
-        except BaseException:
-            for sock in sockets:
-                sock.close()
-            raise
-        self.urls = [
-            url_of(host.strip("[]"), sock.getsockname()[1])
-            for (host, _), sock in zip(self.addresses, sockets)
-        ]
+            sock = bind(host, port)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot listen on {host}:{port}: {err.strerror}") from err
+        self._sockets.append(sock)
+        return url_of(host.strip("[]"), sock.getsockname()[1])
+
+    def start(self) -> None:
+        """Serve every address listened on, in a thread of its own."""
+        if self._thread is not None or not self._sockets:
+            return
+        sockets, self._sockets = self._sockets, []
         loop = asyncio.new_event_loop()
         loop.set_exception_handler(quiet_loop_errors)
         app = build_app(
@@ -164,7 +157,7 @@ class ControlPlaneServer:
     async def _open(runner: web.AppRunner, sockets: list[socket.socket]) -> None:
         await runner.setup()
         for sock in sockets:
-            await web.SockSite(runner, sock, backlog=BACKLOG, shutdown_timeout=_SHUTDOWN_S).start()
+            await web.SockSite(runner, sock, backlog=BACKLOG).start()
 
     @staticmethod
     def _serve(loop: asyncio.AbstractEventLoop) -> None:
@@ -178,6 +171,9 @@ class ControlPlaneServer:
 
     def stop(self) -> None:
         """Close every connection and stop the thread (within about half a second)."""
+        for sock in self._sockets:  # listened on, never started
+            sock.close()
+        self._sockets = []
         loop, runner, thread = self._loop, self._runner, self._thread
         if loop is None or runner is None or thread is None:
             return
