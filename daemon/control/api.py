@@ -32,7 +32,7 @@ from daemon.config import APP_NAME, is_loopback
 from daemon.control.routes import ControlApi
 from daemon.control.server import ControlPlaneServer
 
-__all__ = ["ControlApi", "ControlClientError", "ControlServer", "call", "login_link"]
+__all__ = ["ControlApi", "ControlClientError", "ControlServer", "call", "open_page"]
 
 log = logging.getLogger("streamv2v.control")
 
@@ -134,7 +134,16 @@ def call(
         ) from None
 
 
-def login_link(control_file: Path | None = None) -> str:
-    """A one-time URL that logs a browser in to the running daemon's page (`streamv2v open`).
-    The link works once, within a minute; the token itself never leaves the control file."""
-    return call("POST", "/login-code", control_file=control_file)["url"]
+def open_page(login_link: str, print_only: bool) -> tuple[bool, str]:
+    """`streamv2v open`: hand the one-time login link (POST /login-code) to the browser, which
+    lands on the page with its session cookie. Returns (opened, link); the link is for the
+    terminal when no browser could be started (it works once, within a minute, and the token
+    itself never leaves the control file)."""
+    if print_only:
+        return False, login_link
+    import webbrowser
+
+    try:
+        return webbrowser.open(login_link), login_link
+    except webbrowser.Error:
+        return False, login_link

@@ -4,7 +4,12 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { session: null, presetsKey: "", active: null, lastStyle: null, connected: false };
+const state = {
+  session: null, presetsKey: "", active: null, lastStyle: null, connected: false, switchedAt: 0,
+};
+// An event sampled just before a switch may arrive just after it: for this long the page
+// trusts the switch's own answer over the events' idea of the active preset.
+const SWITCH_GRACE_MS = 1500;
 
 function el(tag, cls, text) {
   const node = document.createElement(tag);
@@ -47,6 +52,7 @@ async function selectPreset(name) {
   }
   notice(state.session && state.session.authenticated ? "" : readOnlyText(), false);
   state.active = answer.active;
+  state.switchedAt = Date.now();
   markActive();
 }
 
@@ -79,7 +85,7 @@ function renderPresets(listing) {
     }
   }
   state.passthroughName = (listing.presets.find((p) => p.passthrough) || {}).name || null;
-  state.active = listing.active;
+  if (Date.now() - state.switchedAt > SWITCH_GRACE_MS) state.active = listing.active;
   markActive();
 }
 
@@ -175,11 +181,13 @@ function drawChart(points, budget) {
   const g = canvas.getContext("2d");
   g.setTransform(ratio, 0, 0, ratio, 0, 0);
   g.clearRect(0, 0, width, height);
-  const left = 44, right = 8, top = 8, bottom = 20;
+  const left = 56, right = 8, top = 10, bottom = 20;
   const plotW = width - left - right, plotH = height - top - bottom;
-  let max = budget || 0;
-  for (const [, p50, p95] of points) max = Math.max(max, p50 || 0, p95 || 0);
-  max = Math.max(50, Math.ceil((max * 1.15) / 50) * 50);
+  let peak = budget || 0;
+  for (const [, p50, p95] of points) peak = Math.max(peak, p50 || 0, p95 || 0);
+  const step = [25, 50, 100, 200, 250, 500, 1000, 2000, 5000].find((s) => s * 4 >= peak * 1.1)
+    || Math.ceil(peak / 4000) * 1000;
+  const max = step * 4;
   const x = (age) => left + plotW * (1 + age / 60);
   const y = (ms) => top + plotH * (1 - ms / max);
   g.strokeStyle = "#2c323a";
@@ -192,7 +200,7 @@ function drawChart(points, budget) {
     g.moveTo(left, y(ms));
     g.lineTo(left + plotW, y(ms));
     g.stroke();
-    g.fillText(`${Math.round(ms)}`, 4, y(ms) + 4);
+    g.fillText(i === 4 ? `${ms} ms` : `${ms}`, 4, y(ms) + 4);
   }
   for (const age of [-60, -45, -30, -15, 0]) g.fillText(`${age}s`, x(age) - 10, height - 4);
   if (budget) line(g, [[-60, budget], [0, budget]], x, y, "#e5484d", [5, 4]);
