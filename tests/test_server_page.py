@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from test_daemon import wait_for
+from test_daemon import demo_config, wait_for
 
 from daemon.app import Daemon
 from daemon.cli import main
@@ -195,6 +195,24 @@ def test_without_the_session_cookie_a_switch_is_refused(daemon, browser, token_f
     browser.get(link)
     assert "used already or has expired" in browser.page_source
     assert not browser.get_cookies()
+
+
+def test_a_banner_says_when_the_camera_and_the_engine_are_down(browser, tmp_path):
+    unreachable = "http://127.0.0.1:9/camera.mjpg"  # the discard port: nothing listens
+    daemon = Daemon(demo_config(tmp_path / "no-model", camera={"source": unreachable}))
+    daemon.start()
+    try:
+        assert wait_for(lambda: daemon.engine.state == "failed", 30), daemon.status()
+        browser.get(daemon.control.url + "/")
+        banner = until(
+            browser,
+            "const b = document.getElementById('banner'); return !b.hidden && b.textContent",
+        )
+        assert banner.startswith("Camera ") and "reconnects" in banner, banner
+        pills = browser.find_element("id", "states").text
+        assert "engine: running" not in pills and "camera: live" not in pills, pills
+    finally:
+        daemon.stop()
 
 
 def test_open_without_a_daemon_says_how_to_start_one(tmp_path, capsys):
