@@ -4,6 +4,7 @@ and the preview's one-encode-per-frame sharing on a real event loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import numpy as np
@@ -130,3 +131,49 @@ def test_many_clients_share_one_encode_per_frame_and_publish_never_waits():
     assert {seq for seq, _ in answers} == {1}
     assert len({id(jpeg) for _, jpeg in answers}) == 1  # the very same bytes for everyone
     assert store.frames_encoded == 1
+
+
+def test_a_stalled_viewer_is_cut_off_and_the_others_keep_watching(monkeypatch):
+    import socket
+    import time
+
+    import cv2
+
+    from daemon.control import guard
+    from daemon.control.preview import PreviewServer
+
+    monkeypatch.setattr(guard, "CLIENT_TIMEOUT_S", 1.0)
+    noise = np.random.default_rng(1).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    stop = threading.Event()
+
+    def publish(server: PreviewServer) -> None:
+        i = 0
+        while not stop.is_set():  # ~100 KB frames: far more than the stalled socket holds
+            server.publish(np.roll(noise, i, axis=1))
+            i += 1
+            time.sleep(0.03)
+
+    with PreviewServer(port=0) as server:
+        publisher = threading.Thread(target=publish, args=(server,), daemon=True)
+        publisher.start()
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", server.bound_port))
+        stalled.sendall(b"GET /stream.mjpg HTTP/1.0\r\n\r\n")
+        capture = cv2.VideoCapture(server.stream_url, cv2.CAP_FFMPEG)
+        try:
+            assert capture.read()[0] and server.clients == 2
+            end = time.monotonic() + 5
+            while server.clients > 1 and time.monotonic() < end:
+                assert capture.read()[0]  # the healthy viewer keeps getting frames
+            assert server.clients == 1, "the stalled viewer was never dropped"
+            assert capture.read()[0]
+            stalled.settimeout(2)
+            with contextlib.suppress(ConnectionResetError):
+                while stalled.recv(1 << 16):
+                    pass  # what was buffered, then the end: the server cut it
+        finally:
+            stop.set()
+            publisher.join(timeout=2)
+            capture.release()
+            stalled.close()

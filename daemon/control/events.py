@@ -3,7 +3,7 @@
 One task samples the daemon's status and preset listing every INTERVAL_S, whatever the number
 of pages open, keeps the last minute of glass-to-glass p50/p95 (so a page opened now draws a
 full chart at once), and encodes one event that every page shares. A page that reads slowly
-skips to the newest event; one that reads nothing for CLIENT_TIMEOUT_S is dropped.
+skips to the newest event; one that reads nothing for guard.CLIENT_TIMEOUT_S is dropped.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
+from daemon.control.guard import send_part
 from daemon.control.latest import Latest
-from daemon.control.mjpeg import CLIENT_TIMEOUT_S
 from daemon.control.routes import ControlRoutes
 
 log = logging.getLogger("streamv2v.control")
@@ -98,9 +98,9 @@ class LiveStatus:
             return response
         self.clients += 1
         try:
-            await response.write(b"retry: 2000\n\n")
+            data = b"retry: 2000\n\n"
             version = 0
-            while request.transport is not None and not request.transport.is_closing():
+            while await send_part(request, response, data):
                 newest = await self.events.newer(version, _PING_S)
                 if newest is None:
                     if self.events.closed:
@@ -108,9 +108,6 @@ class LiveStatus:
                     data = b": ping\n\n"
                 else:
                     version, data = newest
-                await asyncio.wait_for(response.write(data), CLIENT_TIMEOUT_S)
-        except (ConnectionError, asyncio.TimeoutError) as err:
-            log.debug("control page %s left (%s)", request.remote, type(err).__name__)
         finally:
             self.clients -= 1
         return response

@@ -31,6 +31,8 @@ log = logging.getLogger("streamv2v.control")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+#: A client of a long response (stream, events) that takes nothing for this long is dropped.
+CLIENT_TIMEOUT_S = 10.0
 #: Methods some route answers; anything else is 405 at once.
 METHODS = frozenset({"GET", "HEAD", "POST"})
 #: Methods that read only (everything else needs the token or a session).
@@ -145,6 +147,24 @@ async def add_security_headers(request: web.Request, response: web.StreamRespons
     headers.setdefault("X-Content-Type-Options", "nosniff")
     headers.setdefault("X-Frame-Options", "DENY")
     headers.setdefault("Referrer-Policy", "no-referrer")
+
+
+async def send_part(request: web.Request, response: web.StreamResponse, data: bytes) -> bool:
+    """Write one part of a long response; False when the client is gone: it left, or took
+    nothing for CLIENT_TIMEOUT_S (a frozen viewer, a dead peer), and is then cut off."""
+    try:
+        # write() returns once the socket's buffer has room again.
+        await asyncio.wait_for(response.write(data), CLIENT_TIMEOUT_S)
+        return True
+    except asyncio.TimeoutError:
+        log.debug(
+            "control plane: %s took nothing for %g s: dropped", request.remote, CLIENT_TIMEOUT_S
+        )
+        if request.transport is not None:
+            request.transport.abort()  # a plain close would wait for it to take the buffer
+    except ConnectionError as err:
+        log.debug("control plane: %s left (%s)", request.remote, type(err).__name__)
+    return False
 
 
 # --------------------------------------------------------------------------- logs

@@ -4,8 +4,8 @@ For a browser, OpenCV or an OBS Media Source; no authentication (OBS cannot log 
 server listens on loopback only. A published frame is JPEG-encoded at most once, lazily (the
 first time a client wants it), in a worker thread, and every client shares those bytes; one
 encode runs at a time. Each client is sent the newest frame once its socket has taken the
-previous one, so a slow client skips frames; one that takes nothing for CLIENT_TIMEOUT_S is
-dropped. ``publish`` (the output thread) never waits: it swaps a reference and, when a client
+previous one, so a slow client skips frames; one that takes nothing for guard.CLIENT_TIMEOUT_S
+is dropped. ``publish`` (the output thread) never waits: it swaps a reference and, when a client
 waits, schedules a wake-up on the loop.
 """
 
@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 from aiohttp import web
 
+from daemon.control.guard import send_part
 from daemon.control.latest import Latest
 
 log = logging.getLogger("streamv2v.control")
@@ -26,8 +27,6 @@ log = logging.getLogger("streamv2v.control")
 BOUNDARY = "frame"
 #: How long a stream waits for a frame before it checks whether its client is still there.
 _WAIT_S = 0.25
-#: A client whose socket takes nothing for this long is dropped (a frozen viewer, a dead peer).
-CLIENT_TIMEOUT_S = 10.0
 #: More stream clients than this at once get 429 (each holds a connection).
 MAX_STREAM_CLIENTS = 64
 
@@ -169,10 +168,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
             head = (
                 f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
             )
-            # write() waits while the socket's buffer is full: a slow client skips frames.
-            await asyncio.wait_for(response.write(head.encode() + jpeg + b"\r\n"), CLIENT_TIMEOUT_S)
-    except (ConnectionError, asyncio.TimeoutError) as err:
-        log.debug("preview client %s left (%s)", request.remote, type(err).__name__)
+            # Returns once the socket took the part: a slow client skips to the newest frame.
+            if not await send_part(request, response, head.encode() + jpeg + b"\r\n"):
+                break
     finally:
         frames.stream_clients -= 1
     return response

@@ -13,7 +13,7 @@ caller's thread, so a taken port is an OSError at start(), with a listen backlog
 Time bounds: a connection must deliver a request's headers within IDLE_TIMEOUT_S of opening
 (or of its previous response), else it is closed: idle keep-alive clients and slowloris
 senders alike. A body must follow within routes.BODY_TIMEOUT_S; a stream client that takes
-nothing for mjpeg.CLIENT_TIMEOUT_S is dropped. Every handler is a coroutine that never blocks
+nothing for guard.CLIENT_TIMEOUT_S is dropped. Every handler is a coroutine that never blocks
 the loop: JPEG encoding and every call into the daemon run in worker threads.
 """
 
@@ -169,6 +169,19 @@ class ControlPlaneServer:
                 loop.run_until_complete(loop.shutdown_default_executor())
             loop.close()
 
+    @staticmethod
+    async def _close(runner: web.AppRunner) -> None:
+        for site in list(runner.sites):
+            await site.stop()  # no new connections from here on
+        server = runner.server
+        transports = [c.transport for c in server.connections] if server is not None else []
+        await runner.cleanup()
+        # A plain close waits until the socket takes what is buffered, which a stalled viewer
+        # never does: cut such connections.
+        for transport in transports:
+            if transport is not None:
+                transport.abort()
+
     def stop(self) -> None:
         """Close every connection and stop the thread (within about half a second)."""
         for sock in self._sockets:  # listened on, never started
@@ -178,7 +191,7 @@ class ControlPlaneServer:
         if loop is None or runner is None or thread is None:
             return
         self._loop = self._runner = self._thread = None
-        closing = asyncio.run_coroutine_threadsafe(runner.cleanup(), loop)
+        closing = asyncio.run_coroutine_threadsafe(self._close(runner), loop)
         try:
             closing.result(timeout=2.0)
         except Exception as err:  # stopping must never hang the daemon's shutdown
