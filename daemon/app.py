@@ -272,6 +272,7 @@ class Daemon:
             },
             "device": device_figures(engine),
             "preview_url": out.preview_url,
+            "output_fps": self.config.output.fps,  # what an OBS Media Source must be told
             "control_url": self.control.url if self.control is not None else None,
         }
 

@@ -307,6 +307,18 @@ def service_command(args: argparse.Namespace) -> int:
     return EXIT_NOT_INSTALLED if args.action == "status" else EXIT_ERROR
 
 
+def obs_script_command(args: argparse.Namespace) -> int:
+    """Print the path of the OBS script that puts the presets on OBS's hotkeys (--install:
+    copy it where OBS keeps its files)."""
+    from daemon.integrations.obs_script import how_to_add, install, script_path
+
+    path = install() if args.install else script_path()
+    print(path)
+    if args.install:
+        print(how_to_add(path))
+    return EXIT_OK
+
+
 def doctor_command(args: argparse.Namespace) -> int:
     """Check this machine and the configuration before a run."""
     from daemon.doctor import FAIL, report, run_checks
@@ -329,6 +341,7 @@ COMMANDS: dict[str, Command] = {
         Command("status", arguments.with_json("Print the figures as JSON."), status_command),
         Command("open", arguments.open_page, open_command),
         Command("service", arguments.service, service_command),
+        Command("obs-script", arguments.obs_script, obs_script_command),
         Command("doctor", arguments.with_json("Print the checks as JSON."), doctor_command),
     )
 }

@@ -158,3 +158,11 @@ def service(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="Print the file install would write; change nothing."
     )
+
+
+def obs_script(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--install",
+        action="store_true",
+        help="Copy it into OBS's config folder (scripts/streamv2v/) and say how to add it.",
+    )
