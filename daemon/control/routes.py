@@ -71,8 +71,9 @@ class ControlRoutes:
     def __init__(self, api: ControlApi, auth: Auth, control_file: Path | None) -> None:
         self.api, self.auth, self.control_file = api, auth, control_file
         self._executor: ThreadPoolExecutor | None = None  # while the server runs
-        self.status = SharedRead(api.status, self._call)
-        self.listing = SharedRead(api.preset_listing, self._call)
+        # Looked up at each call: the method the API object has then is the one that runs.
+        self.status = SharedRead(lambda: self.api.status(), self._call)
+        self.listing = SharedRead(lambda: self.api.preset_listing(), self._call)
 
     def add_to(self, app: web.Application) -> None:
         app[AUTH_KEY] = self.auth

@@ -165,7 +165,8 @@ function renderFigures(s) {
     tr.append(el("th", "", name), el("td", "", value));
     body.append(tr);
   }
-  if (s.fps.output) $("obs-fps").textContent = String(Math.round(s.fps.output));
+  const fps = s.output_fps || (s.fps.output && Math.round(s.fps.output));
+  if (fps) $("obs-fps").textContent = String(fps);
 }
 
 // ------------------------------------------------------------------ the chart
