@@ -51,6 +51,8 @@ def script_log_problems(studio: ObsStudio) -> list[str]:
 def daemon(tiny_model, memory_vcam):
     started = Daemon(demo_config(tiny_model))
     started.start()
+    # The panel shows the output rate, which the daemon knows about a second after it starts.
+    assert wait_for(lambda: started.status()["fps"]["output"] is not None, 10)
     yield started
     started.stop()
 

@@ -283,6 +283,15 @@ def status_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def open_command(args: argparse.Namespace) -> int:
+    """Open the running daemon's control page in the browser, logged in."""
+    from daemon.control.api import open_page
+
+    opened, link = open_page(call_daemon(args, "POST", "/login-code")["url"], args.no_browser)
+    print("control page opened in the browser" if opened else link)
+    return EXIT_OK
+
+
 def service_command(args: argparse.Namespace) -> int:
     """Start the daemon at login: systemd user unit, launchd agent or Task Scheduler task."""
     from daemon.integrations.service import perform
@@ -354,6 +363,7 @@ COMMANDS: dict[str, Command] = {
         Command("presets", arguments.with_json("Print JSON (for scripts)."), presets_command),
         Command("preset", arguments.preset, preset_command),
         Command("status", arguments.with_json("Print the figures as JSON."), status_command),
+        Command("open", arguments.open_page, open_command),
         Command("service", arguments.service, service_command),
         Command("obs-script", arguments.obs_script, obs_script_command),
         Command("doctor", arguments.with_json("Print the checks as JSON."), doctor_command),

@@ -138,6 +138,15 @@ def preset(parser: argparse.ArgumentParser) -> None:
     add_config_argument(parser)
 
 
+def open_page(parser: argparse.ArgumentParser) -> None:
+    add_config_argument(parser)
+    parser.add_argument(
+        "--no-browser",
+        action="store_true",
+        help="Print the one-time login link (valid once, for a minute) instead of opening it.",
+    )
+
+
 def service(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["install", "uninstall", "status"])
     parser.add_argument(
