@@ -130,6 +130,10 @@ function renderBanner(status) {
     text = "Lost contact with the daemon: retrying...";
   } else if (camera !== "live") {
     text = `Camera ${camera}: the output shows a placeholder while the daemon reconnects.`;
+  } else if (status.remote && status.remote.state !== "connected") {
+    text = `Remote engine ${status.remote.state}` +
+      (status.remote.error ? ` (${status.remote.error})` : "") +
+      ": the camera passes through while the daemon reconnects.";
   } else if (engine === "failed") {
     text = "Engine down: the output is the camera unchanged while the daemon retries.";
   } else if (engine === "loading" || engine === "warming") {
@@ -158,6 +162,12 @@ function renderFigures(s) {
       (dev.memory_bytes ? `, ${fmt.bytes(dev.memory_bytes)}` : "") : "-"],
     ["Size", s.size ? s.size.join(" x ") : "-"],
   ];
+  const r = s.remote;
+  if (r) {
+    rows.push(["Remote engine", `${r.url}: ${r.state}` +
+      (r.rtt_ms_p50 != null ? `, round trip ${fmt.ms(r.rtt_ms_p50)}` : "") +
+      (r.server_ms_p50 != null ? `, server ${fmt.ms(r.server_ms_p50)}/frame` : "")]);
+  }
   const body = $("figures");
   body.replaceChildren();
   for (const [name, value] of rows) {
