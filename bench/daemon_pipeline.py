@@ -27,9 +27,10 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from daemon.app import Daemon, apply_demo
+from daemon.app import Daemon
 from daemon.config import DaemonConfig
-from daemon.frames import test_pattern
+from daemon.dataplane.frames import test_pattern
+from daemon.runner import apply_demo
 from streamv2v import EngineConfig, StreamV2V
 from streamv2v.testing import save_tiny_model
 

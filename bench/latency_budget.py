@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from daemon.app import Daemon, apply_demo
+from daemon.app import Daemon
 from daemon.config import DaemonConfig
-from daemon.latency import StepChoice
+from daemon.control.latency import StepChoice
+from daemon.runner import apply_demo
 from streamv2v.testing import save_tiny_model
 
 

@@ -90,7 +90,7 @@ def _accelerator(torch, config: DaemonConfig) -> Iterable[Check]:
 
 # --------------------------------------------------------------------------- weights
 def check_weights(config: DaemonConfig) -> Iterable[Check]:
-    from daemon.cli import TINY_MODEL
+    from daemon.offline.models import TINY_MODEL
 
     engine = config.engine
     if engine.model == TINY_MODEL:
@@ -190,7 +190,7 @@ def _v4l2loopback(sysfs: Path, wanted: str | None) -> Check:
 
 
 def check_camera(config: DaemonConfig, timeout_s: float = 5.0) -> Iterable[Check]:
-    from daemon.camera import describe_source, open_capture, quiet_opencv
+    from daemon.dataplane.camera import describe_source, open_capture, quiet_opencv
 
     source = config.camera.source
     if source in ("testpattern", "scene"):
@@ -233,7 +233,7 @@ def check_obs(config: DaemonConfig) -> Iterable[Check]:
         yield Check(OK, "obs", "disabled (obs.enabled = false)")
         return
     from daemon.config import ConfigError
-    from daemon.obs import probe
+    from daemon.integrations.obs import probe
 
     try:
         password = obs.resolve_password()
@@ -297,7 +297,7 @@ def _port(name: str, host: str, port: int, severity: str, config: DaemonConfig, 
 
 
 def _our_daemon_answers(config: DaemonConfig) -> bool:
-    from daemon.control import ControlClientError, call
+    from daemon.control.api import ControlClientError, call
 
     try:
         call("GET", "/status", control_file=config.control.token_file)

@@ -1,1 +1,2 @@
-"""The bundled style presets (TOML files), installed with the package; see daemon/presets.py."""
+"""The bundled style presets (TOML files), installed with the package; see
+daemon/control/presets.py."""

@@ -56,11 +56,15 @@ class FeatureBankAttnProcessor:
         buf[:, 1, m:].copy_(v)
         for r in call.fill_rows:
             bank.fill(buf[r, 0:2], n)
+        bias = None
         if cfg.extended_attention:
             k, v = buf[:, 0], buf[:, 1]
+            bias = bank.attn_bias(n, q.dtype)
+            if bias is not None:
+                bias = bias[call.rows]
         if attn.norm_q is not None or attn.norm_k is not None:
             raise NotImplementedError("feature bank with q/k-normalised attention")
-        out = multihead_attention(q, k, v, attn.heads).to(q.dtype)
+        out = multihead_attention(q, k, v, attn.heads, attn.scale, bias).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
 
         if call.store_out:

@@ -13,6 +13,7 @@ Pure tensor functions first (tested on hand-made tensors), then the stateful :cl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -32,27 +33,41 @@ def merge_tokens(kvo: torch.Tensor, num_src: int, generator: torch.Generator) ->
     rest destinations; every source is matched to its most similar destination by cosine
     similarity of the keys, and each destination becomes the mean of itself and its matched
     sources. The same matching is applied to K, V and O, so they stay aligned.
-    Returns ``[G, 3, T - num_src, C]``.
+    Returns ``[G, 3, T - num_src, C]`` in ``kvo``'s dtype.
+
+    Precision. Keys are normalised in float32 (a float16 norm overflows past |k| ~ 256), then
+    matched in the model's precision on accelerators (a half matmul: the similarity is the
+    merge's whole cost) and in float32 on the CPU (whose half matmul is slower, not faster).
+    The means are summed in float32, as one deterministic segmented reduction over the tokens
+    sorted by destination: no atomics, so the result is the same bit for bit on every run and
+    device, counts are exact, and thousands of tokens landing on one destination (flat image
+    regions) cannot overflow float16.
     """
     g, _, t, c = kvo.shape
     m = t - num_src
-    order = torch.rand((g, t), generator=generator, device=kvo.device).argsort(dim=-1)
+    dev = kvo.device
+    order = torch.rand((g, t), generator=generator, device=dev).argsort(dim=-1)
     src_idx, dst_idx = order[:, :num_src], order[:, num_src:]
 
-    keys = F.normalize(kvo[:, 0].float(), dim=-1)
+    sim_dtype = torch.float32 if dev.type == "cpu" else kvo.dtype
+    keys = F.normalize(kvo[:, 0].float(), dim=-1).to(sim_dtype)
     src_keys = keys.gather(1, src_idx[..., None].expand(-1, -1, c))
     dst_keys = keys.gather(1, dst_idx[..., None].expand(-1, -1, c))
     match = (src_keys @ dst_keys.transpose(1, 2)).argmax(dim=-1)  # [G, S] -> destination rank
-    # Where every token goes: destination j to its own rank j, a source to its match. One
-    # scatter-add over all tokens then sums each destination with its sources, K/V/O together.
-    target = torch.empty((g, t), dtype=torch.long, device=kvo.device)
-    target.scatter_(1, dst_idx, torch.arange(m, device=kvo.device).expand(g, m))
+    # Where every token goes: destination j to its own rank j, a source to its match.
+    target = torch.empty((g, t), dtype=torch.long, device=dev)
+    target.scatter_(1, dst_idx, torch.arange(m, device=dev).expand(g, m))
     target.scatter_(1, src_idx, match)
-    total = kvo.new_zeros((g, 3, m, c)).scatter_add_(
-        2, target[:, None, :, None].expand(-1, 3, -1, c), kvo
+    # Every destination counts itself, so no segment is empty and the segments, in destination
+    # order, tile the sorted tokens exactly.
+    counts = torch.zeros((g, m), dtype=torch.long, device=dev)
+    counts.scatter_add_(1, target, torch.ones_like(target))
+    by_target = target.sort(dim=1, stable=True).indices
+    tokens = kvo.transpose(1, 2).gather(1, by_target[..., None, None].expand(-1, -1, 3, c))
+    mean = torch.segment_reduce(
+        tokens.reshape(g * t, 3 * c).float(), "mean", lengths=counts.flatten(), axis=0
     )
-    count = kvo.new_zeros((g, m)).scatter_add_(1, target, kvo.new_ones((g, t)))
-    return total / count[:, None, :, None]
+    return mean.view(g, m, 3, c).transpose(1, 2).to(kvo.dtype)
 
 
 def fuse_features(
@@ -73,8 +88,17 @@ def fuse_features(
     return torch.lerp(out, matched, weight), fused
 
 
-def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int):
-    """Scaled dot-product attention of ``q`` [B, Nq, C] over ``k``/``v`` [B, Nk, C].
+def multihead_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+):
+    """Scaled dot-product attention of ``q`` [B, Nq, C] over ``k``/``v`` [B, Nk, C], with the
+    layer's own ``scale`` (None: 1/sqrt(head_dim)) and an optional additive ``bias`` on the
+    logits, broadcastable to [B, heads, Nq, Nk].
 
     Heads are split into 4-D [B, heads, tokens, head_dim] views: PyTorch's fused CPU kernels take
     those; 3-D [B*heads, tokens, dim] inputs fall back to a slow unfused path.
@@ -85,7 +109,7 @@ def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
     def split(x: torch.Tensor) -> torch.Tensor:
         return x.view(b, x.shape[1], heads, d).transpose(1, 2)
 
-    o = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    o = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias, scale=scale)
     return o.transpose(1, 2).reshape(b, nq, c)
 
 
@@ -124,6 +148,13 @@ class FeatureBank:
         self._tokens: dict[str, int] = {}  # name -> N (tokens of one frame)
         self._groups: list[_Group] = []
         self.call = _Call()
+        # A FIFO of several frames starts as copies of its first frame. Each copy would weigh in
+        # attention as a frame of its own, so EA gets a bias of -log(copies) on every banked
+        # frame's logits: each distinct frame then counts once, at static shapes.
+        self._weigh_copies = config.mode == "fifo" and config.max_frames > 1
+        self._contents = [[-1] * config.max_frames for _ in range(slots)]  # frame id per position
+        self._content_ids = 0
+        self._attn_bias: dict[int, torch.Tensor] = {}  # tokens per frame -> [S, 1, 1, M + N]
         self.reset()
 
     def reset(self) -> None:
@@ -133,6 +164,9 @@ class FeatureBank:
         self._fifo_pos = 0
         self._frame_fill: set[int] = set()
         self.last_fused_fraction: torch.Tensor | None = None
+        for slot in range(self.slots):
+            self._contents[slot] = [-1] * self.config.max_frames
+        self._refresh_bias()
 
     # ---------------------------------------------------------------- driven by the engine
     def begin_frame(self, frame: int) -> None:
@@ -145,6 +179,10 @@ class FeatureBank:
         self.call.fill_rows = fill_rows
         self._frame_fill.update(rows.start + r for r in fill_rows)
         self.call.store_out = bool(fill_rows) or self._updates_now()
+        if fill_rows and self._weigh_copies:
+            for r in fill_rows:
+                self._contents[rows.start + r] = [self._new_content()] * self.config.max_frames
+            self._refresh_bias()
 
     def _updates_now(self) -> bool:
         return self._frame > 0 and self._frame % self.config.interval == 0
@@ -171,7 +209,42 @@ class FeatureBank:
             # A slot that got its first real frame during this frame keeps exactly that frame.
             for slot in self._frame_fill:
                 self.fill(s[:, slot], n)
+        if self._weigh_copies:
+            new = self._new_content()
+            for slot in range(self.slots):
+                if slot not in self._frame_fill:
+                    self._contents[slot][self._fifo_pos] = new
+            self._refresh_bias()
         self._fifo_pos = (self._fifo_pos + 1) % self.config.max_frames
+
+    def _new_content(self) -> int:
+        self._content_ids += 1
+        return self._content_ids
+
+    def _refresh_bias(self) -> None:
+        """Rewrite the EA logit bias (in place) from which banked positions hold the same frame.
+        Runs on the host at fills and updates only, never per call."""
+        if not self._weigh_copies:
+            return
+        per_frame = torch.zeros((self.slots, self.config.max_frames + 1))  # the tail: 0
+        for slot, ids in enumerate(self._contents):
+            for pos, ident in enumerate(ids):
+                per_frame[slot, pos] = -math.log(ids.count(ident))
+        for tokens, bias in self._attn_bias.items():
+            bias.copy_(per_frame.repeat_interleave(tokens, dim=1).view(bias.shape))
+
+    def attn_bias(self, tokens: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The ``[S, 1, 1, M + N]`` additive EA bias of a layer with ``tokens`` per frame, or
+        None when every banked position holds a frame of its own (the bank needs none)."""
+        if not self._weigh_copies:
+            return None
+        bias = self._attn_bias.get(tokens)
+        if bias is None:
+            t = (self.config.max_frames + 1) * tokens
+            bias = torch.zeros((self.slots, 1, 1, t), device=self._device, dtype=dtype)
+            self._attn_bias[tokens] = bias
+            self._refresh_bias()
+        return bias
 
     def _merge_into(self, kvo: torch.Tensor, m: int) -> None:
         """Merge in chunks of groups so the similarity matrices stay under a memory bound."""

@@ -84,6 +84,11 @@ class EngineConfig(_Strict):
     similar_filter: bool = False
     similar_threshold: float = Field(0.98, gt=0.0, lt=1.0)
     similar_max_skip: int = Field(10, ge=1, le=1000)
+    similar_skip: Literal["probabilistic", "threshold"] = Field(
+        "probabilistic",
+        description="Similar-image filter rule: skip with a probability that grows with the "
+        "similarity (the reference's), or whenever it is above the threshold.",
+    )
     bank: BankConfig = BankConfig()
 
     @field_validator("t_index_list")

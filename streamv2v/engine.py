@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import os
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,7 +138,11 @@ class StreamV2V:
         self._beta_noise = torch.empty_like(self._noise)
         self._next_noise = torch.empty_like(self._noise)
         self._stock = torch.empty_like(self._noise)
-        self._prev_input = torch.zeros((1, 3, cfg.height, cfg.width), device=dev, dtype=dt)
+        self._stock_next = torch.empty_like(self._noise)
+        # The similar-image filter compares downsampled images (at most 64 px a side).
+        self._filter_pool = max(1, max(cfg.height, cfg.width) // 64)
+        small = (cfg.height // self._filter_pool, cfg.width // self._filter_pool)
+        self._filter_ref = torch.zeros((1, 3, *small), device=dev, dtype=dt)
         rows = self._calls[-1].bank_rows.stop
         self.bank = FeatureBank(cfg.bank, rows, cfg.seed, dev) if cfg.bank.enabled else None
         self.fusion_layers = install_bank(self.unet, self.bank)
@@ -145,7 +150,10 @@ class StreamV2V:
 
     def _plan_calls(self) -> list[_UNetCall]:
         cfg, sched = self.config, self._schedule
-        k, mode = cfg.steps, cfg.guidance
+        # Guidance at scale <= 1 is the conditional prediction itself (the reference applies
+        # guidance only above 1): no unconditional rows, no stock noise.
+        self._guidance = cfg.guidance if cfg.guidance_scale > 1.0 else "none"
+        k, mode = cfg.steps, self._guidance
         groups = [slice(0, k)] if cfg.stream_batch else [slice(s, s + 1) for s in range(k)]
         calls, offset = [], 0
         for slots in groups:
@@ -228,7 +236,8 @@ class StreamV2V:
         self._noise.copy_(noise)
         self._beta_noise.copy_(self._schedule.beta * self._noise)
         self._next_noise.copy_(torch.roll(self._noise, -1, dims=0))
-        self._stock.copy_(self._noise)  # RCFG's first estimate: the noise each slot really holds
+        # RCFG's first estimate of each slot's unconditional noise: the noise it really holds.
+        self._stock.copy_(self._noise)
         self._x.zero_()
         if self.bank is not None:
             self.bank.reset()
@@ -236,6 +245,7 @@ class StreamV2V:
         self._refill_bank = False  # reset_bank() was called: the next frame fills every slot
         self._recompute = False  # set_prompt_embeds() was called: skip no frame
         self._skipped = 0  # consecutive frames skipped by the similar-image filter
+        self._filter_rng = random.Random(self.config.seed)  # its skip draws: reproducible
         self._last_output: Any = None
         self._tags: collections.deque = collections.deque(maxlen=self.latency_frames + 1)
         self.output_tag: Any = None
@@ -302,7 +312,7 @@ class StreamV2V:
 
     def _predict(self, x: torch.Tensor, call: _UNetCall) -> torch.Tensor:
         """Model output for latents ``x`` at ``call``'s slots, with the configured guidance."""
-        mode = self.config.guidance
+        mode = self._guidance
         if self.bank is not None:
             self.bank.begin_call(call.bank_rows, self._fill_rows(call))
         rows = x if call.uncond_rows is None else torch.cat([x, x[call.uncond_rows]])
@@ -315,15 +325,23 @@ class StreamV2V:
         if mode == "full":
             return guide(cond, out[n:], scale)
         # Residual CFG: the unconditional prediction is estimated from the stream's own noise.
-        stock = self._stock[call.slots]
+        slots = call.slots
+        stock = self._stock[slots]
         if call.uncond_rows is not None:  # "initialize": slot 0's real unconditional output
             stock[call.uncond_rows] = out[n:]
         pred = guide(cond, stock * self.config.guidance_delta, scale)
-        stock.copy_(
-            update_stock_noise(
-                stock, pred, self._schedule, call.slots, self._next_noise[call.slots]
-            )
+        est = update_stock_noise(
+            stock, pred, self._schedule, slots, self._next_noise[slots], self._stock_next[slots]
         )
+        # Each estimate moves one slot on with its frame (the last slot's leaves the stream), and
+        # the frame entering slot 0 starts from its fixed noise: every estimate comes from the
+        # step before it, in stream batch and sequential mode alike, for any k.
+        k = self.config.steps
+        moved = min(slots.stop, k - 1) - slots.start
+        if moved > 0:
+            self._stock[slots.start + 1 : slots.start + 1 + moved].copy_(est[:moved])
+        if slots.start == 0:
+            self._stock[0:1].copy_(self._noise[0:1])
         return pred
 
     def _fill_rows(self, call: _UNetCall) -> tuple[int, ...]:
@@ -377,21 +395,35 @@ class StreamV2V:
         return image.to(torch.uint8).permute(1, 2, 0).contiguous()
 
     def _similar_to_last(self, image: torch.Tensor) -> bool:
-        """Similar-image filter: skip the model when the input barely changed (bounded run)."""
+        """Similar-image filter: skip the model when the input barely changed since the last
+        frame that was *processed* (so slow motion adds up to a change), for a bounded run.
+
+        The cosine similarity is taken on the image average-pooled to at most 64 px a side, in
+        the model's dtype: a few thousand numbers instead of the full frame. Its one ``.item()``
+        waits only for this frame's upload and pooling, the queue's whole content at this point.
+        "probabilistic" (the reference's rule) skips with probability
+        ``max(0, 1 - (1 - cos) / (1 - threshold))``, drawn from a generator seeded by the
+        engine's seed; "threshold" skips whenever ``cos > threshold``.
+        """
         cfg = self.config
         if not cfg.similar_filter:
             return False
-        sim = F.cosine_similarity(image.flatten().float(), self._prev_input.flatten().float(), 0)
-        self._prev_input.copy_(image)
+        small = F.avg_pool2d(image, self._filter_pool) if self._filter_pool > 1 else image
         recompute, self._recompute = self._recompute, False
-        if (
-            not recompute
-            and self._last_output is not None
-            and sim.item() > cfg.similar_threshold
-            and self._skipped < cfg.similar_max_skip
-        ):
-            self._skipped += 1
-            return True
+        if not recompute and self._last_output is not None and self._skipped < cfg.similar_max_skip:
+            cos = F.cosine_similarity(
+                small.flatten().float(), self._filter_ref.flatten().float(), 0
+            )
+            cos = cos.item()
+            if cfg.similar_skip == "threshold":
+                skip = cos > cfg.similar_threshold
+            else:
+                p_skip = 1.0 - (1.0 - cos) / (1.0 - cfg.similar_threshold)
+                skip = self._filter_rng.random() < p_skip
+            if skip:
+                self._skipped += 1
+                return True
+        self._filter_ref.copy_(small)
         self._skipped = 0
         return False
 

@@ -91,14 +91,23 @@ def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tenso
 
 def update_stock_noise(
     stock: torch.Tensor,
-    model_output: torch.Tensor,
+    guided: torch.Tensor,
     sched: StreamSchedule,
     slots: slice,
     next_noise: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Residual CFG ("self"/"initialize"): the estimate of the noise each slot will carry at its
-    next timestep, used in place of an unconditional UNet pass on the next call.
+    """Residual CFG ("self"/"initialize", StreamDiffusion's recurrence): from each slot's estimate
+    ``stock`` of the unconditional noise and the ``guided`` prediction of this call, the estimate
+    of the noise that slot's frame will carry at its *next* timestep::
+
+        next = x0(guided, beta_t * stock) * alpha_next / beta_next + noise_next
+
+    ``x0`` is the LCM step of the call's slots, ``alpha_next/beta_next`` the next slot's (1 after
+    the last) and ``noise_next`` the fixed noise of the next slot (slot 0's after the last). The
+    result belongs to the *next* slot: the caller moves it one slot on, with its frame. Feeding it
+    back into the same slot instead is a recurrence with gain > 1 that diverges within frames.
     """
     b = sched.beta[slots]
-    delta_x = denoise(b * stock, model_output, sched.x_coef[slots], sched.pred_coef[slots])
-    return torch.addcmul(next_noise, delta_x, sched.next_ratio[slots])
+    delta_x = denoise(b * stock, guided, sched.x_coef[slots], sched.pred_coef[slots])
+    return torch.addcmul(next_noise, delta_x, sched.next_ratio[slots], out=out)

@@ -16,11 +16,11 @@ import cv2
 import numpy as np
 import pytest
 
-from daemon.camera import CameraSource
 from daemon.config import CameraConfig
-from daemon.frames import Frame, fit_to, unavailable_frame
-from daemon.frames import test_pattern as make_pattern
-from daemon.slots import LatestSlot
+from daemon.dataplane.camera import CameraSource
+from daemon.dataplane.frames import Frame, fit_to, unavailable_frame
+from daemon.dataplane.frames import test_pattern as make_pattern
+from daemon.dataplane.slots import LatestSlot
 
 RED = (210, 40, 40)
 BLUE = (40, 60, 210)

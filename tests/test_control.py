@@ -13,8 +13,8 @@ import pytest
 
 from daemon.cli import main
 from daemon.config import DaemonConfig, load_config
-from daemon.control import ControlServer
-from daemon.presets import PresetLibrary, PresetManager, config_preset
+from daemon.control.api import ControlServer
+from daemon.control.presets import PresetLibrary, PresetManager, config_preset
 
 
 class PresetsOnly:

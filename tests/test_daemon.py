@@ -15,9 +15,10 @@ import threading
 import time
 from pathlib import Path
 
-from daemon.app import Daemon, apply_demo
+from daemon.app import Daemon
 from daemon.cli import main
 from daemon.config import DaemonConfig, load_config
+from daemon.runner import apply_demo
 
 
 def demo_config(tiny_model: Path, **extra) -> DaemonConfig:

@@ -14,8 +14,8 @@ from daemon.config import (
     dump_config,
     load_config,
     parse_override,
-    to_toml,
 )
+from daemon.config_text import to_toml
 
 
 def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.hotkeys import HotkeyListener
+from daemon.integrations.hotkeys import HotkeyListener
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("Xvfb") and shutil.which("xdotool")),
@@ -239,7 +239,7 @@ def test_wayland_without_display_says_xwayland_is_needed(monkeypatch, log_lines)
 # Runs in a fresh interpreter: pynput must not have been imported with a working display.
 UNAVAILABLE_THEN_BACK = """
 import json, logging, os, subprocess, sys, time
-from daemon.hotkeys import HotkeyListener
+from daemon.integrations.hotkeys import HotkeyListener
 
 lines = []
 handler = logging.Handler()
@@ -325,7 +325,7 @@ def test_without_pynput_start_says_to_install_it(xvfb):
     script = """
 import json, logging, sys
 sys.modules["pynput"] = None  # as if not installed
-from daemon.hotkeys import HotkeyListener
+from daemon.integrations.hotkeys import HotkeyListener
 lines = []
 handler = logging.Handler()
 handler.emit = lambda record: lines.append(record.getMessage())

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from daemon.config import LatencyConfig
-from daemon.latency import LatencyBudget, RunningStats, StepChoice
+from daemon.control.latency import LatencyBudget, RunningStats, StepChoice
 
 INPUT_FPS = 30.0
 REST_MS = 10.0  # capture wait + pacing the engine does not explain

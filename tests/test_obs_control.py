@@ -15,7 +15,7 @@ from obs_helpers import ObsStudio, free_port, require_obs
 from obsws_python.error import OBSSDKRequestError
 
 from daemon.config import ObsConfig
-from daemon.obs import ObsControl
+from daemon.integrations.obs import ObsControl
 
 SCENES = ("Scene 1", "Gaming", "Chatting", "Just Chatting")
 SCENE_PRESETS = {"Scene 1": "watercolor", "Gaming": "cyberpunk"}  # the chatting scenes: none

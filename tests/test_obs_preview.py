@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from obs_helpers import ObsStudio, add_mjpeg_media_source, require_obs
 
-from daemon.preview import PreviewServer
+from daemon.control.preview import PreviewServer
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ import pyvirtualcam
 import pyvirtualcam.camera
 from test_translate_cli import read_frames
 
-from daemon.outputs import Recorder, VirtualCameraSink, VirtualCameraUnavailable
-from daemon.preview import PreviewServer
+from daemon.control.preview import PreviewServer
+from daemon.dataplane.outputs import Recorder, VirtualCameraSink, VirtualCameraUnavailable
 
 W, H = 64, 48
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from daemon.cli import main
-from daemon.service import (
+from daemon.integrations.service import (
     MARKER,
     Launch,
     LaunchdAgent,

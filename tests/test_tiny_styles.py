@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from daemon.cli import tiny_styles_dir
-from daemon.presets import Preset
-from daemon.switching import StyleSwitcher
+from daemon.control.presets import Preset
+from daemon.control.switching import StyleSwitcher
+from daemon.offline.models import tiny_styles_dir
 from streamv2v import BankConfig, EngineConfig, StreamV2V
 from streamv2v.scenes import SIZE, STYLES, moving_scene, random_scene, render
 from streamv2v.temporal import temporal_figures
@@ -129,8 +129,9 @@ def test_training_is_reproducible_with_the_same_seeds(tmp_path):
 def test_the_demo_daemon_shows_the_style_switch(memory_vcam):
     from test_daemon import wait_for
 
-    from daemon.app import Daemon, apply_demo
+    from daemon.app import Daemon
     from daemon.config import DaemonConfig
+    from daemon.runner import apply_demo
 
     config, notes = apply_demo(DaemonConfig())
     assert any("tiny style model" in note for note in notes)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from daemon.cli import main
-from daemon.video import VideoReader, VideoWriter
+from daemon.dataplane.video import VideoReader, VideoWriter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLIP_FPS = 16

@@ -1,5 +1,6 @@
 """The capture thread: reads a camera (device, video file, network stream or test pattern) into
-a :class:`~daemon.slots.LatestSlot`, and keeps the picture going when the camera goes away.
+a :class:`~daemon.dataplane.slots.LatestSlot`, and keeps the picture going when the camera goes
+away.
 
 While the camera is lost the slot receives a "camera unavailable" frame at the camera's rate and
 the source is reopened with exponential backoff; when frames come back they simply flow again.
@@ -21,8 +22,8 @@ import cv2
 import numpy as np
 
 from daemon.config import CameraConfig, source_kind
-from daemon.frames import Frame, test_pattern, unavailable_frame
-from daemon.slots import LatestSlot
+from daemon.dataplane.frames import Frame, test_pattern, unavailable_frame
+from daemon.dataplane.slots import LatestSlot
 
 #: Network streams: OpenCV's FFMPEG backend otherwise waits minutes on a dead host. The read
 #: timeout stays under the 2 s that stop() is allowed, since a read in progress can't be cut short.
@@ -35,7 +36,7 @@ _POLL_S = 0.02
 
 class CameraSource:
     """Reads ``config.source`` on a daemon thread named "capture" and publishes
-    :class:`~daemon.frames.Frame` objects (RGB) to ``out``.
+    :class:`~daemon.dataplane.frames.Frame` objects (RGB) to ``out``.
 
     ``state`` is "connecting", "live", "lost" or "stopped"; ``frames_read`` counts camera frames
     and ``reconnects`` the times the camera came back after being lost.

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+from daemon.errors import UserError
+from daemon.logs import default_log_file
+
 MARKER = "Installed by `streamv2v service install`"
 LABEL = "io.github.streamv2v.daemon"
 TASK_NAME = "streamv2v"
@@ -293,6 +296,26 @@ class Outcome:
 
     lines: list[str]
     ok: bool = True
+
+
+def perform(action: str, config: Path | None, *, dry_run: bool = False) -> Outcome:
+    """``streamv2v service ACTION`` (install, uninstall or status) for this platform; with
+    ``dry_run`` (install only), the file install would write, changing nothing."""
+    try:
+        kind = service_for(sys.platform, Path.home())
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    launch = default_launch(config, default_log_file().parent)
+    if dry_run:
+        if action != "install":
+            raise UserError("--dry-run goes with install")
+        return Outcome([f"# would write {kind.path}", kind.render(launch).removesuffix("\n")])
+    actions = {
+        "install": lambda: install(kind, launch),
+        "uninstall": lambda: uninstall(kind),
+        "status": lambda: status(kind),
+    }
+    return actions[action]()
 
 
 def read_text(kind: ServiceKind) -> str | None:

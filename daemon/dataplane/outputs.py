@@ -2,7 +2,7 @@
 
 Both take uint8 RGB frames of one fixed size from the output thread, which does the pacing: the
 virtual camera never sleeps here, so one slow output cannot stretch the frame interval of another.
-The MJPEG preview lives in ``daemon.preview``.
+The MJPEG preview lives in ``daemon.control.preview``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from daemon.video import CloseOnExit, VideoOutputError, VideoWriter
+from daemon.dataplane.video import CloseOnExit, VideoOutputError, VideoWriter
 
 if TYPE_CHECKING:
     import pyvirtualcam

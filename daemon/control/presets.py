@@ -23,8 +23,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from daemon.config import CONFIG_PRESET, dotted
-from daemon.hotkeys import check_combo
+from daemon.config import CONFIG_PRESET
+from daemon.config_text import dotted
+from daemon.integrations.hotkeys import check_combo
 from streamv2v import BankConfig, EngineConfig, LoraSpec
 from streamv2v.config import SCHEDULE_STEPS
 

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import platformdirs
 
 from daemon.config import APP_NAME, is_loopback
-from daemon.presets import UnknownPreset
+from daemon.control.presets import UnknownPreset
 
 log = logging.getLogger("streamv2v.control")
 

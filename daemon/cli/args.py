@@ -1,0 +1,151 @@
+"""The arguments of each subcommand (parsing only: the work lives with its concern)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from daemon.config import DEFAULT_MODEL
+from daemon.offline.demo import DEMO_FPS
+from daemon.offline.models import STYLE_PROMPTS, TINY_MODEL, TINY_STYLES
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``'512x512'`` -> ``(512, 512)`` (width, height)."""
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 512x512, got {text!r}")
+    return int(width), int(height)
+
+
+def parse_positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options that choose the model and tune the engine (shared by commands that run one)."""
+    parser.add_argument("--prompt", required=True, help="What the video should look like.")
+    parser.add_argument("--negative-prompt", default="", help="What it should not look like.")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"Hub id or local folder of an SD-family model; '{TINY_STYLES}' for the built-in "
+        f"tiny style model (prompts: {', '.join(repr(p) for p in STYLE_PROMPTS)}), '{TINY_MODEL}' "
+        f"for the random-weight one (default: {DEFAULT_MODEL} with the LCM-LoRA when it is in "
+        f"the local cache, else {TINY_STYLES}).",
+    )
+    parser.add_argument("--steps", type=int, help="Denoising steps per frame (engine default: 4).")
+    parser.add_argument("--strength", type=float, help="How much to change each frame (0-1].")
+    parser.add_argument(
+        "--size", type=parse_size, metavar="WxH", help="Working size (engine default: 512x512)."
+    )
+    parser.add_argument("--seed", type=int, help="Seed of the fixed noise.")
+    parser.add_argument(
+        "--no-stream-batch",
+        dest="stream_batch",
+        action="store_false",
+        help="Denoise each frame fully before the next (no output lag, slower).",
+    )
+    parser.add_argument(
+        "--vae", help="Hub id or folder of the VAE, or 'model' for the model's own VAE."
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="Allow loading pickle (.bin/.ckpt) weights; only for models you trust.",
+    )
+    parser.add_argument("--device", help="Torch device such as cpu or cuda (default: best found).")
+
+
+def translate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", type=Path, help="Video file to restyle.")
+    parser.add_argument("output", type=Path, help="Video file to write (.mp4 or .avi).")
+    add_engine_arguments(parser)
+
+
+def demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--frames",
+        type=parse_positive_int,
+        default=int(4 * DEMO_FPS),
+        help=f"Frames of the generated camera to restyle (default: 4 s at {DEMO_FPS:g} fps).",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("streamv2v-demo.mp4"),
+        help="Video file to write (default: ./streamv2v-demo.mp4).",
+    )
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML configuration file (default: config.toml in the user config dir, if present).",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Override one setting, e.g. --set camera.source=1 --set engine.settings.steps=2.",
+    )
+
+
+def run(parser: argparse.ArgumentParser) -> None:
+    add_config_argument(parser)
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="Embedded default: a generated test pattern as the camera and the tiny local model.",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="Stop after this many seconds (default: run until SIGINT/SIGTERM).",
+    )
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["show", "path"], help="show: the effective settings.")
+    add_config_argument(parser)
+
+
+def with_json(json_help: str) -> Callable[[argparse.ArgumentParser], None]:
+    """The configuration options and ``--json`` (for commands that print a report)."""
+
+    def add(parser: argparse.ArgumentParser) -> None:
+        add_config_argument(parser)
+        parser.add_argument("--json", action="store_true", help=json_help)
+
+    return add
+
+
+def preset(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="A preset name (see `streamv2v presets`), next or prev.")
+    add_config_argument(parser)
+
+
+def service(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["install", "uninstall", "status"])
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="Configuration the service runs with (default: the user config file, if any).",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="Print the file install would write; change nothing."
+    )

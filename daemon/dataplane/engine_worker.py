@@ -1,0 +1,281 @@
+"""The engine thread of the data plane: the newest camera frame in, a styled frame out.
+
+It loads the model in a thread of its own (the camera passes through meanwhile), follows the
+active preset and the latency controller's step choice between frames, and falls back to
+passthrough with a retry backoff whenever the engine fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from daemon.config import DaemonConfig
+from daemon.control.latency import LatencyBudget, StepChoice
+from daemon.control.metrics import Rolling
+from daemon.control.presets import Preset, PresetManager
+from daemon.dataplane.frames import Frame
+from daemon.dataplane.slots import LatestSlot
+from daemon.offline.models import model_location
+from daemon.offline.pipeline import engine_config
+from streamv2v.config import SCHEDULE_STEPS
+
+if TYPE_CHECKING:
+    from daemon.control.switching import StyleSwitcher
+
+log = logging.getLogger("streamv2v")
+
+_BACKOFF_MIN_S, _BACKOFF_MAX_S = 2.0, 60.0
+
+
+class EngineWorker:
+    """The engine thread: loads the model (passthrough meanwhile), restyles the newest camera
+    frame with the active preset, and falls back to passthrough with a retry backoff whenever
+    the engine fails.
+
+    Presets are followed as a desired state: between frames the worker compares the manager's
+    active preset (as its file says now) with the one applied and starts a transition when they
+    differ, so a switch from any thread, an edited preset file or a finished model load all
+    take the same path.
+    """
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        inp: LatestSlot[Frame],
+        out: LatestSlot[Frame],
+        presets: PresetManager,
+    ):
+        self.config = config
+        self.presets = presets
+        section = config.engine
+        self.base = engine_config(section.model, section.settings, loras=section.loras)
+        self._in, self._out = inp, out
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.state = "loading"  # loading, warming, running, failed, stopped
+        self.engine: Any = None
+        self.switcher: StyleSwitcher | None = None
+        self.applied: Preset | None = None  # the preset the engine runs (None: not loaded)
+        self._library_version = -1
+        self._loader: threading.Thread | None = None
+        self._loaded: Any = None
+        self._showing_styled = False  # the last frame sent out was a styled one
+        self.call_ms = Rolling()
+        self.frames_styled = 0
+        self.calls = 0  # engine calls (for the engine rate)
+        latency = config.latency
+        self.budget = LatencyBudget(latency, config.camera.fps) if latency.active else None
+        self.output_delay: Rolling | None = None  # the output worker's pacing delay
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        self.state = "stopped"
+
+    @property
+    def switching(self) -> bool:
+        return self.switcher is not None and self.switcher.switching
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        if state != self.state:
+            log.info("engine: %s%s", state, f" ({detail})" if detail else "")
+            self.state = state
+
+    def _load(self, preset: Preset) -> tuple[Any, StyleSwitcher, int]:
+        """A new engine running ``preset``, with every preset's prompt encoded (in the loader
+        thread, so the engine thread never waits for the text encoder)."""
+        from daemon.control.switching import StyleSwitcher
+        from streamv2v import StreamV2V
+
+        cfg = self.config.engine
+        dtype = None
+        if cfg.dtype is not None:
+            import torch
+
+            dtype = getattr(torch, cfg.dtype)
+        version = self.presets.library.version
+        engine = StreamV2V.from_pretrained(
+            model_location(cfg.model),
+            config=preset.engine_config(self.base),
+            device=cfg.device,
+            dtype=dtype,
+            allow_pickle=cfg.allow_pickle,
+        )
+        switcher = StyleSwitcher(engine, self.base)
+        switcher.encode(self.presets.library.presets.values())
+        if not preset.passthrough:
+            switcher.start(preset)
+        return engine, switcher, version
+
+    def _start_loading(self, preset: Preset) -> None:
+        """Load in a thread of its own, so this thread keeps serving frames meanwhile."""
+        if self.engine is None:
+            self._set_state("loading", self.config.engine.model)
+        else:
+            log.info("preset %s: loading the model with its LoRAs", preset.name)
+        self._loaded = None
+
+        def load() -> None:
+            try:
+                self._loaded = (preset, *self._load(preset))
+            except Exception as err:  # any failure: reported by the engine thread
+                self._loaded = err
+
+        self._loader = threading.Thread(target=load, name="engine-load", daemon=True)
+        self._loader.start()
+
+    def _finish_loading(self, backoff: float) -> bool:
+        """Take the loader's result; False when it failed."""
+        self._loader, loaded = None, self._loaded
+        if isinstance(loaded, Exception):
+            if self.engine is None:
+                log.error(
+                    "engine: could not load (%s); passthrough, retry in %.0f s", loaded, backoff
+                )
+                self.state = "failed"
+                return False
+            # A preset's LoRAs failed: run it on the weights loaded now (until its file changes).
+            wanted = self.presets.current()
+            log.error(
+                "preset %s: LoRAs failed (%s); running it on the current weights",
+                wanted.name,
+                loaded,
+            )
+            self._apply(wanted)
+            return True
+        preset, self.engine, self.switcher, self._library_version = loaded
+        self.applied = preset
+        self._set_state("warming")
+        return True
+
+    def _follow_presets(self) -> None:
+        """Between frames: encode changed presets, and start a switch when the active preset
+        differs from the applied one."""
+        assert self.switcher is not None
+        library = self.presets.library
+        if library.version != self._library_version:
+            self._library_version = library.version
+            self.switcher.encode(library.presets.values())
+        wanted = self.presets.current()
+        if wanted == self.applied or self._loader is not None:
+            return
+        loras = wanted.engine_config(self.base).loras
+        if not wanted.passthrough and loras != self.engine.config.loras:
+            self._start_loading(wanted)  # the current style runs on until the new model is ready
+            return
+        self._apply(wanted)
+
+    def _follow_budget(self) -> None:
+        """Between frames: let the latency controller pick the steps (not while a preset
+        switch is in flight: the blend and its flush must finish on one configuration)."""
+        budget, engine = self.budget, self.engine
+        if budget is None or self.switching or self.applied is None:
+            return
+        cfg = engine.config
+        lo, hi = self.applied.step_range(self.base)
+        hi = min(hi, int(SCHEDULE_STEPS * cfg.strength))  # what the strength leaves room for
+        lo = min(lo, hi)
+        if self.output_delay is not None and self.calls % 10 == 0:
+            delays = self.output_delay.snapshot()
+            if delays.size:
+                budget.output_delay = (float(delays.mean()), float(delays.var()))
+        current = StepChoice(cfg.steps, cfg.stream_batch)
+        cost_class = f"{cfg.width}x{cfg.height} guidance={cfg.guidance} bank={cfg.bank.enabled}"
+        choice = budget.decide(current, lo, hi, cost_class)
+        if choice == current:
+            return
+        predicted = budget.predict_p95(choice)
+        level = logging.DEBUG if budget.last_reason == "calibrating" else logging.INFO
+        log.log(
+            level,
+            "steps: %s -> %s (%s; predicted p95 %s ms, budget %s ms)",
+            current,
+            choice,
+            budget.last_reason,
+            "?" if predicted is None else f"{predicted:.0f}",
+            budget.config.budget_ms,
+        )
+        update = {"steps": choice.steps, "stream_batch": choice.stream_batch, "t_index_list": None}
+        engine.set_config(type(cfg).model_validate({**cfg.model_dump(), **update}))
+
+    def _apply(self, preset: Preset) -> None:
+        assert self.switcher is not None
+        previous = self.applied
+        if preset.passthrough:
+            pass
+        elif previous is None or previous.passthrough:
+            self.switcher.start(preset)  # nothing styled to blend from: restart the stream
+        else:
+            self.switcher.switch(preset)
+        # Published last: whoever sees the new preset applied also sees its switch in flight.
+        self.applied = preset
+
+    def _run(self) -> None:
+        backoff, retry_at = _BACKOFF_MIN_S, 0.0
+        last_call: float | None = None  # when the previous engine call started
+        while not self._stop.is_set():
+            if self._loader is None and self.engine is None and time.monotonic() >= retry_at:
+                self._start_loading(self.presets.current())
+            elif self._loader is not None and not self._loader.is_alive():
+                if self._finish_loading(backoff):
+                    backoff = _BACKOFF_MIN_S
+                else:
+                    retry_at = time.monotonic() + backoff
+                    backoff = min(backoff * 2, _BACKOFF_MAX_S)
+            frame = self._in.get(timeout=0.1)
+            if frame is None:
+                continue
+            if self.engine is not None:
+                self._follow_presets()
+            passthrough = self.applied is None or self.applied.passthrough
+            if frame.kind == "unavailable" or self.engine is None or passthrough:
+                self._send(frame)  # passthrough while loading, failed, or by choice
+                continue
+            try:
+                self._follow_budget()
+                choice = StepChoice(self.engine.config.steps, self.engine.config.stream_batch)
+                t0 = time.perf_counter()
+                self.switcher.before_frame()
+                styled = self.engine(frame.image, tag=frame.captured_at)
+                call_ms = (time.perf_counter() - t0) * 1000
+                self.call_ms.add(call_ms)
+                self.calls += 1
+                if self.budget is not None:
+                    tag = self.engine.output_tag if styled is not None else None
+                    latency = None if tag is None else (time.monotonic() - tag) * 1000
+                    interval = None if last_call is None else (t0 - last_call) * 1000
+                    self.budget.observe(choice, call_ms, latency, interval)
+                last_call = t0
+            except Exception as err:
+                log.error("engine: frame failed (%s); passthrough, retry in %.0f s", err, backoff)
+                self.state = "failed"
+                # Rebuilt after the backoff: a half-broken engine is not reused.
+                self.engine, self.switcher, self.applied = None, None, None
+                retry_at = time.monotonic() + backoff
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                self._send(frame)
+                continue
+            if styled is None:
+                # The stream buffer is filling (start, or a preset that restarts the stream):
+                # warm-up frames are never published. After a styled frame the output repeats
+                # it; otherwise the camera frame goes out.
+                if not self._showing_styled:
+                    self._send(frame)
+                continue
+            self._set_state("running")
+            self.frames_styled += 1
+            self._showing_styled = True
+            self._out.put(Frame(styled, self.engine.output_tag, frame.seq, "styled"))
+
+    def _send(self, frame: Frame) -> None:
+        """Send a camera (or "camera unavailable") frame on as it is."""
+        self._showing_styled = False
+        if frame.kind == "camera":
+            frame = Frame(frame.image, frame.captured_at, frame.seq, "passthrough")
+        self._out.put(frame)

@@ -1,0 +1,1 @@
+"""What the daemon talks to outside itself: OBS (websocket), global hotkeys, the login service."""
