@@ -26,7 +26,8 @@ from streamv2v.scenes import SIZE, moving_scene, random_scene, render
 
 BANKS = {
     "off": BankConfig(enabled=False),
-    "on (reference: EA+FF+DyMe)": BankConfig(),
+    "on (reference: EA+FF+DyMe)": BankConfig(mode="dyme"),
+    "on, stable (the default)": BankConfig(mode="stable"),
     "on, FIFO (no merging)": BankConfig(mode="fifo", merge_ratio=0.5),
     "on, EA only": BankConfig(feature_fusion=False),
 }
