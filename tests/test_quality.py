@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from daemon.offline.quality import (
+    ClipEmbedder,
     after_update_flags,
     clip_consistency,
     fit_to,
@@ -21,7 +22,7 @@ from daemon.offline.quality import (
     split_mad,
     warp_errors,
 )
-from daemon.offline.report import Report, VariantReport, write_report
+from daemon.offline.report import Report, VariantReport, sample_indices, text_table, write_report
 
 SIZE = 96
 SHIFT = (2, 1)  #: the window moves 2 px right and 1 px down per frame: content moves left/up
@@ -144,7 +145,7 @@ def test_clip_consistency_without_a_cached_model_says_why():
     assert "not measured" in result.note and "no-such-clip-model" in result.note
 
 
-def test_clip_consistency_with_a_local_model(tmp_path):
+def test_clip_consistency_with_a_local_model(tmp_path):  # (loaded once, used for two clips)
     """A tiny random-weight CLIP vision model saved to a folder, loaded through from_pretrained."""
     import torch
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -164,34 +165,45 @@ def test_clip_consistency_with_a_local_model(tmp_path):
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
     ).save_pretrained(tmp_path)
     frames = translated_texture(4)
-    still = clip_consistency([frames[0]] * 4, str(tmp_path))
+    embedder = ClipEmbedder.load(str(tmp_path))
+    assert isinstance(embedder, ClipEmbedder)
+    still = embedder.consistency([frames[0]] * 4)
     assert still.value == pytest.approx(1.0, abs=1e-5)
     rng = np.random.default_rng(2)
     noise = [rng.integers(0, 256, frames[0].shape, dtype=np.uint8) for _ in range(4)]
-    changing = clip_consistency([frames[0], noise[0], frames[0], noise[1]], str(tmp_path))
+    changing = embedder.consistency([frames[0], noise[0], frames[0], noise[1]])
     assert changing.value is not None and changing.value < still.value - 1e-3
 
 
-def _report(tmp_path) -> Report:
+def _report() -> Report:
     source = translated_texture(10)
     motion = source_motion(source)
+    indices = sample_indices(len(source), start=1)
     variants = [
         VariantReport(
             name=name,
             quality=measure(clip, motion, interval=4, skip=1),
-            frames=clip,
+            strip=[clip[i] for i in indices],
             description=f"the {name} clip",
             fps=12.5,
             ff_pass_rate=0.25,
         )
         for name, clip in (("steady", source), ("flickering", flickering(source)))
     ]
-    return Report("eval of a test clip", source, variants, {"model": "none"}, skip=1)
+    return Report(
+        "eval of a test clip",
+        frame_mad(source),
+        indices,
+        [source[i] for i in indices],
+        variants,
+        {"model": "none"},
+        skip=1,
+    )
 
 
 def test_html_report_embeds_its_plots_and_frames(tmp_path):
     path = tmp_path / "report.html"
-    assert write_report(_report(tmp_path), path) == [path]
+    assert write_report(_report(), path) == [path]
     text = path.read_text()
     assert "<td>steady</td>" in text and "<td>flickering</td>" in text
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
@@ -203,8 +215,16 @@ def test_html_report_embeds_its_plots_and_frames(tmp_path):
     assert "http" not in text.replace("http-equiv", "")  # self-contained: nothing to fetch
 
 
+def test_text_table_lines_up_the_figures():
+    lines = text_table(_report()).splitlines()
+    assert lines[0].split()[:2] == ["variant", "MAD"]
+    assert lines[1].startswith("steady ") and lines[2].startswith("flickering ")
+    assert len({len(line) for line in lines[1:]}) == 1  # right-aligned columns
+    assert "15.99" in lines[2] or "16.00" in lines[2]  # the flickering clip's warp error
+
+
 def test_markdown_report_writes_its_pictures(tmp_path):
-    written = write_report(_report(tmp_path), tmp_path / "eval.md")
+    written = write_report(_report(), tmp_path / "eval.md")
     text = (tmp_path / "eval.md").read_text()
     assert "| steady |" in text
     pictures = [p for p in written if p.suffix == ".png"]
@@ -212,4 +232,4 @@ def test_markdown_report_writes_its_pictures(tmp_path):
     for p in pictures:
         assert p.name in text and cv2.imread(str(p)) is not None
     with pytest.raises(ValueError, match=r"\.html"):
-        write_report(_report(tmp_path), tmp_path / "eval.pdf")
+        write_report(_report(), tmp_path / "eval.pdf")

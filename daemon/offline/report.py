@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.offline.quality import ClipConsistency, ClipQuality, frame_mad
+from daemon.offline.quality import ClipConsistency, ClipQuality
 
 #: Frames shown per strip.
 STRIP_FRAMES = 6
@@ -31,11 +31,11 @@ REPORT_SUFFIXES = (".html", ".md")
 
 @dataclass(frozen=True)
 class VariantReport:
-    """One variant's figures and its output clip (the report samples frames from it)."""
+    """One variant's figures and its frames at the report's strip indices."""
 
     name: str
     quality: ClipQuality
-    frames: Sequence[np.ndarray]
+    strip: Sequence[np.ndarray]
     description: str = ""
     fps: float | None = None
     ff_pass_rate: float | None = None
@@ -45,7 +45,9 @@ class VariantReport:
 @dataclass(frozen=True)
 class Report:
     title: str
-    source: Sequence[np.ndarray]  #: the source clip at the output size
+    source_mad: np.ndarray  #: the source's own consecutive-frame MAD, for scale
+    strip_indices: Sequence[int]  #: the frames the strips show (see :func:`sample_indices`)
+    source_strip: Sequence[np.ndarray]  #: the source at those frames, at the output size
     variants: Sequence[VariantReport]
     settings: dict[str, str] = field(default_factory=dict)  #: shown under the title
     notes: Sequence[str] = ()
@@ -88,11 +90,11 @@ def summary_rows(report: Report) -> list[list[str]]:
         rows.append(
             [
                 v.name,
-                _num(q.mad, 3),
+                _num(q.mad, 4),
                 _num(q.flicker_score, 4),
-                _num(q.warp_error, 3),
-                _num(q.mad_after_update, 3),
-                _num(q.mad_other, 3),
+                _num(q.warp_error, 4),
+                _num(q.mad_after_update, 4),
+                _num(q.mad_other, 4),
                 "-" if pulse is None else f"{pulse:.2f}x",
                 "-" if v.ff_pass_rate is None else f"{100 * v.ff_pass_rate:.1f}%",
                 _num(v.clip.value if v.clip else None, 4),
@@ -100,6 +102,17 @@ def summary_rows(report: Report) -> list[list[str]]:
             ]
         )
     return rows
+
+
+def text_table(report: Report) -> str:
+    """The summary table as aligned plain text (what ``streamv2v eval`` prints)."""
+    rows = [list(COLUMNS), *summary_rows(report)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- pictures
@@ -135,8 +148,7 @@ def variant_plot(report: Report, variant: VariantReport) -> bytes:
     fig = _figure(8, 2.3 * panels)
     axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
     ax = axes[0]
-    source_mad = frame_mad(report.source)
-    _curves(ax, source_mad, report.skip, "source", color="0.6", lw=1)
+    _curves(ax, report.source_mad, report.skip, "source", color="0.6", lw=1)
     _curves(ax, q.frame_mad, report.skip, variant.name, color="C0", lw=1.5)
     into = np.flatnonzero(q.after_update[1 : len(q.frame_mad) + 1])
     if len(into):
@@ -180,7 +192,7 @@ def sample_indices(count: int, n: int = STRIP_FRAMES, start: int = 0) -> list[in
 
 
 def frame_strip(rows: Sequence[tuple[str, Sequence[np.ndarray]]], indices: Sequence[int]) -> bytes:
-    """PNG: one row of frames per (label, clip), the same frame indices in every column."""
+    """PNG: one row of frames per (label, frames at ``indices``), one column per index."""
     h, w = rows[0][1][0].shape[:2]
     cell = 1.6
     fig = _figure(cell * len(indices) * w / h + 0.4, cell * len(rows) + 0.3)
@@ -188,7 +200,7 @@ def frame_strip(rows: Sequence[tuple[str, Sequence[np.ndarray]]], indices: Seque
     for r, (label, clip) in enumerate(rows):
         for c, i in enumerate(indices):
             ax = axes[r, c]
-            ax.imshow(clip[i], interpolation="nearest")
+            ax.imshow(clip[c], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -196,6 +208,11 @@ def frame_strip(rows: Sequence[tuple[str, Sequence[np.ndarray]]], indices: Seque
             if c == 0:
                 ax.set_ylabel(label, fontsize=8)
     return _png(fig)
+
+
+def _strip(report: Report, variant: VariantReport) -> bytes:
+    rows = [("source", report.source_strip), (variant.name, variant.strip)]
+    return frame_strip(rows, report.strip_indices)
 
 
 # --------------------------------------------------------------------------- documents
@@ -235,7 +252,6 @@ def render_html(report: Report) -> str:
     for note in report.notes:
         parts.append(f'<p class="note">{e(note)}</p>')
     parts.append(f'<img alt="all variants" src="{_data_uri(summary_plot(report))}">')
-    indices = sample_indices(len(report.source), start=report.skip)
     for v in report.variants:
         parts.append(f"<section><h2>{e(v.name)}</h2>")
         if v.description:
@@ -245,7 +261,7 @@ def render_html(report: Report) -> str:
         parts.append(
             f'<img alt="{e(v.name)} per frame" src="{_data_uri(variant_plot(report, v))}">'
         )
-        strip = frame_strip([("source", report.source), (v.name, v.frames)], indices)
+        strip = _strip(report, v)
         parts.append(f'<img alt="{e(v.name)} frames" src="{_data_uri(strip)}"></section>')
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
@@ -277,12 +293,11 @@ def render_markdown(report: Report, stem: str) -> tuple[str, dict[str, bytes]]:
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(report)]
     lines += ["", _legend(report), "", *(f"{n}\n" for n in report.notes)]
     lines += [f"![all variants]({stem}-summary.png)", ""]
-    indices = sample_indices(len(report.source), start=report.skip)
     for v in report.variants:
         slug = _slug(v.name)
         plot, strip = f"{stem}-{slug}-plots.png", f"{stem}-{slug}-frames.png"
         files[plot] = variant_plot(report, v)
-        files[strip] = frame_strip([("source", report.source), (v.name, v.frames)], indices)
+        files[strip] = _strip(report, v)
         lines += [f"## {v.name}", ""]
         if v.description:
             lines += [v.description, ""]
