@@ -62,12 +62,12 @@ DEFAULT_SKIP = 4
 
 @dataclass(frozen=True)
 class Style:
-    """What the source is translated with: a model, a prompt, and engine settings."""
+    """What the source is translated with: a model, a prompt, and maybe a preset's settings."""
 
-    model: str
+    model: str | None  #: None: the default model (SD1.5 when cached, else the built-in one)
     prompt: str
     negative_prompt: str = ""
-    settings: EngineConfig | None = None  #: e.g. a preset's (None: the engine's defaults)
+    preset: Preset | None = None  #: its settings apply over the engine's defaults
     label: str = ""  #: how the report names it (a preset's name, or the prompt)
 
 
@@ -143,16 +143,12 @@ def style_for(
         )
     if output is not None:
         return None
-    from daemon.offline.models import default_model
-
-    model = model if model is not None else default_model()
     if prompt is not None:
         return Style(model, prompt, negative_prompt)
     from daemon.app import default_presets_dir
 
-    found = find_preset(preset, default_presets_dir())
-    settings = found.engine_config(engine_config(model))
-    return Style(model, found.prompt, found.negative_prompt, settings, f"preset {found.name}")
+    found = find_preset(str(preset), default_presets_dir())
+    return Style(model, found.prompt, found.negative_prompt, found, f"preset {found.name}")
 
 
 def _variant_config(base: EngineConfig, name: str) -> EngineConfig:
@@ -217,9 +213,14 @@ def _engine_runs(
 ) -> Iterator[_Run]:
     """One :class:`_Run` per variant, from one engine loaded once; the engine's settings are
     added to ``settings`` once it is loaded."""
-    base = engine_config(style.model, style.settings, **options)
+    from daemon.offline.models import default_model
+
+    model = style.model if style.model is not None else default_model()
+    preset = style.preset.engine_config(engine_config(model)) if style.preset else None
+    base = engine_config(model, preset, **options)
     first = _variant_config(base, variants[0])
-    engine = load_engine(style.model, first, device=device, allow_pickle=allow_pickle)
+    engine = load_engine(model, first, device=device, allow_pickle=allow_pickle)
+    settings["model"] = model
     engine.set_prompt(style.prompt, style.negative_prompt)
     cfg = engine.config
     mode = "stream batch" if cfg.stream_batch else "sequential"
@@ -338,12 +339,13 @@ def evaluate(
         evaluation.notes.append("The split at bank updates needs the engine: not shown for a file.")
     else:
         assert style is not None
-        settings |= {"model": style.model, "style": style.label or repr(style.prompt)}
+        settings["style"] = style.label or repr(style.prompt)
         runs = _engine_runs(style, source, variants, settings, **options)
     for run in runs:
         evaluation.add(run)
     report = evaluation.report(f"Temporal quality of {source_path.name}", settings)
-    lines = [text_table(report), *evaluation.notes]
+    lines = [", ".join(f"{k}: {v}" for k, v in settings.items()), text_table(report)]
+    lines += evaluation.notes
     if report_path is not None:
         written = write_report(report, report_path)
         lines.append(f"wrote the report to {written[0]}")
