@@ -67,7 +67,7 @@ def test_the_stable_bank_has_no_update_pulse_and_flickers_no_more_than_no_bank(
     assert off["MAD after update"] is None  # no bank: no update to split at
     assert stable["warp error"] is not None and stable["FF pass"] > 50
     text = report.read_text()
-    assert text.count("data:image/png;base64,") == 1 + 2 * 2  # summary, then plot + strip each
+    assert text.count("data:image/png;base64,") == 2 + 2 * 2  # summary plot and strip, each
     assert f"wrote the report to {report}" in out
 
 

@@ -207,7 +207,7 @@ def test_html_report_embeds_its_plots_and_frames(tmp_path):
     text = path.read_text()
     assert "<td>steady</td>" in text and "<td>flickering</td>" in text
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
-    assert len(images) == 1 + 2 * 2  # the summary plot, then a plot and a strip per variant
+    assert len(images) == 2 + 2 * 2  # summary plot and strip, then a plot and a strip each
     for data in images:
         picture = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_COLOR)
         assert picture is not None and picture.shape[0] > 100 and picture.shape[1] > 300
@@ -228,7 +228,7 @@ def test_markdown_report_writes_its_pictures(tmp_path):
     text = (tmp_path / "eval.md").read_text()
     assert "| steady |" in text
     pictures = [p for p in written if p.suffix == ".png"]
-    assert len(pictures) == 5
+    assert len(pictures) == 6
     for p in pictures:
         assert p.name in text and cv2.imread(str(p)) is not None
     with pytest.raises(ValueError, match=r"\.html"):
