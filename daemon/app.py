@@ -34,6 +34,7 @@ from daemon.control.presets import (
     bundled_presets_dir,
     config_preset,
 )
+from daemon.control.server import ControlPlaneServer
 from daemon.dataplane.camera import CameraSource
 from daemon.dataplane.engine_worker import EngineWorker
 from daemon.dataplane.frames import Frame
@@ -61,7 +62,10 @@ class Daemon:
         self.camera_slot: LatestSlot[Frame] = LatestSlot()
         self.output_slot: LatestSlot[Frame] = LatestSlot()
         self.camera = CameraSource(config.camera, self.camera_slot, unavailable_size=self.size)
-        self.engine = EngineWorker(config, self.camera_slot, self.output_slot, self.presets)
+        worker = EngineWorker
+        if config.engine.remote:  # the engine on another machine (`streamv2v serve`)
+            from daemon.remote.client import RemoteEngineWorker as worker  # type: ignore[assignment]
+        self.engine = worker(config, self.camera_slot, self.output_slot, self.presets)
         self.output = OutputWorker(config, self.output_slot, self.size)
         self.engine.output_delay = self.output.delay_ms
         self.rates = {stage: RateMeter() for stage in ("input", "engine", "output")}
@@ -69,12 +73,16 @@ class Daemon:
         self.obs: Any = None
         self.hotkeys: Any = None
         self.control: Any = None
+        self.server: ControlPlaneServer | None = None
         self._watch_stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch_presets, name="presets", daemon=True)
         self.notes: list[str] = []
 
     def start(self) -> None:
-        self.notes = self.output.open_sinks()
+        # One HTTP server for the control plane: the API and the page on the control port, the
+        # preview on its own port (OBS sources keep their URL), one asyncio thread for both.
+        self.server = ControlPlaneServer(api=self if self.config.control.enabled else None)
+        self.notes = self.output.open_sinks(self.server)
         for note in self.notes:
             log.warning("%s", note)
         self.output.start()
@@ -90,7 +98,11 @@ class Daemon:
 
             try:
                 self.control = ControlServer(
-                    self, cfg.control.host, cfg.control.port, cfg.control.token_file
+                    self,
+                    cfg.control.host,
+                    cfg.control.port,
+                    cfg.control.token_file,
+                    server=self.server,
                 )
                 self.control.start()
             except OSError as err:
@@ -102,6 +114,7 @@ class Daemon:
                     err,
                 )
                 self.control = None
+        self.server.start()
         if cfg.obs.enabled:
             from daemon.integrations.obs import ObsControl
 
@@ -120,7 +133,7 @@ class Daemon:
     def stop(self) -> None:
         """Stop within ~2 s: control plane, then camera (released), engine, outputs."""
         self._watch_stop.set()
-        for part in (self.control, self.obs, self.hotkeys):
+        for part in (self.control, self.server, self.obs, self.hotkeys):
             if part is not None:
                 try:
                     part.stop()
@@ -261,7 +274,9 @@ class Daemon:
                 "tokens": sum(stats.get("bank_tokens_per_layer", {}).values()),
             },
             "device": device_figures(engine),
+            "remote": worker.remote_figures() if hasattr(worker, "remote_figures") else None,
             "preview_url": out.preview_url,
+            "output_fps": self.config.output.fps,  # what an OBS Media Source must be told
             "control_url": self.control.url if self.control is not None else None,
         }
 

@@ -29,6 +29,7 @@ from pydantic import (
 
 from daemon.config_text import BARE_KEY, describe_errors, to_toml
 from daemon.integrations.hotkeys import check_combo
+from daemon.remote.config import RemoteEngineFields
 from streamv2v import EngineConfig, LoraSpec
 from streamv2v.config import SCHEDULE_STEPS
 
@@ -151,8 +152,8 @@ def _default_loras() -> list[LoraSpec]:
     return [LoraSpec(id=DEFAULT_LORA)]
 
 
-class EngineSection(_Section):
-    """The model, its prompt, and the engine's settings (``[engine.settings]``)."""
+class EngineSection(_Section, RemoteEngineFields):
+    """The model, its prompt, the engine's settings (``[engine.settings]``), or a remote."""
 
     model: str = DEFAULT_MODEL
     loras: list[LoraSpec] = Field(default_factory=_default_loras)

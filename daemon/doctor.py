@@ -250,6 +250,27 @@ def check_obs(config: DaemonConfig) -> Iterable[Check]:
     yield Check(OK if status == "ok" else FAIL, "obs", detail, fixes.get(status, ""))
 
 
+def check_remote(config: DaemonConfig) -> Iterable[Check]:
+    """[engine] remote: the server answers, accepts our token, and how far away it is."""
+    engine = config.engine
+    if not engine.remote:
+        return
+    from daemon.remote.client import probe
+
+    try:
+        token = engine.resolve_token()
+    except ValueError as err:
+        yield Check(FAIL, "remote engine", str(err), "fix the token setting named above")
+        return
+    status, detail, _ = probe(engine.remote, token)
+    fixes = {
+        "unreachable": "start `streamv2v serve` on the GPU machine (with --listen ADDR for "
+        "other machines), or fix engine.remote; through an SSH tunnel see the README",
+        "refused": "use the server's token file as engine.token_file (or engine.token_env)",
+    }
+    yield Check(OK if status == "ok" else FAIL, "remote engine", detail, fixes.get(status, ""))
+
+
 def check_presets(config: DaemonConfig) -> Iterable[Check]:
     from daemon.app import preset_library
 
@@ -329,6 +350,7 @@ CHECKS: tuple[Callable[[DaemonConfig], Iterable[Check]], ...] = (
     check_presets,
     check_ports,
     check_log,
+    check_remote,
 )
 
 

@@ -104,7 +104,7 @@ RecFormat=mkv
 """
 
 
-def _scene_collection(scenes: Sequence[str]) -> dict:
+def _scene_collection(scenes: Sequence[str], scripts: Sequence[tuple[Path, dict]]) -> dict:
     def scene(name: str) -> dict:
         return {
             "id": "scene",
@@ -129,7 +129,12 @@ def _scene_collection(scenes: Sequence[str]) -> dict:
         "transitions": [],
         "quick_transitions": [],
         "saved_projectors": [],
-        "modules": {},
+        # Scripts listed here are loaded at start (Tools -> Scripts keeps its list here too).
+        "modules": {
+            "scripts-tool": [
+                {"path": str(path), "settings": dict(settings)} for path, settings in scripts
+            ]
+        },
         "preview_locked": False,
         "scaling_enabled": False,
     }
@@ -181,6 +186,7 @@ class ObsStudio:
         size: tuple[int, int] = (320, 240),
         fps: int = 30,
         startup_timeout: float = 30.0,
+        scripts: Sequence[tuple[Path, dict]] = (),
     ) -> None:
         if len(scenes) < 1:
             raise ValueError("OBS needs at least one scene")
@@ -190,6 +196,7 @@ class ObsStudio:
         self.port = port or free_port()
         self.size, self.fps = size, fps
         self.startup_timeout = startup_timeout
+        self.scripts = tuple(scripts)  # (path, settings) of each OBS script to load at start
         self.log_path = self.home / "obs.log"
         self.client = None  # obsws_python.ReqClient while running
         self._process: subprocess.Popen[bytes] | None = None
@@ -204,7 +211,9 @@ class ObsStudio:
             folder.mkdir(parents=True, exist_ok=True)
         (config / "global.ini").write_text(_global_ini(self.port, self.password))
         (profile / "basic.ini").write_text(_profile_ini(*self.size, self.fps, recordings))
-        (scenes / "Test.json").write_text(json.dumps(_scene_collection(self.scenes), indent=2))
+        (scenes / "Test.json").write_text(
+            json.dumps(_scene_collection(self.scenes, self.scripts), indent=2)
+        )
 
     @property
     def running(self) -> bool:
@@ -328,20 +337,11 @@ class ObsStudio:
 
 
 def add_mjpeg_media_source(obs: ObsStudio, name: str, url: str, fps: float) -> None:
-    """An OBS Media Source reading an MJPEG-over-HTTP stream, as the README tells users to set it
+    """An OBS Media Source reading an MJPEG-over-HTTP stream, set up as the OBS script sets it
     up (``framerate`` matters: without it the MJPEG demuxer assumes 25 fps and falls behind)."""
-    settings = {
-        "is_local_file": False,
-        "input": url,
-        "input_format": "mjpeg",
-        "ffmpeg_options": f"framerate={fps:g}",
-        "reconnect_delay_sec": 1,
-        "buffering_mb": 0,
-        "restart_on_activate": False,
-        "close_when_inactive": False,
-        "hw_decode": False,
-        "clear_on_media_end": False,
-    }
+    from daemon.integrations.streamv2v_obs_client import media_source_settings
+
+    settings = media_source_settings(url, fps)
     obs.client.send(
         "CreateInput",
         {

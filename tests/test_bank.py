@@ -131,17 +131,18 @@ def attention_module(dim: int = 8, heads: int = 2) -> Attention:
     return Attention(query_dim=dim, heads=heads, dim_head=dim // heads).eval()
 
 
-def explicit_extended_attention(attn: Attention, x: torch.Tensor, bank_x: torch.Tensor):
-    """EA by the book: K/V of the frame concatenated with the bank's, then SDPA, then to_out."""
+def explicit_extended_attention(attn: Attention, x: torch.Tensor, bank_x: torch.Tensor | None):
+    """EA by the book: K/V of the frame concatenated with the bank's (each banked frame once),
+    then SDPA at the layer's own scale, then to_out."""
     q = attn.to_q(x)
-    k = torch.cat([attn.to_k(x), attn.to_k(bank_x)], dim=1)
-    v = torch.cat([attn.to_v(x), attn.to_v(bank_x)], dim=1)
+    ctx = x if bank_x is None else torch.cat([x, bank_x], dim=1)
+    k, v = attn.to_k(ctx), attn.to_v(ctx)
     b, heads = x.shape[0], attn.heads
 
     def split(t):
         return t.view(b, t.shape[1], heads, -1).transpose(1, 2)
 
-    o = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    o = F.scaled_dot_product_attention(split(q), split(k), split(v), scale=attn.scale)
     o = o.transpose(1, 2).reshape(b, x.shape[1], -1)
     return attn.to_out[1](attn.to_out[0](o))
 
@@ -165,6 +166,50 @@ def test_extended_attention_empty_bank_is_plain_then_attends_over_bank_and_frame
     second = proc(attn, x2)
     torch.testing.assert_close(second, explicit_extended_attention(attn, x2, x1))
     assert not torch.allclose(second, AttnProcessor2_0()(attn, x2), atol=1e-4)
+
+
+@torch.inference_mode()
+def test_the_layers_own_attention_scale_is_used():
+    torch.manual_seed(2)
+    attn = Attention(query_dim=8, heads=2, dim_head=4, scale_qk=False).eval()  # scale 1, not 1/2
+    bank = FeatureBank(
+        BankConfig(feature_fusion=False), slots=1, seed=0, device=torch.device("cpu")
+    )
+    proc = FeatureBankAttnProcessor(bank, "attn1", fusion=False)
+    x = torch.randn(1, 6, 8) * 3
+    bank.begin_frame(0)
+    bank.begin_call(slice(0, 1), fill_rows=(0,))
+    got = proc(attn, x)
+    torch.testing.assert_close(got, explicit_extended_attention(attn, x, None))
+    # diffusers' own SDPA processor ignores attn.scale: the two really differ here
+    assert not torch.allclose(got, AttnProcessor2_0()(attn, x), atol=1e-3)
+
+
+@torch.inference_mode()
+def test_a_fifo_bank_counts_each_real_frame_once_while_it_fills():
+    """A 3-frame FIFO starts as 3 copies of its first frame; until real frames replace them,
+    EA must weigh the copies as the one frame they are."""
+    attn = attention_module()
+    cfg = BankConfig(feature_fusion=False, mode="fifo", max_frames=3, interval=1)
+    bank = FeatureBank(cfg, slots=1, seed=0, device=torch.device("cpu"))
+    proc = FeatureBankAttnProcessor(bank, "attn1", fusion=False)
+    xs = [torch.randn(1, 6, 8) for _ in range(5)]
+    outs = []
+    for i, x in enumerate(xs):
+        bank.begin_frame(i)
+        bank.begin_call(slice(0, 1), fill_rows=(0,) if i == 0 else ())
+        bank.call.store_out = True
+        outs.append(proc(attn, x))
+        bank.end_frame()
+    # frame 1 sees frame 0 once; frame 2 sees frames 1 and 0; frame 3 sees 2, 1, 0; frame 4 sees
+    # 3, 2, 1 (frame 0 has left the ring)
+    cat = torch.cat
+    torch.testing.assert_close(outs[1], explicit_extended_attention(attn, xs[1], xs[0]))
+    torch.testing.assert_close(outs[2], explicit_extended_attention(attn, xs[2], cat(xs[:2], 1)))
+    torch.testing.assert_close(outs[3], explicit_extended_attention(attn, xs[3], cat(xs[:3], 1)))
+    torch.testing.assert_close(outs[4], explicit_extended_attention(attn, xs[4], cat(xs[1:4], 1)))
+    three_copies = explicit_extended_attention(attn, xs[1], cat([xs[0]] * 3, 1))
+    assert not torch.allclose(outs[1], three_copies, atol=1e-4)  # what the unweighted bank gave
 
 
 @torch.inference_mode()

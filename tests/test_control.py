@@ -8,6 +8,7 @@ import socket
 import stat
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -124,7 +125,7 @@ def test_a_foreign_host_header_is_refused(server):
 
 
 def test_listens_on_loopback_only(server):
-    assert server._server.server_address[0] == "127.0.0.1"
+    assert urlsplit(server.url).hostname == "127.0.0.1"
     with pytest.raises(ValueError, match="loopback"):
         ControlServer(server.api, "0.0.0.0", 0, None)
     with pytest.raises(Exception, match="loopback"):

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.integrations.hotkeys import HotkeyListener
+from daemon.integrations import hotkeys as hotkeys_module
+from daemon.integrations.hotkeys import HotkeyListener, wayland_session
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("Xvfb") and shutil.which("xdotool")),
@@ -28,7 +29,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 REPO = Path(__file__).resolve().parents[1]
-XVFB_OPTIONS = ("-screen", "0", "640x480x24", "-nolisten", "tcp")
+# -noreset: by default Xvfb resets when its last client leaves, and a client connecting
+# meanwhile (the next test's listener) gets "Connection reset by peer".
+XVFB_OPTIONS = ("-screen", "0", "640x480x24", "-nolisten", "tcp", "-noreset")
 
 
 class Xvfb:
@@ -73,7 +76,14 @@ def xvfb() -> Iterator[Xvfb]:
 def on_display(xvfb: Xvfb, monkeypatch: pytest.MonkeyPatch) -> Xvfb:
     monkeypatch.setenv("DISPLAY", xvfb.display)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.delenv("XDG_SESSION_TYPE", raising=False)
     return xvfb
+
+
+@pytest.fixture(autouse=True)
+def wayland_note_not_said_yet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Wayland note is said once per process; each test is a process of its own here."""
+    monkeypatch.setattr(hotkeys_module, "_wayland_note", threading.Lock())
 
 
 class LogLines(logging.Handler):
@@ -236,10 +246,61 @@ def test_wayland_without_display_says_xwayland_is_needed(monkeypatch, log_lines)
     assert "Wayland" in line and "XWayland" in line and "DISPLAY" in line
 
 
+WAYS = ("`streamv2v obs-script`", "`streamv2v preset NAME|next|prev`", "desktop's settings")
+
+
+def test_a_wayland_session_is_told_once_what_works_instead(monkeypatch, log_lines):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("Wayland is a Linux matter")
+    for name in ("DISPLAY", "WAYLAND_DISPLAY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_SESSION_TYPE", "wayland")  # as GNOME and KDE set it
+    for _ in range(3):  # each config reload starts a new listener: the note is not repeated
+        assert HotkeyListener({"<ctrl>+<alt>+1": lambda: None}).start() is False
+    [line] = [r.getMessage() for r in log_lines.records]
+    assert line.startswith("global hotkeys need X11 and this Wayland session has none usable")
+    assert all(way in line for way in WAYS), line
+
+
+def test_elsewhere_a_missing_display_is_said_at_each_start(monkeypatch, log_lines):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("DISPLAY matters on Linux only")
+    for name in ("DISPLAY", "WAYLAND_DISPLAY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_SESSION_TYPE", "tty")  # e.g. a service or an SSH session
+    for _ in range(2):
+        assert HotkeyListener({"<ctrl>+<alt>+1": lambda: None}).start() is False
+    lines = log_lines.at(logging.WARNING)
+    assert len(lines) == 2 and all("no DISPLAY is set" in line for line in lines)
+    assert not any("obs-script" in line for line in lines)
+
+
+def test_through_xwayland_hotkeys_listen_and_the_note_says_where_they_fail(
+    on_display, log_lines, monkeypatch
+):
+    monkeypatch.setenv("WAYLAND_DISPLAY", "wayland-0")  # Xvfb plays XWayland's part
+    listener = HotkeyListener({"<ctrl>+<alt>+1": lambda: None})
+    try:
+        assert listener.start() is True
+    finally:
+        listener.stop()
+    [line] = log_lines.at(logging.INFO)
+    assert "only while an X11 (XWayland) window has focus" in line
+    assert all(way in line for way in WAYS), line
+
+
+def test_wayland_session_detection():
+    assert wayland_session({"XDG_SESSION_TYPE": "wayland"}) is sys.platform.startswith("linux")
+    assert wayland_session({"WAYLAND_DISPLAY": "wayland-0"}) is sys.platform.startswith("linux")
+    assert wayland_session({"XDG_SESSION_TYPE": "x11", "DISPLAY": ":0"}) is False
+    assert wayland_session({}) is False
+
+
 # Runs in a fresh interpreter: pynput must not have been imported with a working display.
 UNAVAILABLE_THEN_BACK = """
 import json, logging, os, subprocess, sys, time
-from daemon.integrations.hotkeys import HotkeyListener
+from daemon.integrations import hotkeys as hotkeys_module
+from daemon.integrations.hotkeys import HotkeyListener, wayland_session
 
 lines = []
 handler = logging.Handler()
@@ -325,7 +386,8 @@ def test_without_pynput_start_says_to_install_it(xvfb):
     script = """
 import json, logging, sys
 sys.modules["pynput"] = None  # as if not installed
-from daemon.integrations.hotkeys import HotkeyListener
+from daemon.integrations import hotkeys as hotkeys_module
+from daemon.integrations.hotkeys import HotkeyListener, wayland_session
 lines = []
 handler = logging.Handler()
 handler.emit = lambda record: lines.append(record.getMessage())

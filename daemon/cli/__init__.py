@@ -311,6 +311,15 @@ def status_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def open_command(args: argparse.Namespace) -> int:
+    """Open the running daemon's control page in the browser, logged in."""
+    from daemon.control.api import open_page
+
+    opened, link = open_page(call_daemon(args, "POST", "/login-code")["url"], args.no_browser)
+    print("control page opened in the browser" if opened else link)
+    return EXIT_OK
+
+
 def service_command(args: argparse.Namespace) -> int:
     """Start the daemon at login: systemd user unit, launchd agent or Task Scheduler task."""
     from daemon.integrations.service import perform
@@ -324,6 +333,42 @@ def service_command(args: argparse.Namespace) -> int:
     if outcome.ok:
         return EXIT_OK
     return EXIT_NOT_INSTALLED if args.action == "status" else EXIT_ERROR
+
+
+def obs_script_command(args: argparse.Namespace) -> int:
+    """Print the path of the OBS script that puts the presets on OBS's hotkeys (--install:
+    copy it where OBS keeps its files)."""
+    from daemon.integrations.obs_script import how_to_add, install, script_path
+
+    path = install() if args.install else script_path()
+    print(path)
+    if args.install:
+        print(how_to_add(path))
+    return EXIT_OK
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """Serve the engine to daemons on other machines (WebRTC; run it on the GPU box)."""
+    import logging
+
+    from daemon.remote.server import ServeOptions, serve
+
+    logging.basicConfig(
+        level=args.log_level or "INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    options = ServeOptions(
+        model=args.model,
+        listen=args.listen,
+        port=args.port,
+        token_file=args.token_file,
+        max_sessions=args.max_sessions,
+        device=args.device,
+        vae=args.vae,
+        loras=tuple(args.lora),
+        allow_pickle=args.allow_pickle,
+    )
+    serve(options)
+    return EXIT_OK
 
 
 def doctor_command(args: argparse.Namespace) -> int:
@@ -347,7 +392,10 @@ COMMANDS: dict[str, Command] = {
         Command("presets", arguments.with_json("Print JSON (for scripts)."), presets_command),
         Command("preset", arguments.preset, preset_command),
         Command("status", arguments.with_json("Print the figures as JSON."), status_command),
+        Command("open", arguments.open_page, open_command),
         Command("service", arguments.service, service_command),
+        Command("obs-script", arguments.obs_script, obs_script_command),
         Command("doctor", arguments.with_json("Print the checks as JSON."), doctor_command),
+        Command("serve", arguments.serve, serve_command),
     )
 }

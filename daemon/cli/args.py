@@ -211,6 +211,15 @@ def preset(parser: argparse.ArgumentParser) -> None:
     add_config_argument(parser)
 
 
+def open_page(parser: argparse.ArgumentParser) -> None:
+    add_config_argument(parser)
+    parser.add_argument(
+        "--no-browser",
+        action="store_true",
+        help="Print the one-time login link (valid once, for a minute) instead of opening it.",
+    )
+
+
 def service(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["install", "uninstall", "status"])
     parser.add_argument(
@@ -222,3 +231,48 @@ def service(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="Print the file install would write; change nothing."
     )
+
+
+def obs_script(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--install",
+        action="store_true",
+        help="Copy it into OBS's config folder (scripts/streamv2v/) and say how to add it.",
+    )
+
+
+def serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=TINY_STYLES,
+        help=f"Hub id or local folder of an SD-family model, or '{TINY_STYLES}' (default).",
+    )
+    parser.add_argument(
+        "--listen",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="Address to listen on (default 127.0.0.1; any other needs --token-file).",
+    )
+    parser.add_argument("--port", type=int, default=8770, help="Signalling port (default 8770).")
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="File whose first line is the token daemons must send (never logged).",
+    )
+    parser.add_argument(
+        "--max-sessions",
+        type=parse_positive_int,
+        default=4,
+        metavar="N",
+        help="Daemons served at once; more are refused with a reason (default 4).",
+    )
+    parser.add_argument("--vae", help="VAE hub id or folder, or 'model' for the model's own.")
+    parser.add_argument(
+        "--lora", action="append", default=[], metavar="ID", help="LoRA to fuse (repeatable)."
+    )
+    parser.add_argument("--device", help="Torch device such as cuda or cpu (default: best found).")
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="Allow pickle weights (trusted models only)."
+    )
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

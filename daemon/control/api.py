@@ -1,56 +1,40 @@
-"""The local control API: HTTP + JSON on a loopback address, for the CLI and scripts.
+"""The local control API: HTTP + JSON on a loopback address, for the CLI, scripts and the page.
 
     GET  /status    live figures (JSON)          POST /preset  {"name": NAME|"next"|"prev"}
     GET  /presets   the presets, active marked    POST /reload  re-read the preset files
     GET  /metrics   the figures as Prometheus text
+    GET  /          the control page              POST /login-code  a one-time page login link
 
-Mutating calls (POST) need ``Authorization: Bearer TOKEN``. The token is made at start and
-written with the URL to a file only the user can read (0600), which the CLI reads. Requests whose
-Host header is not a loopback name are refused, so a web page cannot reach the API through DNS
-rebinding; a malformed request gets a 4xx with the reason, never a crash.
+Changes (POST) need ``Authorization: Bearer TOKEN``, or the page's session cookie with a
+same-origin Origin header (see auth.py). The token is made at start and written with the URL to
+a file only the user can read (0600), which the CLI reads. The server (server.py) refuses Host
+headers that do not name this machine (no DNS rebinding) and answers malformed requests with a
+4xx that names the problem.
+
+This module is the API's two ends: :class:`ControlServer` puts it on a port, and :func:`call`
+is the client the CLI uses.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import logging
 import os
-import secrets
-import socket
-import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import platformdirs
 
 from daemon.config import APP_NAME, is_loopback
-from daemon.control.presets import UnknownPreset
+from daemon.control.routes import ControlApi
+from daemon.control.server import ControlPlaneServer
+
+__all__ = ["ControlApi", "ControlClientError", "ControlServer", "call", "open_page"]
 
 log = logging.getLogger("streamv2v.control")
-
-_MAX_BODY = 64 * 1024
-_JSON = "application/json"
-
-
-class ControlApi(Protocol):
-    """What the daemon offers the API."""
-
-    def status(self) -> dict[str, Any]: ...
-
-    def preset_listing(self) -> dict[str, Any]: ...
-
-    def select_preset(self, target: str, reason: str) -> str: ...
-
-    def reload_presets(self) -> dict[str, Any]: ...
-
-    def metrics_text(self) -> str: ...
 
 
 def default_control_file() -> Path:
@@ -58,154 +42,46 @@ def default_control_file() -> Path:
     return platformdirs.user_config_path(APP_NAME, appauthor=False) / "control.json"
 
 
-class ApiError(Exception):
-    def __init__(self, status: HTTPStatus, reason: str) -> None:
-        super().__init__(reason)
-        self.status, self.reason = status, reason
-
-
 class ControlServer:
-    """Serves :class:`ControlApi` on ``host:port`` in a thread of its own."""
+    """The control API and the page on ``host:port``, with the token in the control file.
 
-    def __init__(self, api: ControlApi, host: str, port: int, control_file: Path | None) -> None:
+    On its own it runs a server of its own; the daemon passes its one ``server`` (which also
+    carries the preview), and then starts and stops that server itself."""
+
+    def __init__(
+        self,
+        api: ControlApi,
+        host: str,
+        port: int,
+        control_file: Path | None,
+        *,
+        server: ControlPlaneServer | None = None,
+    ) -> None:
         if not is_loopback(host):
             raise ValueError(f"the control API listens on loopback only, not {host!r}")
-        self.api = api
+        self.api, self.host, self.port = api, host, port
         self.control_file = control_file or default_control_file()
-        self.token = secrets.token_urlsafe(32)
-        address = host.strip("[]")
-        server_class = _Ipv6Server if ":" in address else ThreadingHTTPServer
-        self._server = server_class((address, port), self._handler_class())
-        self._server.daemon_threads = True
-        bound_host, bound_port = self._server.server_address[:2]
-        shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
-        self.url = f"http://{shown}:{bound_port}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="control", daemon=True
-        )
+        self._owns_server = server is None
+        self.server = server or ControlPlaneServer(api=api, control_file=self.control_file)
+        self.server.control_file = self.control_file
+        self.token = self.server.auth.token
+        self.url = ""
 
     def start(self) -> None:
+        """Listen (OSError when the port is taken), write the control file, serve."""
+        self.url = self.server.listen(self.host, self.port)
         write_private(self.control_file, {"url": self.url, "token": self.token, "pid": os.getpid()})
-        self._thread.start()
+        if self._owns_server:
+            self.server.start()
         log.info("control API: %s (token in %s)", self.url, self.control_file)
+        log.info("control page: %s/ (log the browser in with: streamv2v open)", self.url)
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        if self._owns_server:
+            self.server.stop()
         with contextlib.suppress(OSError, ValueError):
             if json.loads(self.control_file.read_text()).get("token") == self.token:
                 self.control_file.unlink()  # only our own file: another daemon may have started
-
-    # ------------------------------------------------------------------ requests
-    def _route(self, method: str, path: str, body: Any) -> tuple[HTTPStatus, Any]:
-        api = self.api
-        routes: dict[tuple[str, str], Callable[[], Any]] = {
-            ("GET", "/status"): lambda: api.status(),
-            ("GET", "/presets"): lambda: api.preset_listing(),
-            ("GET", "/metrics"): lambda: api.metrics_text(),
-            ("POST", "/preset"): lambda: {"active": self._select(body)},
-            ("POST", "/reload"): lambda: api.reload_presets(),
-        }
-        handler = routes.get((method, path))
-        if handler is None:
-            if any(p == path for _, p in routes):
-                raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not allowed on {path}")
-            known = ", ".join(sorted({f"{m} {p}" for m, p in routes}))
-            raise ApiError(HTTPStatus.NOT_FOUND, f"no endpoint {path}; there are: {known}")
-        return HTTPStatus.OK, handler()
-
-    def _select(self, body: Any) -> str:
-        name = body.get("name") if isinstance(body, dict) else None
-        if not isinstance(name, str) or not name:
-            raise ApiError(
-                HTTPStatus.BAD_REQUEST, 'expected a JSON object {"name": PRESET|"next"|"prev"}'
-            )
-        try:
-            return self.api.select_preset(name, "control API")
-        except UnknownPreset as err:
-            raise ApiError(HTTPStatus.NOT_FOUND, str(err)) from None
-
-    def _authorized(self, header: str | None) -> bool:
-        scheme, _, given = (header or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), self.token)
-
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            server_version = "streamv2v"
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                self._handle("GET")
-
-            def do_POST(self) -> None:
-                self._handle("POST")
-
-            def do_PUT(self) -> None:
-                self._handle("PUT")
-
-            def do_DELETE(self) -> None:
-                self._handle("DELETE")
-
-            def _handle(self, method: str) -> None:
-                try:
-                    status, payload = self._answer(method)
-                except ApiError as err:
-                    status, payload = err.status, {"error": err.reason}
-                except Exception as err:  # a bug must not take the API down
-                    log.exception("control API: %s %s failed", method, self.path)
-                    status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(err)}
-                self._reply(status, payload)
-
-            def _answer(self, method: str) -> tuple[HTTPStatus, Any]:
-                host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
-                if not is_loopback(host):
-                    raise ApiError(HTTPStatus.FORBIDDEN, "the Host header must name this machine")
-                body = self._body()
-                if method != "GET" and not server._authorized(self.headers.get("Authorization")):
-                    raise ApiError(
-                        HTTPStatus.UNAUTHORIZED,
-                        f"missing or wrong token: send 'Authorization: Bearer TOKEN' with the "
-                        f"token from {server.control_file}",
-                    )
-                return server._route(method, self.path.split("?", 1)[0], body)
-
-            def _body(self) -> Any:
-                length = self.headers.get("Content-Length")
-                if not length:
-                    return None
-                if not length.isdigit() or int(length) > _MAX_BODY:
-                    self.close_connection = True
-                    raise ApiError(HTTPStatus.BAD_REQUEST, f"body must be at most {_MAX_BODY} B")
-                raw = self.rfile.read(int(length))
-                try:
-                    return json.loads(raw) if raw.strip() else None
-                except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                    raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {err}") from None
-
-            def _reply(self, status: HTTPStatus, payload: Any) -> None:
-                if isinstance(payload, str):  # /metrics
-                    data, kind = payload.encode(), "text/plain; version=0.0.4; charset=utf-8"
-                else:
-                    data, kind = (json.dumps(payload, default=str) + "\n").encode(), _JSON
-                self.send_response(status)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Cache-Control", "no-store")
-                if status == HTTPStatus.UNAUTHORIZED:
-                    self.send_header("WWW-Authenticate", 'Bearer realm="streamv2v"')
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("control API: " + format, *args)  # never the Authorization header
-
-        return Handler
-
-
-class _Ipv6Server(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
 
 
 def write_private(path: Path, data: dict[str, Any]) -> None:
@@ -256,3 +132,18 @@ def call(
         raise ControlClientError(
             f"the daemon at {url} does not answer ({err}); is it running? (streamv2v run)"
         ) from None
+
+
+def open_page(login_link: str, print_only: bool) -> tuple[bool, str]:
+    """`streamv2v open`: hand the one-time login link (POST /login-code) to the browser, which
+    lands on the page with its session cookie. Returns (opened, link); the link is for the
+    terminal when no browser could be started (it works once, within a minute, and the token
+    itself never leaves the control file)."""
+    if print_only:
+        return False, login_link
+    import webbrowser
+
+    try:
+        return webbrowser.open(login_link), login_link
+    except webbrowser.Error:
+        return False, login_link

@@ -37,10 +37,17 @@ class _Blend:
 class StyleSwitcher:
     """The presets' embeddings, and the transition in flight, for one engine."""
 
-    def __init__(self, engine: StreamV2V, base: EngineConfig) -> None:
+    def __init__(
+        self,
+        engine: StreamV2V,
+        base: EngineConfig,
+        embeds: dict[tuple[str, str], Embeds] | None = None,
+    ) -> None:
         self.engine = engine
         self.base = base
-        self._embeds: dict[tuple[str, str], Embeds] = {}
+        # ``embeds``: a cache shared with other engines on the same weights (``serve``), filled
+        # by its owner; encode() is then not called, as it forgets what this engine does not use.
+        self._embeds: dict[tuple[str, str], Embeds] = {} if embeds is None else embeds
         self._blend: _Blend | None = None
         self._after: Preset | None = None  # what to apply once the blend ends
         self._flush = 0  # frames until no output carries the previous prompt

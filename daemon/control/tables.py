@@ -75,4 +75,14 @@ def status_table(s: dict[str, Any]) -> str:
         ),
         ("device", f"{dev['name'] or '-'} {dev['dtype'] or ''}{memory}".rstrip()),
     ]
+    remote = s.get("remote")
+    if remote:
+        error = f" ({remote['error']})" if remote["error"] else ""
+        rows.append(
+            (
+                "remote",
+                f"{remote['url']} {remote['state']}{error}   round trip "
+                f"{ms(remote['rtt_ms_p50'])}   server {ms(remote['server_ms_p50'])}/frame",
+            )
+        )
     return "\n".join(f"{name:<8} {value}" for name, value in rows)

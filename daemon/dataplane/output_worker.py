@@ -15,6 +15,7 @@ import numpy as np
 from daemon.config import DaemonConfig
 from daemon.control.metrics import Rolling
 from daemon.control.preview import PreviewServer
+from daemon.control.server import ControlPlaneServer
 from daemon.dataplane.frames import Frame, fit_to, unavailable_frame
 from daemon.dataplane.outputs import Recorder, VirtualCameraSink, VirtualCameraUnavailable
 from daemon.dataplane.slots import LatestSlot
@@ -44,8 +45,9 @@ class OutputWorker:
         self.new_frames = 0
         self.kinds: collections.Counter = collections.Counter()
 
-    def open_sinks(self) -> list[str]:
-        """Open the configured outputs; returns what was substituted and why (for the log)."""
+    def open_sinks(self, server: ControlPlaneServer | None = None) -> list[str]:
+        """Open the configured outputs; returns what was substituted and why (for the log).
+        The preview listens on ``server`` (the daemon's one), or on a server of its own."""
         notes = []
         out, (w, h) = self.config.output, self.size
         if out.virtual_camera.enabled:
@@ -59,7 +61,7 @@ class OutputWorker:
                 notes.append(f"no virtual camera: {err}")
         if out.preview.enabled:
             p = out.preview
-            self.preview = PreviewServer(p.host, p.port, p.quality)
+            self.preview = PreviewServer(p.host, p.port, p.quality, server=server)
             self.preview.start()
             self.preview_url = self.preview.url
             log.info(

@@ -116,15 +116,25 @@ class HotkeyListener:
             if self.state in ("listening", "lost"):
                 return self.state == "listening"
             problem = self._start_listener()
+            wayland = wayland_session()
             if problem is not None:
                 self.state = "unavailable"
-                log.warning("global hotkeys unavailable: %s", problem)
+                if not wayland:
+                    log.warning("global hotkeys unavailable: %s", problem)
+                elif _first_wayland_note():
+                    log.warning(
+                        "global hotkeys need X11 and this Wayland session has none usable "
+                        "(%s); on Wayland, use %s",
+                        problem,
+                        WAYLAND_WAYS,
+                    )
                 return False
             self.state = "listening"
-            if os.environ.get("WAYLAND_DISPLAY") and sys.platform.startswith("linux"):
+            if wayland and _first_wayland_note():
                 log.info(
                     "hotkeys listen through XWayland: they fire only while an X11 (XWayland) "
-                    "window has focus; for truly global keys bind them in the desktop's settings"
+                    "window has focus; for keys that work everywhere, use %s",
+                    WAYLAND_WAYS,
                 )
             self._start_watchdog()
             return True
@@ -292,6 +302,29 @@ def _stop_pynput_listener(listener: Any) -> None:
         threading.Thread.join(listener, _JOIN_TIMEOUT_S)
 
 
+#: What works where global hotkeys do not (Wayland gives no application keys it has not got
+#: the focus for): the desktop's own shortcuts, and OBS's hotkeys (OBS focused, or a Stream Deck).
+WAYLAND_WAYS = (
+    "`streamv2v preset NAME|next|prev` bound to keyboard shortcuts in the desktop's settings "
+    "(README: Desktop shortcuts), or OBS's own hotkeys through the OBS script (`streamv2v "
+    "obs-script` says how to add it; they fire while OBS has focus, or from a Stream Deck)"
+)
+#: Taken, never released, by the first start that notes it: the log says it once per process.
+_wayland_note = threading.Lock()
+
+
+def wayland_session(env: Mapping[str, str] | None = None) -> bool:
+    """A Linux desktop on Wayland, where an application can not grab keys globally."""
+    env = os.environ if env is None else env
+    wayland = env.get("XDG_SESSION_TYPE") == "wayland" or bool(env.get("WAYLAND_DISPLAY"))
+    return sys.platform.startswith("linux") and wayland
+
+
+def _first_wayland_note() -> bool:
+    """True the first time the Wayland note is due in this process, False after."""
+    return _wayland_note.acquire(blocking=False)
+
+
 def _display_problem() -> str | None:
     """What keeps pynput's X backend from working, said with what to do; None when it may."""
     if not sys.platform.startswith("linux") or os.environ.get("PYNPUT_BACKEND"):
@@ -300,9 +333,8 @@ def _display_problem() -> str | None:
         return None
     if os.environ.get("WAYLAND_DISPLAY"):
         return (
-            "Wayland session without DISPLAY; pynput needs XWayland: set DISPLAY to the "
-            "XWayland display (hotkeys then fire only while an X11 window has focus) or bind "
-            "the keys in the desktop's own shortcut settings"
+            "no DISPLAY; pynput needs XWayland: set DISPLAY to the XWayland display (keys then "
+            "fire only while an X11 window has focus)"
         )
     return (
         "no DISPLAY is set; run the daemon inside an X session (or set DISPLAY, e.g. "
