@@ -148,7 +148,11 @@ def variant_plot(report: Report, variant: VariantReport) -> bytes:
     fig = _figure(8, 2.3 * panels)
     axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
     ax = axes[0]
-    _curves(ax, report.source_mad, report.skip, "source", color="0.6", lw=1)
+    # The source on its own axis: a noisy camera's MAD can be 50x the output's.
+    source_ax = ax.twinx()
+    source_ax.plot(np.arange(1, len(report.source_mad) + 1), report.source_mad, color="0.65", lw=1)
+    source_ax.set_ylabel("source MAD", color="0.5")
+    source_ax.tick_params(axis="y", colors="0.5")
     _curves(ax, q.frame_mad, report.skip, variant.name, color="C0", lw=1.5)
     into = np.flatnonzero(q.after_update[1 : len(q.frame_mad) + 1])
     if len(into):
@@ -210,6 +214,11 @@ def frame_strip(rows: Sequence[tuple[str, Sequence[np.ndarray]]], indices: Seque
     return _png(fig)
 
 
+def _all_strips(report: Report) -> bytes:
+    rows = [("source", report.source_strip), *((v.name, v.strip) for v in report.variants)]
+    return frame_strip(rows, report.strip_indices)
+
+
 def _strip(report: Report, variant: VariantReport) -> bytes:
     rows = [("source", report.source_strip), (variant.name, variant.strip)]
     return frame_strip(rows, report.strip_indices)
@@ -252,6 +261,7 @@ def render_html(report: Report) -> str:
     for note in report.notes:
         parts.append(f'<p class="note">{e(note)}</p>')
     parts.append(f'<img alt="all variants" src="{_data_uri(summary_plot(report))}">')
+    parts.append(f'<img alt="frames of every variant" src="{_data_uri(_all_strips(report))}">')
     for v in report.variants:
         parts.append(f"<section><h2>{e(v.name)}</h2>")
         if v.description:
@@ -284,7 +294,7 @@ def _slug(name: str) -> str:
 
 def render_markdown(report: Report, stem: str) -> tuple[str, dict[str, bytes]]:
     """The report as markdown and the PNG files it links to (``stem``-prefixed names)."""
-    files = {f"{stem}-summary.png": summary_plot(report)}
+    files = {f"{stem}-summary.png": summary_plot(report), f"{stem}-frames.png": _all_strips(report)}
     lines = [f"# {report.title}", ""]
     if report.settings:
         lines += [", ".join(f"{k}: {v}" for k, v in report.settings.items()), ""]
@@ -292,7 +302,7 @@ def render_markdown(report: Report, stem: str) -> tuple[str, dict[str, bytes]]:
     lines.append("|" + "---|" * len(COLUMNS))
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(report)]
     lines += ["", _legend(report), "", *(f"{n}\n" for n in report.notes)]
-    lines += [f"![all variants]({stem}-summary.png)", ""]
+    lines += [f"![all variants]({stem}-summary.png)", "", f"![frames]({stem}-frames.png)", ""]
     for v in report.variants:
         slug = _slug(v.name)
         plot, strip = f"{stem}-{slug}-plots.png", f"{stem}-{slug}-frames.png"
