@@ -105,7 +105,7 @@ def test_five_hundred_frames_stay_finite_bounded_and_follow_the_input(
     tiny_model, guidance, stream_batch, dtype
 ):
     # The state carried from frame to frame: residual CFG's stock noise (bank off, to see it
-    # alone), or else the reference feature bank.
+    # alone), or else the (default) feature bank.
     cfg = {"steps": 2, "guidance": guidance, "guidance_scale": 1.2, "stream_batch": stream_batch}
     cfg["bank"] = {"enabled": guidance not in ("self", "initialize")}
     engine = make_engine(tiny_model, dtype, **cfg)
