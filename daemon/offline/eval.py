@@ -87,15 +87,15 @@ def check_report_path(path: Path | None) -> None:
         raise UserError(f"report folder is not writable (permission denied): {folder}")
 
 
-def read_frames(path: Path, limit: int | None = None) -> tuple[list[np.ndarray], float]:
-    """Every frame of the video at ``path`` (the first ``limit``), and its frame rate."""
+def read_frames(path: Path, limit: int | None = None) -> list[np.ndarray]:
+    """Every frame of the video at ``path`` (the first ``limit``)."""
     with VideoReader(path) as reader:
         frames = []
         for frame in reader:
             frames.append(frame)
             if limit is not None and len(frames) >= limit:
                 break
-        return frames, reader.fps
+        return frames
 
 
 def find_preset(name: str, user_dir: Path) -> Preset:
@@ -324,7 +324,7 @@ def evaluate(
     check_report_path(report_path)
     if (output is None) == (style is None):
         raise UserError("give either --output (a translation to measure) or a style to run")
-    source, _fps = read_frames(source_path, frames)
+    source = read_frames(source_path, frames)
     if len(source) < skip + 2:
         raise UserError(
             f"{source_path} has {len(source)} frame(s): eval needs at least {skip + 2} "
@@ -334,7 +334,7 @@ def evaluate(
     settings = {"source": source_path.name, "frames": str(len(source))}
     runs: Iterable[_Run]
     if output is not None:
-        clip, _ = read_frames(output, len(source))
+        clip = read_frames(output, len(source))
         runs = [_Run(output.name, clip, f"read from {output}")]
         evaluation.notes.append("The split at bank updates needs the engine: not shown for a file.")
     else:
