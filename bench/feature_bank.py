@@ -1,4 +1,4 @@
-"""Cost of the feature bank: bank off / EA only / EA+FF / EA+FF+DyMe, measured in one run.
+"""Cost of the feature bank: bank off / EA only / EA+FF / EA+FF+DyMe / EA+FF+stable, in one run.
 
     python bench/feature_bank.py --model tiny --size 512
     python bench/feature_bank.py --model sd15 --size 512 --cycles 1 --warmup 1
@@ -31,7 +31,8 @@ VARIANTS = {
     "bank off": BankConfig(enabled=False),
     "EA only": BankConfig(feature_fusion=False, mode="fifo"),
     "EA+FF": BankConfig(mode="fifo"),
-    "EA+FF+DyMe": BankConfig(),  # the reference defaults
+    "EA+FF+DyMe": BankConfig(mode="dyme"),  # the reference's settings
+    "EA+FF+stable": BankConfig(mode="stable"),  # the default
 }
 
 

@@ -22,26 +22,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from daemon.cli import set_runtime_defaults
 from streamv2v import BankConfig, EngineConfig
-from streamv2v.scenes import SIZE, moving_scene, random_scene, render
+from streamv2v.scenes import SIZE, witness_clips
 
 BANKS = {
     "off": BankConfig(enabled=False),
-    "on (reference: EA+FF+DyMe)": BankConfig(),
+    "on (reference: EA+FF+DyMe)": BankConfig(mode="dyme"),
+    "on, stable (the default)": BankConfig(mode="stable"),
     "on, FIFO (no merging)": BankConfig(mode="fifo", merge_ratio=0.5),
     "on, EA only": BankConfig(feature_fusion=False),
 }
-
-
-def clips(frames: int, seed: int = 7) -> dict[str, list[np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    scene = random_scene(rng)
-    still = render(scene, "plain").astype(np.float32)
-    noisy = [
-        np.clip(still + rng.normal(0, 6, still.shape), 0, 255).astype(np.uint8)
-        for _ in range(frames)
-    ]
-    moving = [render(moving_scene(scene, i / 15), "plain") for i in range(frames)]
-    return {"static + noise": noisy, "moving": moving}
 
 
 def attention_entropy(engine, frame: np.ndarray) -> dict[str, float]:
@@ -111,7 +100,7 @@ def main() -> None:
     )
     header = f"{'clip':<16} {'bank':<28} {'MAD':>7} {'after upd':>9} {'other':>7} {'FF pass':>7}"
     print(header + f" {'input MAD':>9}")
-    for clip_name, frames in clips(args.frames).items():
+    for clip_name, frames in witness_clips(args.frames).items():
         for bank_name, bank in BANKS.items():
             engine = StreamV2V.from_pretrained(args.model, config=config(bank), device="cpu")
             engine.set_prompt(args.prompt)
@@ -126,7 +115,7 @@ def main() -> None:
             )
     engine = StreamV2V.from_pretrained(args.model, config=config(BANKS["off"]), device="cpu")
     engine.set_prompt(args.prompt)
-    entropy = attention_entropy(engine, clips(2)["moving"][0])
+    entropy = attention_entropy(engine, witness_clips(2)["moving"][0])
     print("self-attention entropy (1.0 = uniform), by layer:")
     for name, value in entropy.items():
         print(f"  {name:<48} {value:.3f}")

@@ -30,10 +30,57 @@ def merge_tokens(kvo: torch.Tensor, num_src: int, generator: torch.Generator) ->
 
     ``kvo`` is ``[G, 3, T, C]`` (G independent groups, e.g. layers x slots; K, V, O). In each
     group the tokens are split at random (seeded ``generator``) into ``num_src`` sources and the
-    rest destinations; every source is matched to its most similar destination by cosine
-    similarity of the keys, and each destination becomes the mean of itself and its matched
-    sources. The same matching is applied to K, V and O, so they stay aligned.
-    Returns ``[G, 3, T - num_src, C]`` in ``kvo``'s dtype.
+    rest destinations, then merged by :func:`merge_pairs`. Returns ``[G, 3, T - num_src, C]``.
+    """
+    g, _, t, _ = kvo.shape
+    return merge_pairs(kvo, *random_split(g, t, num_src, generator, kvo.device))
+
+
+def random_split(
+    groups: int, total: int, num_src: int, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic Merging's split of ``total`` tokens: ``num_src`` sources and the rest
+    destinations, drawn anew for each of ``groups`` (seeded)."""
+    order = torch.rand((groups, total), generator=generator, device=device).argsort(dim=-1)
+    return order[:, :num_src], order[:, num_src:]
+
+
+def oldest_frame_split(
+    total: int, tokens: int, oldest: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed split of the "stable" bank update, over ``total`` = bank + frame tokens laid out
+    as the bank buffer is (``max_frames`` banked frames of ``tokens``, then the new frame).
+
+    Sources: the oldest banked frame (ring position ``oldest``). Destinations, in the order the
+    merged tokens are written back: every other banked frame where it is, and the new frame in
+    the oldest one's place. No random draw: a bank position keeps its identity across updates,
+    so the bank changes only by what the new frame brings (no wholesale re-pairing).
+    """
+    m = total - tokens
+    start = oldest * tokens
+    src = torch.arange(start, start + tokens, device=device)
+    dst = torch.cat(
+        [
+            torch.arange(0, start, device=device),
+            torch.arange(m, total, device=device),
+            torch.arange(start + tokens, m, device=device),
+        ]
+    )
+    return src, dst
+
+
+def merge_pairs(
+    kvo: torch.Tensor,
+    src_idx: torch.Tensor,
+    dst_idx: torch.Tensor,
+    threshold: float | None = None,
+) -> torch.Tensor:
+    """Bipartite soft matching of a given split: every source token (``src_idx`` [G, S]) is
+    matched to its most similar destination (``dst_idx`` [G, D]) by cosine similarity of the
+    keys, and each destination becomes the mean of itself and its matched sources. The same
+    matching is applied to K, V and O of ``kvo`` [G, 3, T, C], so they stay aligned. With a
+    ``threshold``, a source whose best similarity is below it joins no destination (it is
+    dropped). Returns ``[G, 3, D, C]`` in ``dst_idx`` order and ``kvo``'s dtype.
 
     Precision. Keys are normalised in float32 (a float16 norm overflows past |k| ~ 256), then
     matched in the model's precision on accelerators (a half matmul: the similarity is the
@@ -44,30 +91,32 @@ def merge_tokens(kvo: torch.Tensor, num_src: int, generator: torch.Generator) ->
     regions) cannot overflow float16.
     """
     g, _, t, c = kvo.shape
-    m = t - num_src
+    m = dst_idx.shape[-1]
     dev = kvo.device
-    order = torch.rand((g, t), generator=generator, device=dev).argsort(dim=-1)
-    src_idx, dst_idx = order[:, :num_src], order[:, num_src:]
-
     sim_dtype = torch.float32 if dev.type == "cpu" else kvo.dtype
     keys = F.normalize(kvo[:, 0].float(), dim=-1).to(sim_dtype)
     src_keys = keys.gather(1, src_idx[..., None].expand(-1, -1, c))
     dst_keys = keys.gather(1, dst_idx[..., None].expand(-1, -1, c))
-    match = (src_keys @ dst_keys.transpose(1, 2)).argmax(dim=-1)  # [G, S] -> destination rank
+    best, match = (src_keys @ dst_keys.transpose(1, 2)).max(dim=-1)  # [G, S] -> dest. rank
+    if threshold is not None:
+        # Dropped sources go to one extra segment past the destinations, discarded below (a
+        # mask, not a branch on values: the update stays capturable).
+        match = torch.where(best >= threshold, match, m)
     # Where every token goes: destination j to its own rank j, a source to its match.
     target = torch.empty((g, t), dtype=torch.long, device=dev)
     target.scatter_(1, dst_idx, torch.arange(m, device=dev).expand(g, m))
     target.scatter_(1, src_idx, match)
-    # Every destination counts itself, so no segment is empty and the segments, in destination
-    # order, tile the sorted tokens exactly.
-    counts = torch.zeros((g, m), dtype=torch.long, device=dev)
+    # Every destination counts itself, so no destination segment is empty and the segments, in
+    # destination order, tile the sorted tokens exactly.
+    segments = m + 1
+    counts = torch.zeros((g, segments), dtype=torch.long, device=dev)
     counts.scatter_add_(1, target, torch.ones_like(target))
     by_target = target.sort(dim=1, stable=True).indices
     tokens = kvo.transpose(1, 2).gather(1, by_target[..., None, None].expand(-1, -1, 3, c))
     mean = torch.segment_reduce(
         tokens.reshape(g * t, 3 * c).float(), "mean", lengths=counts.flatten(), axis=0
     )
-    return mean.view(g, m, 3, c).transpose(1, 2).to(kvo.dtype)
+    return mean.view(g, segments, 3, c)[:, :m].transpose(1, 2).to(kvo.dtype)
 
 
 def fuse_features(
@@ -155,6 +204,7 @@ class FeatureBank:
         self._contents = [[-1] * config.max_frames for _ in range(slots)]  # frame id per position
         self._content_ids = 0
         self._attn_bias: dict[int, torch.Tensor] = {}  # tokens per frame -> [S, 1, 1, M + N]
+        self._splits: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -201,8 +251,8 @@ class FeatureBank:
             s = group.storage  # [L, S, 3, T, C]
             n = self._tokens[group.names[0]]
             m = s.shape[3] - n
-            if self.config.mode == "dyme":
-                self._merge_into(s.flatten(0, 1), m)
+            if self.config.mode in ("dyme", "stable"):
+                self._merge_into(s.flatten(0, 1), n)
             else:  # FIFO ring of max_frames frames: the oldest slot takes the new frame
                 pos = self._fifo_pos * n
                 s[:, :, :, pos : pos + n].copy_(s[:, :, :, m:])
@@ -246,15 +296,33 @@ class FeatureBank:
             self._refresh_bias()
         return bias
 
-    def _merge_into(self, kvo: torch.Tensor, m: int) -> None:
-        """Merge in chunks of groups so the similarity matrices stay under a memory bound."""
+    def _merge_into(self, kvo: torch.Tensor, n: int) -> None:
+        """Merge ``kvo`` [G, 3, M + N, C] (bank and a frame of ``n`` tokens) down to its first M
+        tokens, in place, in chunks of groups so the similarity matrices stay under a memory
+        bound."""
         g, _, t, _ = kvo.shape
-        num_src = t - m
-        per = num_src * m * 4
-        chunk = max(1, _MERGE_CHUNK_BYTES // per)
+        m = t - n
+        chunk = max(1, _MERGE_CHUNK_BYTES // (n * m * 4))
+        if self.config.mode == "stable":
+            src, dst = self._stable_split(t, n)
         for i in range(0, g, chunk):
             part = kvo[i : i + chunk]
-            part[:, :, :m].copy_(merge_tokens(part, num_src, self._generator))
+            k = part.shape[0]
+            if self.config.mode == "stable":
+                split = (src.expand(k, -1), dst.expand(k, -1))
+                merged = merge_pairs(part, *split, self.config.merge_threshold)
+            else:
+                merged = merge_pairs(part, *random_split(k, t, n, self._generator, self._device))
+            part[:, :, :m].copy_(merged)
+
+    def _stable_split(self, total: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`oldest_frame_split` for the ring position due now (built once per position)."""
+        key = (total, tokens, self._fifo_pos)
+        split = self._splits.get(key)
+        if split is None:
+            split = oldest_frame_split(total, tokens, self._fifo_pos, self._device)
+            self._splits[key] = split
+        return split
 
     # ---------------------------------------------------------------- used by the processors
     def buffer(self, name: str, tokens: int, channels: int, dtype: torch.dtype) -> torch.Tensor:

@@ -27,7 +27,9 @@ class LoraSpec(_Strict):
 
 
 class BankConfig(_Strict):
-    """Feature bank settings (StreamV2V section 2). Defaults are the reference defaults."""
+    """Feature bank settings (StreamV2V section 2). Defaults are the reference defaults but for
+    ``mode``: "stable" instead of the reference's Dynamic Merging, whose random re-pairing makes
+    the output jump at every update (measured by ``streamv2v eval``; see the README)."""
 
     enabled: bool = True
     extended_attention: bool = True
@@ -39,7 +41,22 @@ class BankConfig(_Strict):
         description="Self-attention layers whose module name contains one of these apply FF.",
     )
     interval: int = Field(4, ge=1, le=1000, description="Bank update every N frames.")
-    mode: Literal["dyme", "fifo"] = "dyme"
+    mode: Literal["dyme", "stable", "fifo"] = Field(
+        "stable",
+        description="How an update folds the new frame in. dyme: Dynamic Merging (a random "
+        "split of bank + frame tokens, re-drawn at every update: the reference's). stable: the "
+        "oldest banked frame merges into its most similar tokens among the rest, which keep "
+        "their places (a fixed split: no wholesale re-pairing, so no update pulse). fifo: the "
+        "new frame replaces the oldest.",
+    )
+    merge_threshold: float = Field(
+        0.98,
+        ge=-1.0,
+        le=1.0,
+        description="stable: an old token merges into its best match only where their keys' "
+        "cosine similarity is at least this; elsewhere (content that moved away or changed) "
+        "it is forgotten instead of blurred into an unrelated token. -1: always merge.",
+    )
     max_frames: int = Field(1, ge=1, le=16, description="Frames of tokens the bank holds.")
     merge_ratio: float = Field(
         0.5,
@@ -50,11 +67,11 @@ class BankConfig(_Strict):
 
     @model_validator(mode="after")
     def _static_size(self) -> BankConfig:
-        if self.mode == "dyme":
+        if self.mode in ("dyme", "stable"):
             want = 1.0 / (self.max_frames + 1)
             if abs(self.merge_ratio - want) > 1e-6:
                 raise ValueError(
-                    f"merge_ratio={self.merge_ratio} with mode='dyme' and "
+                    f"merge_ratio={self.merge_ratio} with mode={self.mode!r} and "
                     f"max_frames={self.max_frames} would change the bank's size at every update; "
                     f"use merge_ratio={want:g} "
                     "(= 1 / (max_frames + 1)) so the bank keeps exactly max_frames frames of tokens"

@@ -110,3 +110,18 @@ def render(scene: Scene, style: str, size: int = SIZE) -> np.ndarray:
             ring = fill - np.clip(inside - 2.5, 0.0, 1.0)[..., None]
             image = image * (1 - ring) + ring * 20.0
     return np.clip(image + 0.5, 0, 255).astype(np.uint8)
+
+
+def witness_clips(frames: int, seed: int = 7) -> dict[str, list[np.ndarray]]:
+    """The two clips the feature bank's temporal figures are judged on (with the tiny style
+    model): one scene, STATIC with fresh camera-like noise on every frame (sigma 6/255), and
+    MOVING (its shapes gliding, noiseless). ``frames`` RGB frames each, at :data:`SIZE`."""
+    rng = np.random.default_rng(seed)
+    scene = random_scene(rng)
+    still = render(scene, "plain").astype(np.float32)
+    noisy = [
+        np.clip(still + rng.normal(0, 6, still.shape), 0, 255).astype(np.uint8)
+        for _ in range(frames)
+    ]
+    moving = [render(moving_scene(scene, i / 15), "plain") for i in range(frames)]
+    return {"static + noise": noisy, "moving": moving}

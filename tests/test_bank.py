@@ -11,7 +11,13 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from streamv2v import BankConfig, EngineConfig, StreamV2V
 from streamv2v.attention import FeatureBankAttnProcessor, install_bank, self_attention_layers
-from streamv2v.bank import FeatureBank, fuse_features, merge_tokens
+from streamv2v.bank import (
+    FeatureBank,
+    fuse_features,
+    merge_pairs,
+    merge_tokens,
+    oldest_frame_split,
+)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -69,6 +75,40 @@ def test_merge_is_deterministic_under_a_seed():
     c = merge_tokens(kvo, 8, gen(6))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def test_the_stable_split_merges_the_oldest_frame_and_keeps_every_other_place():
+    # One banked frame of 3 tokens + the new frame: the bank merges into the new frame.
+    src, dst = oldest_frame_split(6, 3, 0, torch.device("cpu"))
+    assert src.tolist() == [0, 1, 2] and dst.tolist() == [3, 4, 5]
+    # Three banked frames of 2 tokens (ring position 1 is the oldest) + the new frame: frames 0
+    # and 2 stay where they are, the new frame (tokens 6, 7) takes position 1's place.
+    src, dst = oldest_frame_split(8, 2, 1, torch.device("cpu"))
+    assert src.tolist() == [2, 3]
+    assert dst.tolist() == [0, 1, 6, 7, 4, 5]
+
+
+def test_stable_merge_averages_matches_and_forgets_tokens_below_the_threshold():
+    keys = torch.tensor(
+        [
+            [1.0, 0.0, 0.0],  # old 0: the same content as new 0
+            [0.0, 1.0, 0.1],  # old 1: close to new 1 (cosine 0.995)
+            [0.0, 0.0, 1.0],  # old 2: like nothing in the new frame (best cosine 0.0)
+            [1.0, 0.0, 0.0],  # new 0
+            [0.0, 1.0, 0.0],  # new 1
+            [0.5, 0.0, -0.1],  # new 2: no old token has it as its best match
+        ]
+    )
+    kvo = torch.stack([keys, keys * 10, keys * 100])[None]
+    src, dst = oldest_frame_split(6, 3, 0, torch.device("cpu"))
+    merged = merge_pairs(kvo, src[None], dst[None], threshold=0.9)[0]
+    torch.testing.assert_close(merged[0, 0], (keys[0] + keys[3]) / 2)
+    torch.testing.assert_close(merged[0, 1], (keys[1] + keys[4]) / 2)
+    torch.testing.assert_close(merged[0, 2], keys[5])  # old 2 matched nothing: forgotten
+    torch.testing.assert_close(merged[1:], torch.stack([merged[0] * 10, merged[0] * 100]))
+    # Without a threshold old 2 is averaged into its best match, whatever it is.
+    unmasked = merge_pairs(kvo, src[None], dst[None])[0]
+    assert not torch.allclose(unmasked[0], merged[0])
 
 
 # --------------------------------------------------------------------------- fuse_features
@@ -276,7 +316,9 @@ def test_reset_bank_mid_stream_refills_from_the_next_frame_without_a_warm_up(tin
     assert (kept - want).abs().max().item() > 1e-4  # the history mattered before the reset
 
 
-@pytest.mark.parametrize(("mode", "max_frames"), [("dyme", 1), ("fifo", 3), ("dyme", 2)])
+@pytest.mark.parametrize(
+    ("mode", "max_frames"), [("dyme", 1), ("fifo", 3), ("dyme", 2), ("stable", 1), ("stable", 3)]
+)
 def test_bank_size_is_constant_after_the_first_frame(tiny_model, frames, mode, max_frames):
     bank = {"mode": mode, "max_frames": max_frames, "merge_ratio": 1 / (max_frames + 1)}
     engine = engine_for(tiny_model, {**bank, "interval": 1}, steps=2)

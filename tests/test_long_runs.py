@@ -105,7 +105,7 @@ def test_five_hundred_frames_stay_finite_bounded_and_follow_the_input(
     tiny_model, guidance, stream_batch, dtype
 ):
     # The state carried from frame to frame: residual CFG's stock noise (bank off, to see it
-    # alone), or else the reference feature bank.
+    # alone), or else the (default) feature bank.
     cfg = {"steps": 2, "guidance": guidance, "guidance_scale": 1.2, "stream_batch": stream_batch}
     cfg["bank"] = {"enabled": guidance not in ("self", "initialize")}
     engine = make_engine(tiny_model, dtype, **cfg)
@@ -167,10 +167,11 @@ def test_merge_of_thousands_of_identical_tokens_is_finite_and_exact_in_float16()
     assert torch.equal(out[1], torch.full_like(out[1], -37.25))
 
 
+@pytest.mark.parametrize("mode", ["dyme", "stable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_three_hundred_frames_with_the_reference_bank_stay_finite(tiny_model, dtype):
+def test_three_hundred_frames_of_merging_banks_stay_finite(tiny_model, dtype, mode):
     """Many merges in a row (interval 1) on a flat-ish scene, in both precisions."""
-    engine = make_engine(tiny_model, dtype, steps=2, bank=BankConfig(interval=1))
+    engine = make_engine(tiny_model, dtype, steps=2, bank=BankConfig(mode=mode, interval=1))
     flat = np.full((96, 96, 3), 120, np.uint8)
     clip = [flat] * 150 + moving_clip(150)
     for f in clip:

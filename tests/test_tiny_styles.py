@@ -98,18 +98,44 @@ def test_a_preset_switch_mid_stream_ends_in_the_new_style_within_the_transition(
         assert mae(out, render(frame, "cool")) * 2 < mae(out, render(frame, "warm"))
 
 
-def test_bank_temporal_figures_show_the_dynamic_merging_update_pulse():
+def test_bank_temporal_figures_show_the_dynamic_merging_update_pulse_and_stable_has_none():
     still = render(held_out_scenes(1)[0], "plain")
     frames = [still] * 21  # a static, noiseless clip: any change comes from the engine itself
     off = temporal_figures(engine(), frames)
     assert off.mad == 0.0 and off.input_mad == 0.0  # deterministic without a bank
-    dyme = engine(BankConfig(interval=4))
+    dyme = engine(BankConfig(mode="dyme", interval=4))
     on = temporal_figures(dyme, frames)
     # Between updates the bank is constant: identical outputs. Right after an update, Dynamic
     # Merging has re-paired tokens at random, and the output moves: the update pulse.
     assert on.mad_other is not None and on.mad_other < 1e-6
     assert on.mad_after_update is not None and on.mad_after_update > 1e-4
     assert 0.0 < on.ff_pass_rate <= 1.0
+    # The stable update merges the old frame into the same content at the same places: on a
+    # still scene the bank does not move, nor does the output.
+    stable = temporal_figures(engine(BankConfig(mode="stable", interval=4)), frames)
+    assert stable.mad_after_update is not None and stable.mad_after_update < 1e-6
+    assert stable.mad < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["stable", "dyme"])
+def test_the_bank_remembers_frames_older_than_its_last_update(mode):
+    """Two clips that differ only before the last bank update (the end of frame 8) give
+    different outputs after it: the bank carries what it saw before, merged in. Without the
+    bank the outputs after frame 8 are the same (so the check can fail)."""
+    rng = np.random.default_rng(5)
+    scene, other = random_scene(rng), random_scene(rng)
+    a = [render(moving_scene(scene, i / 15), "plain") for i in range(12)]
+    b = [render(moving_scene(other, i / 15), "plain") for i in range(8)] + a[8:]
+
+    def tail(eng: StreamV2V, clip: list[np.ndarray]) -> list[np.ndarray]:
+        eng.reset()
+        return [eng(f) for f in clip][9:]
+
+    def gap(eng: StreamV2V) -> float:
+        return max(mae(x, y) for x, y in zip(tail(eng, a), tail(eng, b)))
+
+    assert gap(engine()) == 0.0
+    assert gap(engine(BankConfig(mode=mode, interval=4))) > 0.3  # (measured: ~1)
 
 
 def test_training_is_reproducible_with_the_same_seeds(tmp_path):

@@ -213,6 +213,34 @@ def translate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def eval_command(args: argparse.Namespace) -> int:
+    """Measure the temporal quality of a translation (flicker, warp error, the bank's update
+    pulse) for each feature-bank variant; optionally write an HTML report."""
+    from daemon.offline.eval import evaluate, style_for
+
+    style = style_for(args.output, args.model, args.prompt, args.negative_prompt, args.preset)
+    _report, lines = evaluate(
+        args.input,
+        style=style,
+        output=args.output,
+        variants=args.variants,
+        report_path=args.report,
+        frames=args.frames,
+        skip=args.skip,
+        clip_model=args.clip_model,
+        device=args.device,
+        allow_pickle=args.allow_pickle,
+        size=args.size,
+        steps=args.steps,
+        strength=args.strength,
+        seed=args.seed,
+        stream_batch=args.stream_batch,
+        vae=args.vae,
+    )
+    print("\n".join(lines))
+    return EXIT_OK
+
+
 def demo(args: argparse.Namespace) -> int:
     """Run the whole pipeline offline: a generated camera through the built-in model into a
     video."""
@@ -357,6 +385,7 @@ COMMANDS: dict[str, Command] = {
     cmd.name: cmd
     for cmd in (
         Command("translate", arguments.translate, translate),
+        Command("eval", arguments.evaluate, eval_command),
         Command("demo", arguments.demo, demo),
         Command("run", arguments.run, run),
         Command("config", arguments.config, config_command),

@@ -29,9 +29,11 @@ def parse_positive_int(text: str) -> int:
     return value
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+def add_engine_arguments(parser: argparse.ArgumentParser, prompt_required: bool = True) -> None:
     """Options that choose the model and tune the engine (shared by commands that run one)."""
-    parser.add_argument("--prompt", required=True, help="What the video should look like.")
+    parser.add_argument(
+        "--prompt", required=prompt_required, help="What the video should look like."
+    )
     parser.add_argument("--negative-prompt", default="", help="What it should not look like.")
     parser.add_argument(
         "--model",
@@ -66,8 +68,79 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def translate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", type=Path, help="Video file to restyle.")
-    parser.add_argument("output", type=Path, help="Video file to write (.mp4 or .avi).")
+    parser.add_argument(
+        "output", type=Path, help="Video file to write (.mp4, .avi, or .mkv: lossless)."
+    )
     add_engine_arguments(parser)
+
+
+def parse_variants(text: str) -> tuple[str, ...]:
+    """``'off,stable'`` -> ``('off', 'stable')``: known bank variants, each once."""
+    from daemon.offline.eval import VARIANTS
+
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown variant(s) {', '.join(unknown) or '(none given)'}; choose from "
+            f"{', '.join(VARIANTS)}, comma-separated"
+        )
+    return names
+
+
+def parse_count(text: str) -> int:
+    """A whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def evaluate(parser: argparse.ArgumentParser) -> None:
+    from daemon.offline.eval import DEFAULT_SKIP, VARIANTS
+
+    parser.add_argument("input", type=Path, help="The source video.")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="A translation of INPUT to measure (e.g. from `streamv2v translate`), instead of "
+        "running the engine.",
+    )
+    parser.add_argument(
+        "--preset",
+        help="Translate with a preset: a name (your presets folder, then the bundled ones) or "
+        "a .toml file; instead of --prompt.",
+    )
+    add_engine_arguments(parser, prompt_required=False)
+    parser.add_argument(
+        "--variants",
+        type=parse_variants,
+        default=tuple(VARIANTS),
+        metavar="A,B,...",
+        help=f"Feature-bank variants to run, comma-separated (default: {','.join(VARIANTS)}).",
+    )
+    parser.add_argument(
+        "--report", type=Path, metavar="PATH", help="Write a report: .html (one page) or .md."
+    )
+    parser.add_argument(
+        "--frames", type=parse_positive_int, help="Use only the first N frames of INPUT."
+    )
+    parser.add_argument(
+        "--skip",
+        type=parse_count,
+        default=DEFAULT_SKIP,
+        help=f"Warm-up frames left out of the figures (default: {DEFAULT_SKIP}, the bank's "
+        "first update cycle).",
+    )
+    parser.add_argument(
+        "--clip-model",
+        help="CLIP model (hub id or folder) for CLIP consistency; only read from the local "
+        "cache, never downloaded (default: the first cached of openai/clip-vit-large-patch14, "
+        "openai/clip-vit-base-patch32).",
+    )
 
 
 def demo(parser: argparse.ArgumentParser) -> None:

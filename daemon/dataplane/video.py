@@ -14,7 +14,9 @@ import cv2
 import numpy as np
 
 #: Container extension -> FourCC that OpenCV's FFMPEG backend writes without extra codecs.
-OUTPUT_CODECS: dict[str, str] = {".mp4": "mp4v", ".avi": "MJPG"}
+#: .mkv is FFV1, lossless: what `streamv2v eval --output` should measure (a lossy codec adds
+#: its own frame-to-frame changes to the figures).
+OUTPUT_CODECS: dict[str, str] = {".mp4": "mp4v", ".avi": "MJPG", ".mkv": "FFV1"}
 
 #: Used when a file does not say its frame rate (OpenCV reports 0 or NaN then).
 FALLBACK_FPS = 30.0
