@@ -20,12 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streamv2v.attention import install_bank
+from streamv2v.attention import install_bank, self_attention_shapes
 from streamv2v.bank import FeatureBank
+from streamv2v.compiled import compile_enabled, compile_fn, frame_begin, mark_static
 from streamv2v.config import EngineConfig
+from streamv2v.hostio import HostIO
 from streamv2v.loading import default_device, default_dtype, load_components
 from streamv2v.stream import (
-    StreamSchedule,
     denoise,
     guide,
     make_schedule,
@@ -34,7 +35,15 @@ from streamv2v.stream import (
 )
 
 #: EngineConfig fields that need the weights reloaded (everything else is re-prepared in place).
-_LOAD_FIELDS = ("vae", "loras")
+_LOAD_FIELDS = ("vae", "loras", "compile")
+
+#: What _prepare builds for one configuration. Kept per configuration (up to _KEPT_CONFIGS), so
+#: returning to one reuses its tensors and processors: a compiled UNet finds its graph again.
+_PREPARED = (
+    "_schedule", "_calls", "_guidance", "_x", "_noise", "_beta_noise", "_next_noise", "_stock",
+    "_stock_next", "_filter_pool", "_filter_ref", "bank", "fusion_layers", "_processors",
+)  # fmt: skip
+_KEPT_CONFIGS = 16
 
 
 @dataclass
@@ -70,6 +79,16 @@ class StreamV2V:
         self._latent_scale = float(getattr(vae.config, "scaling_factor", 1.0))
         self._cond = self.encode_prompt("")
         self._uncond = self._cond
+        self._io = HostIO(self.device)
+        self._layer_shapes: dict[tuple[int, int], dict[str, tuple[int, int]]] = {}
+        self._kept: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        #: torch.compile in use (EngineConfig.compile): UNet, encode and decode compiled.
+        self.compiled = compile_enabled(self.config.compile, self.device)
+        self._unet_fn, self._encode_fn, self._decode_fn = self.unet, self._encode, self._decode
+        if self.compiled:
+            self._unet_fn = compile_fn(self.unet, self.device)
+            self._encode_fn = compile_fn(self._encode, self.device)
+            self._decode_fn = compile_fn(self._decode, self.device)
         self._prepare()
 
     # ------------------------------------------------------------------ construction
@@ -125,14 +144,27 @@ class StreamV2V:
         self._prepare()
 
     def _prepare(self) -> None:
-        cfg, dev, dt = self.config, self.device, self.dtype
-        self._schedule: StreamSchedule = make_schedule(
-            self.scheduler, cfg.timestep_indices(), dev, dt
-        )
-        self._calls = self._plan_calls()
+        cfg = self.config
+        key = cfg.model_dump_json()
+        kept = self._kept.pop(key, None)
+        if kept is None:
+            kept = self._build(cfg)
+        self._kept[key] = kept  # most recently used last
+        while len(self._kept) > _KEPT_CONFIGS:
+            self._kept.popitem(last=False)
+        self.__dict__.update(kept)
+        self.unet.set_attn_processor(dict(self._processors))  # (it consumes the dict)
         self._write_embeds()
+        self.reset()
+
+    def _build(self, cfg: EngineConfig) -> dict[str, Any]:
+        """Every tensor and processor of a configuration, allocated once, at fixed addresses."""
+        dev, dt = self.device, self.dtype
+        self._schedule = make_schedule(self.scheduler, cfg.timestep_indices(), dev, dt)
+        self._calls = self._plan_calls()
         k = cfg.steps
-        lat_shape = (k, self.unet.config.in_channels, cfg.height // 8, cfg.width // 8)
+        lat_hw = (cfg.height // 8, cfg.width // 8)
+        lat_shape = (k, self.unet.config.in_channels, *lat_hw)
         self._x = torch.zeros(lat_shape, device=dev, dtype=dt)
         self._noise = torch.empty(lat_shape, device=dev, dtype=dt)
         self._beta_noise = torch.empty_like(self._noise)
@@ -145,8 +177,16 @@ class StreamV2V:
         self._filter_ref = torch.zeros((1, 3, *small), device=dev, dtype=dt)
         rows = self._calls[-1].bank_rows.stop
         self.bank = FeatureBank(cfg.bank, rows, cfg.seed, dev) if cfg.bank.enabled else None
+        if self.bank is not None:
+            if lat_hw not in self._layer_shapes:
+                self._layer_shapes[lat_hw] = self_attention_shapes(self.unet, lat_hw, self._cond)
+            self.bank.allocate(self._layer_shapes[lat_hw], dt)
         self.fusion_layers = install_bank(self.unet, self.bank)
-        self.reset()
+        self._processors = dict(self.unet.attn_processors)
+        if self.compiled:
+            static = [self._x, *(t for c in self._calls for t in (c.timesteps, c.embeds))]
+            mark_static(static + (self.bank.tensors() if self.bank is not None else []))
+        return {name: getattr(self, name) for name in _PREPARED}
 
     def _plan_calls(self) -> list[_UNetCall]:
         cfg, sched = self.config, self._schedule
@@ -211,6 +251,7 @@ class StreamV2V:
         """The conditional and unconditional embeddings in use (``[1, tokens, dim]`` each)."""
         return self._cond, self._uncond
 
+    @torch.inference_mode()
     def reset_bank(self) -> None:
         """Forget the feature bank's frames (e.g. after a style switch, so the old style's
         features stop steering attention); the next frame refills it. The stream keeps running:
@@ -267,10 +308,12 @@ class StreamV2V:
         """
         if output_type not in ("np", "pt", "latent"):
             raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
+        if self.compiled:
+            frame_begin(self.device)
         image = self._to_model_input(frame)
         if self._similar_to_last(image):
             return self._last_output
-        latent = self._encode(image)
+        latent = self._encode_fn(image)
         if self.bank is not None:
             self.bank.begin_frame(self._frames)
         x0 = self._denoise_frame(latent)
@@ -285,9 +328,11 @@ class StreamV2V:
         if output_type == "latent":
             out = x0
         else:
-            out = self._decode(x0)
+            out = self._decode_fn(x0)
             if output_type == "np":
-                out = out.cpu().numpy()
+                out = self._io.download(out)
+            elif self.compiled:
+                out = out.clone()  # a CUDA graph's output is overwritten by the next replay
         self._last_output = out
         return out
 
@@ -316,8 +361,9 @@ class StreamV2V:
         if self.bank is not None:
             self.bank.begin_call(call.bank_rows, self._fill_rows(call))
         rows = x if call.uncond_rows is None else torch.cat([x, x[call.uncond_rows]])
-        out = self.unet(rows, call.timesteps, encoder_hidden_states=call.embeds, return_dict=False)
-        out = out[0]
+        out = self._unet_fn(
+            rows, call.timesteps, encoder_hidden_states=call.embeds, return_dict=False
+        )[0]
         if mode == "none":
             return out
         n = x.shape[0]
@@ -378,7 +424,7 @@ class StreamV2V:
             cw = max(1, round(h * tw / th))
             frame = frame[:, (w - cw) // 2 : (w - cw) // 2 + cw]
         # Upload uint8 (4x fewer bytes than float), then convert on the device.
-        img = frame[..., :3].to(self.device, non_blocking=True).permute(2, 0, 1).unsqueeze(0)
+        img = self._io.upload(frame[..., :3]).permute(2, 0, 1).unsqueeze(0)
         if img.shape[-2:] != (th, tw):
             img = F.interpolate(img.float(), size=(th, tw), mode="bilinear", antialias=True)
         return img.to(self.dtype).mul_(2.0 / 255.0).sub_(1.0)
