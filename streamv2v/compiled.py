@@ -17,6 +17,8 @@ from typing import Literal
 
 import torch
 
+from streamv2v.config import EngineConfig
+
 #: Graphs kept per compiled function: one per configuration (and per UNet call of a frame in
 #: sequential mode), so the latency controller's whole range stays compiled.
 _GRAPHS_PER_FUNCTION = 64
@@ -73,3 +75,22 @@ def frame_begin(device: torch.device) -> None:
     overwritten (the engine has copied out whatever it keeps)."""
     if device.type == "cuda":
         torch.compiler.cudagraph_mark_step_begin()
+
+
+def warmup_configs(
+    base: EngineConfig, step_counts: Iterable[int | tuple[int, bool]], *, bank_off: bool = False
+) -> list[EngineConfig]:
+    """``base`` at each of ``step_counts`` (a step count, or ``(steps, stream_batch)``; the step
+    schedule derived from the strength, as the latency controller does), and with the bank off
+    too when ``bank_off``: the configurations :meth:`~streamv2v.StreamV2V.warmup` runs."""
+    wanted: list[EngineConfig] = []
+    for item in step_counts:
+        steps, batch = (item, base.stream_batch) if isinstance(item, int) else item
+        update = {"steps": steps, "stream_batch": batch, "t_index_list": None}
+        cfg = EngineConfig.model_validate({**base.model_dump(), **update})
+        banks = [cfg.bank, cfg.bank.model_copy(update={"enabled": False})]
+        for bank in banks[: 1 + (bank_off and cfg.bank.enabled)]:
+            variant = cfg.model_copy(update={"bank": bank})
+            if variant not in wanted:
+                wanted.append(variant)
+    return wanted

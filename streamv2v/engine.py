@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +23,15 @@ import torch.nn.functional as F
 
 from streamv2v.attention import install_bank, self_attention_shapes
 from streamv2v.bank import FeatureBank
-from streamv2v.compiled import compile_enabled, compile_fn, frame_begin, mark_static
+from streamv2v.compiled import (
+    compile_enabled,
+    compile_fn,
+    frame_begin,
+    mark_static,
+    warmup_configs,
+)
 from streamv2v.config import EngineConfig
-from streamv2v.hostio import HostIO
+from streamv2v.hostio import HostIO, frame_to_image
 from streamv2v.loading import default_device, default_dtype, load_components
 from streamv2v.stream import (
     denoise,
@@ -142,6 +149,35 @@ class StreamV2V:
             raise ValueError(f"changing {', '.join(changed)} needs a reload (from_pretrained)")
         self.config = config
         self._prepare()
+
+    @torch.inference_mode()
+    def warmup(
+        self,
+        step_counts: Iterable[int | tuple[int, bool]],
+        *,
+        bank_off: bool = False,
+        progress: bool = True,
+    ) -> list[EngineConfig]:
+        """Compile (and on CUDA capture) every configuration the latency controller may pick, so
+        a later step change never stalls the stream: each of ``step_counts`` (a step count, or
+        ``(steps, stream_batch)``) runs a few frames with the current settings, and with the bank
+        off too when ``bank_off``. The current configuration is restored (its stream reset).
+        Returns the configurations warmed. Without compilation it only prepares them."""
+        base = self.config
+        wanted = warmup_configs(base, step_counts, bank_off=bank_off)
+        from tqdm.auto import tqdm
+
+        rng = np.random.default_rng(0)
+        frame = rng.integers(0, 256, (base.height, base.width, 3), dtype=np.uint8)
+        bar = tqdm(wanted, desc="compiling" if self.compiled else "preparing", disable=not progress)
+        for cfg in bar:
+            bar.set_postfix_str(f"{cfg.steps} steps, bank {'on' if cfg.bank.enabled else 'off'}")
+            self.set_config(cfg)
+            # Enough frames for the stream to output, then one capture and one replay.
+            for i in range(self.latency_frames + 3 if self.compiled else 0):
+                self(np.roll(frame, i, axis=1), output_type="np")
+        self.set_config(base)
+        return wanted
 
     def _prepare(self) -> None:
         cfg = self.config
@@ -406,28 +442,7 @@ class StreamV2V:
     # ------------------------------------------------------------------ pixels <-> latents
     def _to_model_input(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
         """HxWx3 uint8 -> [1, 3, height, width] in [-1, 1], model dtype, engine device."""
-        if isinstance(frame, np.ndarray):
-            frame = torch.from_numpy(frame)
-        if not isinstance(frame, torch.Tensor):
-            raise TypeError(f"frame must be a numpy array or a torch tensor, not {type(frame)}")
-        if frame.dtype != torch.uint8 or frame.ndim != 3 or frame.shape[2] not in (3, 4):
-            raise ValueError(
-                f"frame must be HxWx3 uint8 RGB, got shape {tuple(frame.shape)} {frame.dtype}"
-            )
-        h, w = frame.shape[:2]
-        th, tw = self.config.height, self.config.width
-        # Center crop to the working aspect ratio (a view: costs nothing).
-        if h * tw > w * th:
-            ch = max(1, round(w * th / tw))
-            frame = frame[(h - ch) // 2 : (h - ch) // 2 + ch]
-        elif h * tw < w * th:
-            cw = max(1, round(h * tw / th))
-            frame = frame[:, (w - cw) // 2 : (w - cw) // 2 + cw]
-        # Upload uint8 (4x fewer bytes than float), then convert on the device.
-        img = self._io.upload(frame[..., :3]).permute(2, 0, 1).unsqueeze(0)
-        if img.shape[-2:] != (th, tw):
-            img = F.interpolate(img.float(), size=(th, tw), mode="bilinear", antialias=True)
-        return img.to(self.dtype).mul_(2.0 / 255.0).sub_(1.0)
+        return frame_to_image(frame, (self.config.height, self.config.width), self._io, self.dtype)
 
     def _encode(self, image: torch.Tensor) -> torch.Tensor:
         enc = self.vae.encode(image)
