@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -144,6 +145,8 @@ def engine_cases(args, tiny: Path, device, dtype, deadline: float, dump) -> list
         if compiled:
             engine.warmup([steps], progress=False)
             row["compile_s"] = time.monotonic() - t0
+            # Graphs inductor could not run as CUDA graphs (e.g. a mutated non-static input).
+            row["cudagraph_skips"] = counters["inductor"].get("cudagraph_skips", 0)
         row.update(time_engine(engine, frames, args.frames, args.warmup, hook))
         print(f"  {arch} {steps} step(s) bank={bank} compiled={compiled}: {row}", flush=True)
         dump(rows=rows)

@@ -1,6 +1,7 @@
 """The compiled engine (torch.compile, inductor on the CPU) against the eager one, on the tiny
 model at 64x64: one warm-up of the controller's step range, then 100 frames with bank updates,
-a prompt switch, a preset blend, reset_bank and step changes, with recompiling made an error.
+a prompt switch, a preset blend, reset_bank, step changes and the bank off and on, with
+recompiling made an error.
 
 Compiling costs tens of seconds on this CPU: this module compiles once (module fixture).
 """
@@ -39,6 +40,9 @@ def build(tiny_model):
         tiny_model, config=cfg.model_copy(update={"compile": "on"}), device="cpu"
     )
     warmed = compiled.warmup(STEP_RANGE, progress=False)
+    # The bank-off variant is a graph of its own, warmed at load too (here for one step only:
+    # each graph costs tens of seconds to compile on this CPU).
+    warmed += compiled.warmup([1], bank_off=True, progress=False)
     return eager, compiled, warmed
 
 
@@ -50,7 +54,12 @@ def test_compile_is_off_by_default_on_the_cpu(engines):
 
 def test_every_step_count_of_the_range_is_warmed_at_load(engines):
     _, compiled, warmed = engines
-    assert [c.steps for c in warmed] == list(STEP_RANGE)
+    assert [(c.steps, c.bank.enabled) for c in warmed] == [
+        (1, True),
+        (2, True),
+        (1, True),
+        (1, False),
+    ]
     assert compiled.config.steps == 2  # the configuration in use is restored
 
 
@@ -76,6 +85,9 @@ def test_compiled_equals_eager_over_100_frames_without_a_recompile(engines):
                 if i in (80, 90):  # the latency controller changes the steps, and back
                     update = {"steps": 1 if i == 80 else 2}
                     engine.set_config(engine.config.model_copy(update=update))
+                if i in (84, 87):  # the bank off and on again (its graph was warmed too)
+                    bank = engine.config.bank.model_copy(update={"enabled": i == 87})
+                    engine.set_config(engine.config.model_copy(update={"bank": bank}))
             want = eager(frames[i % 8], output_type="latent")
             got = compiled(frames[i % 8], output_type="latent")
             assert (want is None) == (got is None)
