@@ -107,7 +107,7 @@ class EngineWorker:
             dtype=dtype,
             allow_pickle=cfg.allow_pickle,
         )
-        if engine.compiled:
+        if getattr(engine, "compiled", False):  # (a remote engine compiles on its side)
             # Compile every configuration the latency controller may pick now, in the loader
             # thread (the camera passes through meanwhile), so a step change never stalls.
             engine.warmup(self._step_choices(preset, engine.config))
