@@ -37,17 +37,34 @@ def sd15_components(tiny_folder: Path) -> dict:
     Speed does not depend on weight values, so this costs what the real model costs. The text
     encoder is a one-layer stand-in with SD1.5's width (it never runs per frame).
     """
+    return sd_components(tiny_folder, SD15_UNET)
+
+
+#: The UNet architectures of the SD family, as UNet2DConditionModel arguments.
+SD15_UNET = {"sample_size": 64, "cross_attention_dim": 768}
+SD21_UNET = {  # SD2.1 / sd-turbo: 1024-d text, linear projections, head dims per block
+    "sample_size": 64,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": (5, 10, 20, 20),
+    "use_linear_projection": True,
+}
+
+
+def sd_components(tiny_folder: Path, unet_kwargs: dict) -> dict:
+    """An SD-family UNet (``unet_kwargs``) and TAESD with random weights, a one-layer text
+    encoder stand-in of the UNet's text width, the tiny model's tokenizer and scheduler."""
     from diffusers import AutoencoderTiny, LCMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    width = unet_kwargs["cross_attention_dim"]
     tokenizer = CLIPTokenizer.from_pretrained(tiny_folder / "tokenizer")
     text = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=tokenizer.vocab_size,
-            hidden_size=768,
-            intermediate_size=768,
+            hidden_size=width,
+            intermediate_size=width,
             num_hidden_layers=1,
-            num_attention_heads=12,
+            num_attention_heads=width // 64,
             max_position_embeddings=77,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -55,7 +72,7 @@ def sd15_components(tiny_folder: Path) -> dict:
         )
     )
     return {
-        "unet": UNet2DConditionModel(sample_size=64, cross_attention_dim=768),
+        "unet": UNet2DConditionModel(**{"sample_size": 64, **unet_kwargs}),
         "vae": AutoencoderTiny(),
         "text_encoder": text,
         "tokenizer": tokenizer,

@@ -20,6 +20,8 @@ class FeatureBankAttnProcessor:
         self.bank = bank
         self.name = name
         self.fusion = fusion
+        if fusion:
+            bank.has_fusion = True
 
     def __call__(
         self,
@@ -51,11 +53,11 @@ class FeatureBankAttnProcessor:
         n = k.shape[1]
         buf = bank.buffer(self.name, n, k.shape[-1], k.dtype)[call.rows]  # [B, 3, M + N, C]
         m = buf.shape[2] - n
+        fill = bank.fill_mask[call.rows]  # [B, 1, 1, 1]: rows whose bank starts as this frame
         # The current frame's keys/values go into the tail: EA then reads bank + frame as one.
         buf[:, 0, m:].copy_(k)
         buf[:, 1, m:].copy_(v)
-        for r in call.fill_rows:
-            bank.fill(buf[r, 0:2], n)
+        _fill_where(buf[:, 0:2], fill, n)
         bias = None
         if cfg.extended_attention:
             k, v = buf[:, 0], buf[:, 1]
@@ -67,21 +69,34 @@ class FeatureBankAttnProcessor:
         out = multihead_attention(q, k, v, attn.heads, attn.scale, bias).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
 
-        if call.store_out:
-            buf[:, 2, m:].copy_(out)
-            for r in call.fill_rows:
-                bank.fill(buf[r, 2], n)
+        # O is stored every call (N tokens: cheap), so no per-frame flag decides it.
+        buf[:, 2, m:].copy_(out)
+        _fill_where(buf[:, 2:3], fill, n)
         if self.fusion:
             out, fused = fuse_features(
                 out, buf[:, 2, :m], cfg.fusion_threshold, cfg.fusion_strength
             )
-            call.fused.append(fused)
+            stats = bank.fused_stats
+            stats[0].add_(fused.sum())
+            stats[1].add_(fused.numel())
 
         if image_input:
             out = out.transpose(-1, -2).reshape(b, ch, h, w)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def _fill_where(buf: torch.Tensor, fill: torch.Tensor, tokens: int) -> None:
+    """``buf`` [B, P, M + N, C]: in the rows where ``fill`` [B, 1, 1, 1] is set, the current
+    frame (the tail) becomes every banked frame; other rows are left as they are. A tensor select
+    (no Python branch on per-frame state), exact: the selected values are copies."""
+    b, p, t, c = buf.shape
+    m = t - tokens
+    if m == 0:
+        return
+    cur = buf[:, :, m:].unsqueeze(2).expand(b, p, m // tokens, tokens, c).reshape(b, p, m, c)
+    buf[:, :, :m].copy_(torch.where(fill, cur, buf[:, :, :m]))
 
 
 def self_attention_layers(unet: torch.nn.Module) -> dict[str, Attention]:
@@ -91,6 +106,47 @@ def self_attention_layers(unet: torch.nn.Module) -> dict[str, Attention]:
         for name, mod in unet.named_modules()
         if isinstance(mod, Attention) and name.endswith("attn1") and not mod.is_cross_attention
     }
+
+
+class _ShapeRecorder:
+    """A processor that notes the self-attention layer's (tokens, channels), then runs SDPA."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], name: str) -> None:
+        self.shapes, self.name = shapes, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):  # fmt: skip
+        if encoder_hidden_states is None:
+            h = hidden_states
+            tokens = h.shape[1] if h.ndim == 3 else h.shape[2] * h.shape[3]
+            self.shapes[self.name] = (int(tokens), attn.to_k.out_features)
+        return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def self_attention_shapes(
+    unet: torch.nn.Module, latent_hw: tuple[int, int], embeds: torch.Tensor
+) -> dict[str, tuple[int, int]]:
+    """(tokens per frame, channels) of every self-attention layer at latent size ``latent_hw``,
+    from one UNet pass on fake tensors (shapes only: no compute, no memory, any model size).
+    Leaves plain SDPA processors installed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layers = self_attention_layers(unet)
+    shapes: dict[str, tuple[int, int]] = {}
+    procs = {}
+    for key in unet.attn_processors:
+        name = key.removesuffix(".processor")
+        procs[key] = _ShapeRecorder(shapes, name) if name in layers else AttnProcessor2_0()
+    unet.set_attn_processor(procs)
+    c = unet.config.in_channels
+    dev, dt = embeds.device, embeds.dtype
+    with torch.inference_mode(), FakeTensorMode(allow_non_fake_inputs=True):
+        sample = torch.empty((1, c, *latent_hw), device=dev, dtype=dt)
+        t = torch.zeros(1, dtype=torch.long, device=dev)
+        text = torch.empty((1, *embeds.shape[1:]), device=dev, dtype=dt)
+        unet(sample, t, encoder_hidden_states=text, return_dict=False)
+    install_bank(unet, None)
+    return shapes
 
 
 def install_bank(unet: torch.nn.Module, bank: FeatureBank | None) -> list[str]:

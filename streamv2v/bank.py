@@ -5,8 +5,9 @@ Layout. Each layer owns one buffer ``[slots, 3, M + N, C]``: K, V and O (the att
 before the residual) of ``M = max_frames * N`` banked tokens followed by the ``N`` tokens of the
 frame being processed. The current frame's K/V are written into the tail, so Extended
 self-Attention reads ``buf[:, 0]`` / ``buf[:, 1]`` as they are: bank and frame together, no
-concatenation. After the first frame the layers are packed by shape into one storage tensor per
-group, so Dynamic Merging runs once per group, batched over layers and slots, in place.
+concatenation. The layers are packed by shape into one storage tensor per group when the engine
+is prepared (fixed addresses from the start, what CUDA graphs need), so Dynamic Merging runs once
+per group, batched over layers and slots, in place.
 
 Pure tensor functions first (tested on hand-made tensors), then the stateful :class:`FeatureBank`.
 """
@@ -172,20 +173,25 @@ class _Group:
 
 @dataclass
 class _Call:
-    """What the processors need to know about the UNet call in flight (set by the engine)."""
+    """What the processors need to know about the UNet call in flight (set by the engine).
+
+    Only ``rows`` is Python state, and it is fixed per planned call; everything that changes
+    from frame to frame lives in tensors at fixed addresses (``FeatureBank.fill_mask``), so a
+    compiled or captured UNet replays every frame with the same graph.
+    """
 
     rows: slice = field(default_factory=lambda: slice(0, 0))  #: bank slots of the call's batch rows
-    fill_rows: tuple[int, ...] = ()  #: rows (relative) whose first real frame this is
-    store_out: bool = False  #: the call's attention outputs are needed (update or fill)
-    fused: list[torch.Tensor] = field(default_factory=list)  #: FF masks of this frame
 
 
 class FeatureBank:
     """Banked K/V/O of every self-attention layer, updated every ``interval`` frames.
 
-    The engine drives it: ``begin_frame`` / ``begin_call`` before each UNet call and
-    ``end_frame`` after a frame's calls. The attention processors read and write through
-    :meth:`buffer`.
+    The engine drives it: :meth:`allocate` once when it is prepared (every layer's buffer, packed
+    per shape, at fixed addresses from the start), ``begin_frame`` / ``begin_call`` before each
+    UNet call and ``end_frame`` after a frame's calls. The attention processors read and write
+    through :meth:`buffer` and :attr:`fill_mask`, and add their Feature Fusion counts into
+    :attr:`fused_stats`; the update (merge or FIFO step) runs eagerly in ``end_frame``, between
+    frames, with its own generator.
     """
 
     def __init__(self, config: BankConfig, slots: int, seed: int, device: torch.device) -> None:
@@ -193,10 +199,18 @@ class FeatureBank:
         self.slots = slots
         self._seed = seed
         self._device = device
-        self._buffers: dict[str, torch.Tensor] = {}  # name -> [S, 3, M + N, C] (views once packed)
+        self._buffers: dict[str, torch.Tensor] = {}  # name -> [S, 3, M + N, C] (storage views)
         self._tokens: dict[str, int] = {}  # name -> N (tokens of one frame)
         self._groups: list[_Group] = []
         self.call = _Call()
+        #: [S, 1, 1, 1] bool: slots whose first real frame the current call holds (their bank
+        #: becomes a copy of it inside the processors, as a tensor select)
+        self.fill_mask = torch.zeros((slots, 1, 1, 1), dtype=torch.bool, device=device)
+        self._fill_host = [False] * slots  # what fill_mask holds (written only when it changes)
+        #: [fused tokens, tokens] of the FF layers over the frame's calls (float32, in place)
+        self.fused_stats = torch.zeros(2, dtype=torch.float32, device=device)
+        self.has_fusion = False  # set by the processors that apply FF
+        self._fused_fraction = torch.zeros((), dtype=torch.float32, device=device)
         # A FIFO of several frames starts as copies of its first frame. Each copy would weigh in
         # attention as a frame of its own, so EA gets a bias of -log(copies) on every banked
         # frame's logits: each distinct frame then counts once, at static shapes.
@@ -207,8 +221,11 @@ class FeatureBank:
         self._splits: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset()
 
+    @torch.inference_mode()
     def reset(self) -> None:
         """Forget the banked frames (buffers stay allocated: shapes do not change)."""
+        # The merge's generator lives outside any compiled region: it advances eagerly, so a
+        # captured UNet can never freeze its permutation.
         self._generator = torch.Generator(device=self._device).manual_seed(self._seed)
         self._frame = 0
         self._fifo_pos = 0
@@ -218,17 +235,53 @@ class FeatureBank:
             self._contents[slot] = [-1] * self.config.max_frames
         self._refresh_bias()
 
+    @torch.inference_mode()
+    def allocate(self, layers: dict[str, tuple[int, int]], dtype: torch.dtype) -> None:
+        """Allocate the buffers of ``layers`` (name -> (tokens per frame, channels)), packed into
+        one storage tensor per shape, so the merge runs once per shape over layers and slots and
+        every buffer keeps its address for the engine's lifetime."""
+        by_shape: dict[tuple[int, int], list[str]] = {}
+        for name, shape in layers.items():
+            if name not in self._buffers:
+                by_shape.setdefault(shape, []).append(name)
+        for (tokens, channels), names in by_shape.items():
+            t = (self.config.max_frames + 1) * tokens
+            storage = torch.zeros(
+                (len(names), self.slots, 3, t, channels), device=self._device, dtype=dtype
+            )
+            for i, n in enumerate(names):
+                self._buffers[n] = storage[i]
+                self._tokens[n] = tokens
+            self._groups.append(_Group(names=names, storage=storage))
+            if self._weigh_copies and tokens not in self._attn_bias:
+                bias = torch.zeros((self.slots, 1, 1, t), device=self._device, dtype=dtype)
+                self._attn_bias[tokens] = bias
+        self._refresh_bias()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the processors read or write (for marking static addresses)."""
+        return [
+            *(g.storage for g in self._groups),
+            self.fill_mask,
+            self.fused_stats,
+            *self._attn_bias.values(),
+        ]
+
     # ---------------------------------------------------------------- driven by the engine
     def begin_frame(self, frame: int) -> None:
         self._frame = frame
         self._frame_fill = set()
-        self.call.fused = []
+        if self.has_fusion:
+            self.fused_stats.zero_()
 
     def begin_call(self, rows: slice, fill_rows: tuple[int, ...]) -> None:
         self.call.rows = rows
-        self.call.fill_rows = fill_rows
         self._frame_fill.update(rows.start + r for r in fill_rows)
-        self.call.store_out = bool(fill_rows) or self._updates_now()
+        for r in range(rows.stop - rows.start):
+            slot, want = rows.start + r, r in fill_rows
+            if self._fill_host[slot] != want:  # a device write only when the mask changes
+                self.fill_mask[slot].fill_(want)
+                self._fill_host[slot] = want
         if fill_rows and self._weigh_copies:
             for r in fill_rows:
                 self._contents[rows.start + r] = [self._new_content()] * self.config.max_frames
@@ -239,12 +292,11 @@ class FeatureBank:
 
     @torch.inference_mode()
     def end_frame(self) -> None:
-        """Fold the frame just processed into the bank when an update is due."""
-        if self.call.fused:
-            masks = self.call.fused
-            self.last_fused_fraction = sum(m.sum() for m in masks) / sum(m.numel() for m in masks)
-        if not self._groups:
-            self._pack()
+        """Fold the frame just processed into the bank when an update is due (eagerly, between
+        frames: never inside a compiled or captured region)."""
+        if self.has_fusion:
+            torch.div(self.fused_stats[0], self.fused_stats[1], out=self._fused_fraction)
+            self.last_fused_fraction = self._fused_fraction
         if not self._updates_now():
             return
         for group in self._groups:
@@ -285,16 +337,11 @@ class FeatureBank:
 
     def attn_bias(self, tokens: int, dtype: torch.dtype) -> torch.Tensor | None:
         """The ``[S, 1, 1, M + N]`` additive EA bias of a layer with ``tokens`` per frame, or
-        None when every banked position holds a frame of its own (the bank needs none)."""
+        None when every banked position holds a frame of its own (the bank needs none).
+        Allocated with the layer's buffer; rewritten in place at fills and updates."""
         if not self._weigh_copies:
             return None
-        bias = self._attn_bias.get(tokens)
-        if bias is None:
-            t = (self.config.max_frames + 1) * tokens
-            bias = torch.zeros((self.slots, 1, 1, t), device=self._device, dtype=dtype)
-            self._attn_bias[tokens] = bias
-            self._refresh_bias()
-        return bias
+        return self._attn_bias[tokens]
 
     def _merge_into(self, kvo: torch.Tensor, n: int) -> None:
         """Merge ``kvo`` [G, 3, M + N, C] (bank and a frame of ``n`` tokens) down to its first M
@@ -326,13 +373,12 @@ class FeatureBank:
 
     # ---------------------------------------------------------------- used by the processors
     def buffer(self, name: str, tokens: int, channels: int, dtype: torch.dtype) -> torch.Tensor:
-        """The layer's ``[S, 3, M + N, C]`` buffer (allocated on first use)."""
+        """The layer's ``[S, 3, M + N, C]`` buffer. The engine allocates every layer when it is
+        prepared; a bank driven by hand (tests) gets a layer's buffer on its first use."""
         buf = self._buffers.get(name)
         if buf is None:
-            t = (self.config.max_frames + 1) * tokens
-            buf = torch.zeros((self.slots, 3, t, channels), device=self._device, dtype=dtype)
-            self._buffers[name] = buf
-            self._tokens[name] = tokens
+            self.allocate({name: (tokens, channels)}, dtype)
+            buf = self._buffers[name]
         return buf
 
     def fill(self, x: torch.Tensor, tokens: int) -> None:
@@ -343,17 +389,6 @@ class FeatureBank:
         cur = x[..., m:, :]
         for f in range(m // tokens):
             x[..., f * tokens : (f + 1) * tokens, :].copy_(cur)
-
-    def _pack(self) -> None:
-        """Move the layer buffers into one storage tensor per shape (once, after frame 0)."""
-        by_shape: dict[tuple, list[str]] = {}
-        for name, buf in self._buffers.items():
-            by_shape.setdefault((tuple(buf.shape), buf.dtype), []).append(name)
-        for names in by_shape.values():
-            storage = torch.stack([self._buffers[n] for n in names])
-            for i, n in enumerate(names):
-                self._buffers[n] = storage[i]
-            self._groups.append(_Group(names=names, storage=storage))
 
     # ---------------------------------------------------------------- reporting
     @property

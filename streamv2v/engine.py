@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +21,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streamv2v.attention import install_bank
+from streamv2v.attention import install_bank, self_attention_shapes
 from streamv2v.bank import FeatureBank
+from streamv2v.compiled import (
+    compile_enabled,
+    compile_fn,
+    frame_begin,
+    mark_static,
+    warmup_configs,
+)
 from streamv2v.config import EngineConfig
+from streamv2v.hostio import HostIO, frame_to_image
 from streamv2v.loading import default_device, default_dtype, load_components
 from streamv2v.stream import (
-    StreamSchedule,
     denoise,
     guide,
     make_schedule,
@@ -34,7 +42,15 @@ from streamv2v.stream import (
 )
 
 #: EngineConfig fields that need the weights reloaded (everything else is re-prepared in place).
-_LOAD_FIELDS = ("vae", "loras")
+_LOAD_FIELDS = ("vae", "loras", "compile")
+
+#: What _prepare builds for one configuration. Kept per configuration (up to _KEPT_CONFIGS), so
+#: returning to one reuses its tensors and processors: a compiled UNet finds its graph again.
+_PREPARED = (
+    "_schedule", "_calls", "_guidance", "_x", "_noise", "_beta_noise", "_next_noise", "_stock",
+    "_stock_next", "_filter_pool", "_filter_ref", "bank", "fusion_layers", "_processors",
+)  # fmt: skip
+_KEPT_CONFIGS = 16
 
 
 @dataclass
@@ -70,6 +86,16 @@ class StreamV2V:
         self._latent_scale = float(getattr(vae.config, "scaling_factor", 1.0))
         self._cond = self.encode_prompt("")
         self._uncond = self._cond
+        self._io = HostIO(self.device)
+        self._layer_shapes: dict[tuple[int, int], dict[str, tuple[int, int]]] = {}
+        self._kept: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        #: torch.compile in use (EngineConfig.compile): UNet, encode and decode compiled.
+        self.compiled = compile_enabled(self.config.compile, self.device)
+        self._unet_fn, self._encode_fn, self._decode_fn = self.unet, self._encode, self._decode
+        if self.compiled:
+            self._unet_fn = compile_fn(self.unet, self.device)
+            self._encode_fn = compile_fn(self._encode, self.device)
+            self._decode_fn = compile_fn(self._decode, self.device)
         self._prepare()
 
     # ------------------------------------------------------------------ construction
@@ -124,15 +150,57 @@ class StreamV2V:
         self.config = config
         self._prepare()
 
+    @torch.inference_mode()
+    def warmup(
+        self,
+        step_counts: Iterable[int | tuple[int, bool]],
+        *,
+        bank_off: bool = False,
+        progress: bool = True,
+    ) -> list[EngineConfig]:
+        """Compile (and on CUDA capture) every configuration the latency controller may pick, so
+        a later step change never stalls the stream: each of ``step_counts`` (a step count, or
+        ``(steps, stream_batch)``) runs a few frames with the current settings, and with the bank
+        off too when ``bank_off``. The current configuration is restored (its stream reset).
+        Returns the configurations warmed. Without compilation it only prepares them."""
+        base = self.config
+        wanted = warmup_configs(base, step_counts, bank_off=bank_off)
+        from tqdm.auto import tqdm
+
+        rng = np.random.default_rng(0)
+        frame = rng.integers(0, 256, (base.height, base.width, 3), dtype=np.uint8)
+        bar = tqdm(wanted, desc="compiling" if self.compiled else "preparing", disable=not progress)
+        for cfg in bar:
+            bar.set_postfix_str(f"{cfg.steps} steps, bank {'on' if cfg.bank.enabled else 'off'}")
+            self.set_config(cfg)
+            # Enough frames for the stream to output, then one capture and one replay.
+            for i in range(self.latency_frames + 3 if self.compiled else 0):
+                self(np.roll(frame, i, axis=1), output_type="np")
+        self.set_config(base)
+        return wanted
+
     def _prepare(self) -> None:
-        cfg, dev, dt = self.config, self.device, self.dtype
-        self._schedule: StreamSchedule = make_schedule(
-            self.scheduler, cfg.timestep_indices(), dev, dt
-        )
-        self._calls = self._plan_calls()
+        cfg = self.config
+        key = cfg.model_dump_json()
+        kept = self._kept.pop(key, None)
+        if kept is None:
+            kept = self._build(cfg)
+        self._kept[key] = kept  # most recently used last
+        while len(self._kept) > _KEPT_CONFIGS:
+            self._kept.popitem(last=False)
+        self.__dict__.update(kept)
+        self.unet.set_attn_processor(dict(self._processors))  # (it consumes the dict)
         self._write_embeds()
+        self.reset()
+
+    def _build(self, cfg: EngineConfig) -> dict[str, Any]:
+        """Every tensor and processor of a configuration, allocated once, at fixed addresses."""
+        dev, dt = self.device, self.dtype
+        self._schedule = make_schedule(self.scheduler, cfg.timestep_indices(), dev, dt)
+        self._calls = self._plan_calls()
         k = cfg.steps
-        lat_shape = (k, self.unet.config.in_channels, cfg.height // 8, cfg.width // 8)
+        lat_hw = (cfg.height // 8, cfg.width // 8)
+        lat_shape = (k, self.unet.config.in_channels, *lat_hw)
         self._x = torch.zeros(lat_shape, device=dev, dtype=dt)
         self._noise = torch.empty(lat_shape, device=dev, dtype=dt)
         self._beta_noise = torch.empty_like(self._noise)
@@ -145,8 +213,16 @@ class StreamV2V:
         self._filter_ref = torch.zeros((1, 3, *small), device=dev, dtype=dt)
         rows = self._calls[-1].bank_rows.stop
         self.bank = FeatureBank(cfg.bank, rows, cfg.seed, dev) if cfg.bank.enabled else None
+        if self.bank is not None:
+            if lat_hw not in self._layer_shapes:
+                self._layer_shapes[lat_hw] = self_attention_shapes(self.unet, lat_hw, self._cond)
+            self.bank.allocate(self._layer_shapes[lat_hw], dt)
         self.fusion_layers = install_bank(self.unet, self.bank)
-        self.reset()
+        self._processors = dict(self.unet.attn_processors)
+        if self.compiled:
+            static = [self._x, *(t for c in self._calls for t in (c.timesteps, c.embeds))]
+            mark_static(static + (self.bank.tensors() if self.bank is not None else []))
+        return {name: getattr(self, name) for name in _PREPARED}
 
     def _plan_calls(self) -> list[_UNetCall]:
         cfg, sched = self.config, self._schedule
@@ -211,6 +287,7 @@ class StreamV2V:
         """The conditional and unconditional embeddings in use (``[1, tokens, dim]`` each)."""
         return self._cond, self._uncond
 
+    @torch.inference_mode()
     def reset_bank(self) -> None:
         """Forget the feature bank's frames (e.g. after a style switch, so the old style's
         features stop steering attention); the next frame refills it. The stream keeps running:
@@ -267,10 +344,12 @@ class StreamV2V:
         """
         if output_type not in ("np", "pt", "latent"):
             raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
+        if self.compiled:
+            frame_begin(self.device)
         image = self._to_model_input(frame)
         if self._similar_to_last(image):
             return self._last_output
-        latent = self._encode(image)
+        latent = self._encode_fn(image)
         if self.bank is not None:
             self.bank.begin_frame(self._frames)
         x0 = self._denoise_frame(latent)
@@ -285,9 +364,11 @@ class StreamV2V:
         if output_type == "latent":
             out = x0
         else:
-            out = self._decode(x0)
+            out = self._decode_fn(x0)
             if output_type == "np":
-                out = out.cpu().numpy()
+                out = self._io.download(out)
+            elif self.compiled:
+                out = out.clone()  # a CUDA graph's output is overwritten by the next replay
         self._last_output = out
         return out
 
@@ -316,8 +397,9 @@ class StreamV2V:
         if self.bank is not None:
             self.bank.begin_call(call.bank_rows, self._fill_rows(call))
         rows = x if call.uncond_rows is None else torch.cat([x, x[call.uncond_rows]])
-        out = self.unet(rows, call.timesteps, encoder_hidden_states=call.embeds, return_dict=False)
-        out = out[0]
+        out = self._unet_fn(
+            rows, call.timesteps, encoder_hidden_states=call.embeds, return_dict=False
+        )[0]
         if mode == "none":
             return out
         n = x.shape[0]
@@ -360,28 +442,7 @@ class StreamV2V:
     # ------------------------------------------------------------------ pixels <-> latents
     def _to_model_input(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
         """HxWx3 uint8 -> [1, 3, height, width] in [-1, 1], model dtype, engine device."""
-        if isinstance(frame, np.ndarray):
-            frame = torch.from_numpy(frame)
-        if not isinstance(frame, torch.Tensor):
-            raise TypeError(f"frame must be a numpy array or a torch tensor, not {type(frame)}")
-        if frame.dtype != torch.uint8 or frame.ndim != 3 or frame.shape[2] not in (3, 4):
-            raise ValueError(
-                f"frame must be HxWx3 uint8 RGB, got shape {tuple(frame.shape)} {frame.dtype}"
-            )
-        h, w = frame.shape[:2]
-        th, tw = self.config.height, self.config.width
-        # Center crop to the working aspect ratio (a view: costs nothing).
-        if h * tw > w * th:
-            ch = max(1, round(w * th / tw))
-            frame = frame[(h - ch) // 2 : (h - ch) // 2 + ch]
-        elif h * tw < w * th:
-            cw = max(1, round(h * tw / th))
-            frame = frame[:, (w - cw) // 2 : (w - cw) // 2 + cw]
-        # Upload uint8 (4x fewer bytes than float), then convert on the device.
-        img = frame[..., :3].to(self.device, non_blocking=True).permute(2, 0, 1).unsqueeze(0)
-        if img.shape[-2:] != (th, tw):
-            img = F.interpolate(img.float(), size=(th, tw), mode="bilinear", antialias=True)
-        return img.to(self.dtype).mul_(2.0 / 255.0).sub_(1.0)
+        return frame_to_image(frame, (self.config.height, self.config.width), self._io, self.dtype)
 
     def _encode(self, image: torch.Tensor) -> torch.Tensor:
         enc = self.vae.encode(image)

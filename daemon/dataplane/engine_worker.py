@@ -107,6 +107,10 @@ class EngineWorker:
             dtype=dtype,
             allow_pickle=cfg.allow_pickle,
         )
+        if getattr(engine, "compiled", False):  # (a remote engine compiles on its side)
+            # Compile every configuration the latency controller may pick now, in the loader
+            # thread (the camera passes through meanwhile), so a step change never stalls.
+            engine.warmup(self._step_choices(preset, engine.config))
         switcher = StyleSwitcher(engine, self.base)
         switcher.encode(self.presets.library.presets.values())
         if not preset.passthrough:
@@ -178,9 +182,7 @@ class EngineWorker:
         if budget is None or self.switching or self.applied is None:
             return
         cfg = engine.config
-        lo, hi = self.applied.step_range(self.base)
-        hi = min(hi, int(SCHEDULE_STEPS * cfg.strength))  # what the strength leaves room for
-        lo = min(lo, hi)
+        lo, hi = self._step_bounds(self.applied, cfg)
         if self.output_delay is not None and self.calls % 10 == 0:
             delays = self.output_delay.snapshot()
             if delays.size:
@@ -203,6 +205,20 @@ class EngineWorker:
         )
         update = {"steps": choice.steps, "stream_batch": choice.stream_batch, "t_index_list": None}
         engine.set_config(type(cfg).model_validate({**cfg.model_dump(), **update}))
+
+    def _step_bounds(self, preset: Preset, cfg: Any) -> tuple[int, int]:
+        """The step range the latency controller may use for ``preset``."""
+        lo, hi = preset.step_range(self.base)
+        hi = min(hi, int(SCHEDULE_STEPS * cfg.strength))  # what the strength leaves room for
+        return min(lo, hi), hi
+
+    def _step_choices(self, preset: Preset, cfg: Any) -> list[tuple[int, bool]]:
+        """Every (steps, stream batch) the engine may run for ``preset``: the controller's
+        candidates, or the preset's own configuration when no controller runs."""
+        if self.budget is None:
+            return [(cfg.steps, cfg.stream_batch)]
+        lo, hi = self._step_bounds(preset, cfg)
+        return [(c.steps, c.stream_batch) for c in self.budget.candidates(lo, hi)]
 
     def _apply(self, preset: Preset) -> None:
         assert self.switcher is not None
