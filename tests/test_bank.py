@@ -380,6 +380,7 @@ def test_sd2_style_unet_with_linear_projections_and_v_prediction_works(tiny_mode
     assert not np.array_equal(outs[1], outs[2])
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_memory_stays_flat_over_a_thousand_frames(tiny_model, frames):
     import gc
 

@@ -15,6 +15,8 @@ from streamv2v.stream import StreamSchedule, update_stock_noise
 
 GUIDANCE = ("none", "self", "initialize", "full")
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def make_engine(model, dtype=torch.float32, **cfg) -> StreamV2V:
     config = EngineConfig(vae="model", width=64, height=64, **cfg)
