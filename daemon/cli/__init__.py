@@ -189,6 +189,12 @@ def call_daemon(args: argparse.Namespace, method: str, path: str, body: Any = No
 # --- dispatch: each hands the parsed values to the module whose concern the work is ----------
 
 
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine options `translate` and `eval` share (arguments.add_engine_arguments)."""
+    names = ("device", "allow_pickle", "size", "steps", "strength", "seed", "stream_batch", "vae")
+    return {name: getattr(args, name) for name in names}
+
+
 def translate(args: argparse.Namespace) -> int:
     """Restyle a video file into a new video file."""
     from daemon.offline.models import default_model
@@ -200,14 +206,7 @@ def translate(args: argparse.Namespace) -> int:
         model=args.model if args.model is not None else default_model(),
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
-        device=args.device,
-        allow_pickle=args.allow_pickle,
-        size=args.size,
-        steps=args.steps,
-        strength=args.strength,
-        seed=args.seed,
-        stream_batch=args.stream_batch,
-        vae=args.vae,
+        **engine_options(args),
     )
     print(line)
     return EXIT_OK
@@ -228,14 +227,7 @@ def eval_command(args: argparse.Namespace) -> int:
         frames=args.frames,
         skip=args.skip,
         clip_model=args.clip_model,
-        device=args.device,
-        allow_pickle=args.allow_pickle,
-        size=args.size,
-        steps=args.steps,
-        strength=args.strength,
-        seed=args.seed,
-        stream_batch=args.stream_batch,
-        vae=args.vae,
+        **engine_options(args),
     )
     print("\n".join(lines))
     return EXIT_OK
