@@ -154,7 +154,12 @@ def test_the_page_shows_live_output_switches_presets_and_draws_latency(
     browser.find_element("id", "passthrough").click()  # back to the style it left
     assert wait_for(lambda: daemon.presets.active == "cool", 5)
 
-    drawn = until(browser, CHART_P50_PIXELS, *P50_RGB, timeout=10)
+    # The p50 line grows as samples arrive: wait until it is a line, not a first dot.
+    drawn = 0
+    deadline = time.monotonic() + 10
+    while drawn <= 50 and time.monotonic() < deadline:
+        drawn = browser.execute_script(CHART_P50_PIXELS, *P50_RGB) or 0
+        time.sleep(0.2)
     assert drawn > 50, drawn
     figures = browser.find_element("id", "figures").text
     assert "fps in / engine / out" in figures and "Latency p50 / p95" in figures
