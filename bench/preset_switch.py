@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import add_model_args, build_engine, median, test_frames, timed
 
-from daemon.control.presets import Preset
-from daemon.control.switching import StyleSwitcher
+from daemon.styles.presets import Preset
+from daemon.styles.switching import StyleSwitcher
 
 
 def main() -> None:

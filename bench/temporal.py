@@ -84,7 +84,7 @@ def main() -> None:
     from streamv2v.temporal import temporal_figures
 
     if args.model is None:
-        from daemon.offline.models import tiny_styles_dir
+        from daemon.models.registry import tiny_styles_dir
 
         args.model = str(tiny_styles_dir())
 

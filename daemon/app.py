@@ -27,20 +27,20 @@ from typing import Any
 from daemon.config import DaemonConfig, default_config_path
 from daemon.control.latency import StepChoice
 from daemon.control.metrics import RateMeter, prometheus_text
-from daemon.control.presets import (
-    PresetLibrary,
-    PresetManager,
-    UnknownPreset,
-    bundled_presets_dir,
-    config_preset,
-)
 from daemon.control.server import ControlPlaneServer
 from daemon.dataplane.camera import CameraSource
 from daemon.dataplane.engine_worker import EngineWorker
 from daemon.dataplane.frames import Frame
 from daemon.dataplane.output_worker import OutputWorker
 from daemon.dataplane.slots import LatestSlot
-from daemon.offline.pipeline import engine_config
+from daemon.models.engine_config import engine_config
+from daemon.styles.presets import (
+    PresetLibrary,
+    PresetManager,
+    UnknownPreset,
+    bundled_presets_dir,
+    config_preset,
+)
 
 log = logging.getLogger("streamv2v")
 

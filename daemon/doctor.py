@@ -90,7 +90,7 @@ def _accelerator(torch, config: DaemonConfig) -> Iterable[Check]:
 
 # --------------------------------------------------------------------------- weights
 def check_weights(config: DaemonConfig) -> Iterable[Check]:
-    from daemon.offline.models import TINY_MODEL
+    from daemon.models.registry import TINY_MODEL
 
     engine = config.engine
     if engine.model == TINY_MODEL:

@@ -18,10 +18,10 @@ from typing import Any
 
 from daemon.app import Daemon
 from daemon.config import DaemonConfig
-from daemon.control.presets import UnknownPreset, config_preset
 from daemon.errors import UserError
 from daemon.logs import setup_logging
-from daemon.offline.models import TINY_MODEL, TINY_STYLES, tiny_styles_available
+from daemon.models.registry import TINY_MODEL, TINY_STYLES, tiny_styles_available
+from daemon.styles.presets import UnknownPreset, config_preset
 
 #: Reads the effective configuration again (file and overrides); raises UserError.
 ConfigReader = Callable[[], DaemonConfig]

@@ -1,2 +1,2 @@
 """The bundled style presets (TOML files), installed with the package; see
-daemon/control/presets.py."""
+daemon/styles/presets.py."""

@@ -15,7 +15,7 @@ import pytest
 from daemon.cli import main
 from daemon.config import DaemonConfig, load_config
 from daemon.control.api import ControlServer
-from daemon.control.presets import PresetLibrary, PresetManager, config_preset
+from daemon.styles.presets import PresetLibrary, PresetManager, config_preset
 
 
 class PresetsOnly:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from daemon.config import DaemonConfig
-from daemon.control.presets import (
+from daemon.styles.presets import (
     PresetLibrary,
     PresetManager,
     UnknownPreset,
@@ -19,7 +19,7 @@ from daemon.control.presets import (
     config_preset,
     load_preset_file,
 )
-from daemon.control.switching import StyleSwitcher
+from daemon.styles.switching import StyleSwitcher
 from streamv2v import EngineConfig, StreamV2V
 
 BASE = EngineConfig(width=64, height=64, steps=2, vae="model")
@@ -272,7 +272,7 @@ def test_bundled_presets_ship_in_a_non_editable_install(tmp_path):
         env={**os.environ, "PIP_NO_INDEX": "1"},
     )
     script = (
-        "import json, daemon.control.presets as p, daemon.offline.models as c\n"
+        "import json, daemon.styles.presets as p, daemon.models.registry as c\n"
         "def names(folder):\n"
         "    return sorted(p.load_preset_file(f).name for f in folder.glob('*.toml'))\n"
         "folder = p.bundled_presets_dir()\n"
@@ -292,7 +292,7 @@ def test_bundled_presets_ship_in_a_non_editable_install(tmp_path):
     assert found["names"] == bundled and len(bundled) >= 7
     demo = sorted(load_preset_file(f).name for f in bundled_presets_dir("demo").glob("*.toml"))
     assert found["demo"] == demo and len(demo) == 5
-    from daemon.offline.models import tiny_styles_available
+    from daemon.models.registry import tiny_styles_available
 
     if tiny_styles_available():  # the trained model ships inside the package too
         assert found["model"] and Path(found["model_dir"]).is_relative_to(target)

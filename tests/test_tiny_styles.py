@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from daemon.control.presets import Preset
-from daemon.control.switching import StyleSwitcher
-from daemon.offline.models import tiny_styles_dir
+from daemon.models.registry import tiny_styles_dir
+from daemon.styles.presets import Preset
+from daemon.styles.switching import StyleSwitcher
 from streamv2v import BankConfig, EngineConfig, StreamV2V
 from streamv2v.scenes import SIZE, STYLES, moving_scene, random_scene, render
 from streamv2v.temporal import temporal_figures

@@ -197,7 +197,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def translate(args: argparse.Namespace) -> int:
     """Restyle a video file into a new video file."""
-    from daemon.offline.models import default_model
+    from daemon.models.registry import default_model
     from daemon.offline.pipeline import translate as translate_video
 
     line = translate_video(

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from daemon.config import DEFAULT_MODEL
+from daemon.models.registry import STYLE_PROMPTS, TINY_MODEL, TINY_STYLES
 from daemon.offline.demo import DEMO_FPS
-from daemon.offline.models import STYLE_PROMPTS, TINY_MODEL, TINY_STYLES
 
 
 def parse_size(text: str) -> tuple[int, int]:

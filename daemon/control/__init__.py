@@ -1,2 +1,3 @@
-"""The control plane: the control API and its client, the preview server, metrics, the latency
-budget controller, presets and their switching (many voices, one PresetManager)."""
+"""The control plane: the one aiohttp server (guard, auth, routes, MJPEG, events, the page), the
+control API's client, metrics and the latency-budget controller. Presets and switching live in
+daemon/styles/."""

@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Any
 from daemon.config import DaemonConfig
 from daemon.control.latency import LatencyBudget, StepChoice
 from daemon.control.metrics import Rolling
-from daemon.control.presets import Preset, PresetManager
 from daemon.dataplane.frames import Frame
 from daemon.dataplane.slots import LatestSlot
-from daemon.offline.models import model_location
-from daemon.offline.pipeline import engine_config
+from daemon.models.engine_config import engine_config
+from daemon.models.registry import model_location
+from daemon.styles.presets import Preset, PresetManager
 from streamv2v.config import SCHEDULE_STEPS
 
 if TYPE_CHECKING:
-    from daemon.control.switching import StyleSwitcher
+    from daemon.styles.switching import StyleSwitcher
 
 log = logging.getLogger("streamv2v")
 
@@ -90,7 +90,7 @@ class EngineWorker:
     def _load(self, preset: Preset) -> tuple[Any, StyleSwitcher, int]:
         """A new engine running ``preset``, with every preset's prompt encoded (in the loader
         thread, so the engine thread never waits for the text encoder)."""
-        from daemon.control.switching import StyleSwitcher
+        from daemon.styles.switching import StyleSwitcher
         from streamv2v import StreamV2V
 
         cfg = self.config.engine

@@ -1,2 +1,3 @@
-"""Offline work: the registry of built-in models, the offline pipeline (a video file in, a video
-file out) shared by translate, the benches and the demo, and the demo itself."""
+"""Offline work: the offline pipeline (a video file in, a video file out) shared by translate, the
+benches and the demo, eval and its report, and the demo itself. The model registry and
+``engine_config`` are below the rooms, in daemon/models/."""

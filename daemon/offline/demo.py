@@ -9,8 +9,9 @@ from pathlib import Path
 
 from daemon.dataplane.video import check_output_path, moving_test_pattern
 from daemon.errors import PROG
-from daemon.offline.models import STYLE_PROMPTS, TINY_MODEL, TINY_STYLES, tiny_styles_available
-from daemon.offline.pipeline import engine_config, load_engine, run_engine_on, summary
+from daemon.models.engine_config import engine_config
+from daemon.models.registry import STYLE_PROMPTS, TINY_MODEL, TINY_STYLES, tiny_styles_available
+from daemon.offline.pipeline import load_engine, run_engine_on, summary
 
 DEMO_SIZE = 256
 DEMO_FPS = 15.0

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from daemon.dataplane.video import VideoReader
 from daemon.errors import UserError
-from daemon.offline.pipeline import engine_config, load_engine, stream_frames
+from daemon.models.engine_config import engine_config
+from daemon.offline.pipeline import load_engine, stream_frames
 from daemon.offline.quality import (
     ClipEmbedder,
     fit_to,
@@ -39,7 +40,7 @@ from daemon.offline.report import (
 )
 
 if TYPE_CHECKING:
-    from daemon.control.presets import Preset
+    from daemon.styles.presets import Preset
     from streamv2v import EngineConfig, StreamV2V
 
 #: Variant name -> the bank settings it runs with, over the engine's own.
@@ -100,7 +101,7 @@ def read_frames(path: Path, limit: int | None = None) -> list[np.ndarray]:
 
 def find_preset(name: str, user_dir: Path) -> Preset:
     """A preset by file path or by name: the user's folder, then the bundled sets."""
-    from daemon.control.presets import PresetError, bundled_presets_dir, load_preset_file
+    from daemon.styles.presets import PresetError, bundled_presets_dir, load_preset_file
 
     path = Path(name)
     if path.suffix == ".toml":
@@ -213,7 +214,7 @@ def _engine_runs(
 ) -> Iterator[_Run]:
     """One :class:`_Run` per variant, from one engine loaded once; the engine's settings are
     added to ``settings`` once it is loaded."""
-    from daemon.offline.models import default_model
+    from daemon.models.registry import default_model
 
     model = style.model if style.model is not None else default_model()
     preset = style.preset.engine_config(engine_config(model)) if style.preset else None

@@ -1,9 +1,8 @@
 """The offline pipeline: settings -> an engine -> every frame of a video through it -> a video.
 
-:func:`engine_config` is the one place that turns configuration (the daemon's ``[engine]``
-section or the options of an offline command) into an ``EngineConfig``; :func:`translate` is the
-work of ``streamv2v translate``. The engine (and with it torch) is imported only when a function
-here needs it.
+:func:`translate` is the work of ``streamv2v translate``; the configuration of its engine comes
+from :func:`daemon.models.engine_config.engine_config`. The engine (and with it torch) is
+imported only when a function here needs it.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,47 +18,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from daemon.config import DEFAULT_LORA, DEFAULT_MODEL
 from daemon.dataplane.video import VideoReader, VideoWriter, check_output_path
 from daemon.errors import PROG, UserError
-from daemon.offline.models import BUILTIN_MODELS, TINY_STYLES, TINY_STYLES_SIZE, model_location
+from daemon.models.engine_config import engine_config
+from daemon.models.registry import model_location
 
 if TYPE_CHECKING:
-    from streamv2v import EngineConfig, LoraSpec, StreamV2V
-
-
-def engine_config(
-    model: str,
-    settings: EngineConfig | None = None,
-    *,
-    loras: Sequence[LoraSpec] | None = None,
-    size: tuple[int, int] | None = None,
-    **options: Any,
-) -> EngineConfig:
-    """The EngineConfig that runs ``model``.
-
-    It starts from ``settings`` (default: the engine's defaults, at the built-in style model's
-    own size when that is the model), then applies ``size`` and every option that is not None
-    (``steps``, ``strength``, ``seed``, ``stream_batch``, ``vae``...). The LoRAs are ``loras``
-    (default: the LCM-LoRA for SD1.5, none for other models). The built-in models take no LoRA
-    and their own small VAE unless a ``vae`` option says otherwise: a real VAE would not match
-    their latents. A bad value raises pydantic's ValidationError naming the field.
-    """
-    from streamv2v import EngineConfig, LoraSpec
-
-    fields = {name: value for name, value in options.items() if value is not None}
-    if size is None and settings is None and model == TINY_STYLES:
-        size = (TINY_STYLES_SIZE, TINY_STYLES_SIZE)  # the size it was trained at
-    if size is not None:
-        fields["width"], fields["height"] = size
-    if model in BUILTIN_MODELS:
-        fields.setdefault("vae", "model")
-        loras = ()
-    elif loras is None:
-        loras = (LoraSpec(id=DEFAULT_LORA, scale=1.0),) if model == DEFAULT_MODEL else ()
-    fields["loras"] = tuple(LoraSpec.model_validate(spec) for spec in loras)
-    base = {} if settings is None else settings.model_dump(exclude_unset=True)
-    return EngineConfig.model_validate({**base, **fields})
+    from streamv2v import EngineConfig, StreamV2V
 
 
 def load_engine(

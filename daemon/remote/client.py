@@ -26,10 +26,9 @@ from av import VideoFrame
 from daemon.config import DaemonConfig
 from daemon.control.latency import LatencyBudget, StepChoice
 from daemon.control.metrics import Rolling
-from daemon.control.presets import Preset, PresetManager
 from daemon.dataplane.frames import Frame, fit_to
 from daemon.dataplane.slots import LatestSlot
-from daemon.offline.pipeline import engine_config
+from daemon.models.engine_config import engine_config
 from daemon.remote.protocol import (
     CLOCK_HZ,
     TIME_BASE,
@@ -38,6 +37,7 @@ from daemon.remote.protocol import (
     decode_message,
     encode_message,
 )
+from daemon.styles.presets import Preset, PresetManager
 from streamv2v.config import SCHEDULE_STEPS
 
 log = logging.getLogger("streamv2v")

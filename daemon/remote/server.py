@@ -30,9 +30,8 @@ from av import VideoFrame
 from pydantic import ValidationError
 
 from daemon.config import is_loopback
-from daemon.control.presets import Preset
 from daemon.errors import UserError
-from daemon.offline.models import BUILTIN_MODELS, model_location
+from daemon.models.registry import BUILTIN_MODELS, model_location
 from daemon.remote.protocol import (
     MAX_OFFER_BYTES,
     TIME_BASE,
@@ -43,6 +42,7 @@ from daemon.remote.protocol import (
     read_token_file,
 )
 from daemon.remote.session import EngineSession, SharedModel
+from daemon.styles.presets import Preset
 from streamv2v import EngineConfig, LoraSpec
 
 log = logging.getLogger("streamv2v.serve")

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from daemon.control.presets import Preset
-from daemon.control.switching import Embeds, StyleSwitcher
+from daemon.styles.presets import Preset
+from daemon.styles.switching import Embeds, StyleSwitcher
 from streamv2v import EngineConfig, StreamV2V
 from streamv2v.attention import install_bank
 

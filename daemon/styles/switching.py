@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from daemon.control.presets import Preset
+from daemon.styles.presets import Preset
 from streamv2v import EngineConfig, StreamV2V
 
 log = logging.getLogger("streamv2v.presets")
