@@ -24,8 +24,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two workers (CI has 2 cores); see tests/conftest.py for the groups that keep a module's
+# fixtures, and OBS, in one worker, and for the slow-first order. PYTEST_ARGS adds options.
+PYTEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine_latency.py --model tiny --size 512 --steps 1

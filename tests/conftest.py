@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,49 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # OpenMP threads that sleep instead of spinning while waiting: with spinning threads, any other
 # process on these 2 cores slows each torch op by a scheduler tick (tests 30x slower).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One inductor cache for the whole run, shared by the xdist workers (they inherit the
+    environment), so two compile tests of one graph compile it once; never the user's cache."""
+    if "PYTEST_XDIST_WORKER" not in os.environ and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="streamv2v-inductor-")
+
+
+def _group_of(item: pytest.Item) -> str | None:
+    """The xdist group a test must run in (one worker, in order), or None to spread it.
+
+    Tests of a module that uses a module-scoped fixture stay together, so the fixture (a compiled
+    engine, a server, a browser) is built once; tests that start a real OBS (under
+    ``xvfb-run -a``, whose free-display search races with a second one) run one after another."""
+    module = getattr(item, "module", None)
+    if module is not None and any(
+        getattr(value, "__module__", None) == "obs_helpers" for value in vars(module).values()
+    ):
+        return "obs"
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in info.name2fixturedefs.values() if info else ():
+        if any(d.scope == "module" for d in defs):
+            return item.nodeid.split("::")[0]
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The xdist groups of :func:`_group_of`, and the slow units first (so the workers of
+    ``-n 2 --dist loadgroup`` finish together instead of one starting a long test at the end).
+    A group stays contiguous, so its module fixtures are built once in a plain run too."""
+    units: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        group = _group_of(item)
+        if group is not None and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(group))
+        units.setdefault(group or item.nodeid, []).append(item)
+    ordered = sorted(
+        units.values(),
+        key=lambda unit: all(i.get_closest_marker("slow") is None for i in unit),  # stable
+    )
+    items[:] = [item for unit in ordered for item in unit]
 
 
 @pytest.fixture(autouse=True)
