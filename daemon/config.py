@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from daemon.config_camera import SOURCE_WORDS, SourceKind, check_source, source_kind
 from daemon.config_text import BARE_KEY, describe_errors, to_toml
 from daemon.integrations.hotkeys import check_combo
 from daemon.remote.config import RemoteEngineFields
@@ -43,11 +44,6 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_LORA = "latent-consistency/lcm-lora-sdv1-5"
 #: The preset made of the [engine] prompt, always present.
 CONFIG_PRESET = "config"
-_SOURCE_WORDS = (
-    "a device index (0, 1, ...), a /dev/videoN path, a video file, "
-    "an http(s)/rtsp URL, 'testpattern' or 'scene' (generated cameras)"
-)
-_URL_SCHEMES = ("http", "https", "rtsp", "rtsps", "rtmp", "udp", "tcp")
 
 
 #: A path the user may write with ~ (expanded when the configuration is read).
@@ -76,7 +72,7 @@ class _Section(BaseModel):
 class CameraConfig(_Section):
     """Where frames come from, and what to ask the camera for."""
 
-    source: int | str = Field(0, description=_SOURCE_WORDS)
+    source: int | str = Field(0, description=SOURCE_WORDS)
     width: int = Field(640, gt=0, le=7680)
     height: int = Field(480, gt=0, le=4320)
     fps: float = Field(30.0, gt=0, le=240)
@@ -93,17 +89,7 @@ class CameraConfig(_Section):
     @classmethod
     def _check_source(cls, value: Any) -> int | str:
         # Before the int|str union runs, so a bad value gives one clear error, not one per type.
-        if isinstance(value, bool) or not isinstance(value, int | str):
-            raise ValueError(f"camera source must be {_SOURCE_WORDS}")
-        if isinstance(value, str):
-            value = value.strip()
-            if not value:
-                raise ValueError(f"camera source is empty; give {_SOURCE_WORDS}")
-            if value.isdigit():
-                return int(value)
-        if isinstance(value, int) and value < 0:
-            raise ValueError("a camera device index is 0 or more")
-        return value
+        return check_source(value)
 
     @field_validator("fourcc", mode="before")
     @classmethod
@@ -131,21 +117,9 @@ class CameraConfig(_Section):
             )
         return self
 
-    def source_kind(self) -> Literal["device", "file", "url", "testpattern", "scene"]:
+    def source_kind(self) -> SourceKind:
         """How :attr:`source` is opened."""
         return source_kind(self.source)
-
-
-def source_kind(source: int | str) -> Literal["device", "file", "url", "testpattern", "scene"]:
-    """Classify a camera source: device index or /dev path, URL, the test pattern, or a file."""
-    if isinstance(source, int) or source.startswith("/dev/"):
-        return "device"
-    if source in ("testpattern", "scene"):
-        return source  # type: ignore[return-value]
-    scheme, sep, _ = source.partition("://")
-    if sep and scheme.lower() in _URL_SCHEMES:
-        return "url"
-    return "file"
 
 
 def _default_loras() -> list[LoraSpec]:

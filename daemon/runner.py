@@ -17,7 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 from daemon.app import Daemon
+from daemon.dataplane.camera import describe_source
 from daemon.config import DaemonConfig
+from daemon.config_camera import missing_source
 from daemon.errors import UserError
 from daemon.logs import setup_logging
 from daemon.models.registry import TINY_MODEL, TINY_STYLES, tiny_styles_available
@@ -33,6 +35,8 @@ def apply_demo(config: DaemonConfig) -> tuple[DaemonConfig, list[str]]:
     package ships it) the camera is a moving scene of its world and the demo presets switch
     between its four styles. Returns what was substituted, for the log."""
     data = config.model_dump()
+    # A camera the user named (file or --set) wins over the generated one.
+    own_camera = "source" in config.camera.model_fields_set
     if tiny_styles_available():
         model, size, source, steps = TINY_STYLES, 128, "scene", 1
         notes = [
@@ -52,18 +56,32 @@ def apply_demo(config: DaemonConfig) -> tuple[DaemonConfig, list[str]]:
     notes.append(f"demo: engine size {size}x{size}, {steps} step(s) (fast enough on a CPU)")
     data["engine"].update({"model": model, "loras": []})
     data["engine"]["settings"].update({"width": size, "height": size, "steps": steps})
-    data["camera"].update({"source": source, "width": 256, "height": 256})
+    if own_camera:
+        notes[0] = f"demo: camera -> camera.source as set ({describe_source(config.camera.source)})"
+    else:
+        data["camera"].update({"source": source, "width": 256, "height": 256})
     data["output"]["virtual_camera"].update({"width": 256, "height": 256})
     return DaemonConfig.model_validate(data), notes
+
+
+def read_usable(read_config: ConfigReader) -> tuple[DaemonConfig, list[str]]:
+    """The configuration to run (the demo applied, with its notes for the log); UserError for
+    one that can not run at all, such as a camera file that is not there (devices and streams
+    are waited for: they may come up later)."""
+    config = read_config()
+    notes: list[str] = []
+    if config.demo:
+        config, notes = apply_demo(config)
+    problem = missing_source(config.camera.source)
+    if problem is not None:
+        raise UserError(problem)
+    return config, notes
 
 
 def run_foreground(read_config: ConfigReader, duration: float | None, owns_process: bool) -> None:
     """Run the daemon until SIGINT/SIGTERM or ``duration`` seconds; ``owns_process``: this is
     the whole process, which may end at once when a worker lingers in native code."""
-    config = read_config()
-    notes: list[str] = []
-    if config.demo:
-        config, notes = apply_demo(config)
+    config, notes = read_usable(read_config)
     log_file = setup_logging(config.log.level, config.log.file)
     logger = logging.getLogger("streamv2v")
     for note in notes:
@@ -124,12 +142,10 @@ def exit_now_if_threads_linger() -> None:
 def reload_daemon(daemon: Daemon, read_config: ConfigReader, logger: logging.Logger) -> Daemon:
     """SIGHUP: read the configuration again; a bad file keeps the running configuration."""
     try:
-        config = read_config()
+        config, _ = read_usable(read_config)
     except UserError as err:
         logger.error("reload refused, keeping the running configuration: %s", err)
         return daemon
-    if config.demo:
-        config, _ = apply_demo(config)
     if config == daemon.config:
         logger.info("reload: configuration unchanged")
         return daemon

@@ -42,6 +42,7 @@ from daemon.control.guard import (
 from daemon.control.mjpeg import FrameStore, add_preview_routes
 from daemon.control.page import add_page_routes
 from daemon.control.routes import ControlApi, ControlRoutes
+from daemon.http_errors import JsonErrorRunner
 
 log = logging.getLogger("streamv2v.control")
 
@@ -126,7 +127,7 @@ class ControlPlaneServer:
         app = build_app(
             api=self.api, frames=self.frames, auth=self.auth, control_file=self.control_file
         )
-        runner = web.AppRunner(
+        runner = JsonErrorRunner(  # aiohttp's own parser errors answered as ours too
             app,
             handle_signals=False,
             shutdown_timeout=_SHUTDOWN_S,

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from daemon.config import is_loopback
 from daemon.errors import UserError
+from daemon.http_errors import JsonErrorRunner
 from daemon.models.registry import BUILTIN_MODELS, model_location
 from daemon.remote.protocol import (
     MAX_OFFER_BYTES,
@@ -338,6 +339,12 @@ def serve_token(options: ServeOptions) -> str:
     return token
 
 
+def serve_runner(app: web.Application) -> web.AppRunner:
+    """The runner ``serve`` runs ``app`` on: aiohttp's own parser errors answered as ours
+    (JSON, nothing of the request echoed; daemon/http_errors.py)."""
+    return JsonErrorRunner(app, access_log=None, handle_signals=False)
+
+
 def serve(options: ServeOptions, *, ready: Callable[[str], None] | None = None) -> None:
     """Load the model once and serve sessions until SIGINT/SIGTERM."""
     token = serve_token(options)
@@ -352,7 +359,7 @@ def serve(options: ServeOptions, *, ready: Callable[[str], None] | None = None) 
     server = RemoteServer(model, ServeLimits(token, options.max_sessions))
 
     async def main() -> None:
-        runner = web.AppRunner(server.app, access_log=None, handle_signals=False)
+        runner = serve_runner(server.app)
         await runner.setup()
         site = web.TCPSite(runner, options.listen, options.port)
         try:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import re
+import stat
 import sys
 import threading
 from collections.abc import Mapping
@@ -38,6 +40,7 @@ log = logging.getLogger("streamv2v.presets")
 
 #: Names the control API and the CLI understand besides preset names.
 CYCLE = {"next": 1, "prev": -1}
+NOT_REGULAR = "not a regular file (a FIFO, socket or device?); skipped"
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
@@ -196,6 +199,8 @@ class PresetLibrary:
         entry = known or _File(signature)
         entry.signature = signature
         try:
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block the read
+                raise PresetError(f"{path}: {NOT_REGULAR}")
             entry.preset, entry.error = load_preset_file(path), None
         except PresetError as err:
             entry.error = str(err)
@@ -291,7 +296,7 @@ class PresetError(Exception):
 def load_preset_file(path: Path) -> Preset:
     """Read and validate one preset file; PresetError names the file, line, key and reason."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_regular(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise PresetError(f"{path}: cannot read: {exc}") from None
     try:
@@ -311,6 +316,16 @@ def load_preset_file(path: Path) -> Preset:
             message = str(error["msg"]).removeprefix("Value error, ")
             problems.append(f"{where}{key}{message}")
         raise PresetError(f"{path}: {'; '.join(problems)}") from None
+
+
+def _read_regular(path: Path) -> str:
+    """The file's text; a FIFO or device put there is refused without waiting on it (opened
+    non-blocking, checked on the open descriptor, so a swap after a stat() cannot block)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise PresetError(f"{path}: {NOT_REGULAR}")
+        return file.read().decode("utf-8")
 
 
 def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
@@ -345,6 +360,7 @@ class PresetManager:
     def __init__(self, library: PresetLibrary, startup: str) -> None:
         self.library = library
         library.get(startup)  # UnknownPreset here: the configuration names a missing preset
+        self.startup = startup
         self._active = startup
         self._lock = threading.Lock()
         self.switches = 0
@@ -352,9 +368,12 @@ class PresetManager:
     @property
     def active(self) -> str:
         with self._lock:
-            if self._active not in self.library.presets:
-                log.warning("preset %r is gone: back to %r", self._active, CONFIG_PRESET)
-                self._active = CONFIG_PRESET
+            presets = self.library.presets
+            if self._active not in presets:
+                # Back to the preset the daemon started with, while it is there.
+                fallback = self.startup if self.startup in presets else CONFIG_PRESET
+                log.warning("preset %r is gone: back to %r", self._active, fallback)
+                self._active = fallback
             return self._active
 
     def current(self) -> Preset:
