@@ -17,9 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 from daemon.app import Daemon
-from daemon.dataplane.camera import describe_source
 from daemon.config import DaemonConfig
 from daemon.config_camera import missing_source
+from daemon.dataplane.camera import describe_source
 from daemon.errors import UserError
 from daemon.logs import setup_logging
 from daemon.models.registry import TINY_MODEL, TINY_STYLES, tiny_styles_available

@@ -141,7 +141,8 @@ def test_deleting_the_active_presets_file_falls_back_to_the_startup_preset(daemo
     other.unlink()
     assert wait_for(lambda: "other" not in daemon.library.presets, 5)
     assert daemon.presets.active == "mine"  # the startup preset, not "config"
-    assert wait_for(lambda: daemon.engine.applied is None or daemon.engine.applied.name == "mine", 10)
+    applied = daemon.engine  # the engine follows it (once loaded)
+    assert wait_for(lambda: applied.applied is None or applied.applied.name == "mine", 10)
 
     # With the startup preset's file gone too, the [engine] prompt is what is left.
     mine = folder / "mine.toml"
