@@ -245,6 +245,8 @@ class Daemon:
             "obs": self.obs.state if self.obs is not None else "disabled",
             "preset": self.presets.active,
             "switching": worker.switching,
+            # What out-of-memory errors made the engine lower, and why (None: nothing).
+            "degraded": worker.step_down.status() if hasattr(worker, "step_down") else None,
             "steps": cfg.steps if cfg is not None else None,
             "stream_batch": cfg.stream_batch if cfg is not None else None,
             "size": list(self.size),

@@ -179,6 +179,13 @@ class StreamV2V:
         self.set_config(base)
         return wanted
 
+    def release_memory(self) -> None:
+        """Free what is kept for other configurations, and the device's cached blocks (after
+        an out-of-memory error, before a lighter configuration is set)."""
+        self._kept.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _prepare(self) -> None:
         cfg = self.config
         key = cfg.model_dump_json()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from daemon.config import DaemonConfig
 from daemon.control.latency import LatencyBudget, StepChoice
 from daemon.control.metrics import Rolling
+from daemon.dataplane.degrade import StepDown, is_out_of_memory
 from daemon.dataplane.frames import Frame
 from daemon.dataplane.slots import LatestSlot
 from daemon.models.engine_config import engine_config
@@ -69,6 +70,8 @@ class EngineWorker:
         latency = config.latency
         self.budget = LatencyBudget(latency, config.camera.fps) if latency.active else None
         self.output_delay: Rolling | None = None  # the output worker's pacing delay
+        #: What out-of-memory errors made the engine lower ("degraded" on /status).
+        self.step_down = StepDown()
 
     def start(self) -> None:
         self._thread.start()
@@ -99,10 +102,16 @@ class EngineWorker:
             import torch
 
             dtype = getattr(torch, cfg.dtype)
+        from daemon.models.preflight import check_memory
+
         version = self.presets.library.version
+        config = self.step_down.apply(preset.engine_config(self.base))
+        # Compiled (CUDA graphs), every step choice warmed keeps its own activations.
+        captured = len(self._step_choices(preset, config)) if config.compile != "off" else 1
+        check_memory(model_location(cfg.model), config, cfg.device, cfg.dtype, captured)
         engine = StreamV2V.from_pretrained(
             model_location(cfg.model),
-            config=preset.engine_config(self.base),
+            config=config,
             device=cfg.device,
             dtype=dtype,
             allow_pickle=cfg.allow_pickle,
@@ -112,6 +121,7 @@ class EngineWorker:
             # thread (the camera passes through meanwhile), so a step change never stalls.
             engine.warmup(self._step_choices(preset, engine.config))
         switcher = StyleSwitcher(engine, self.base)
+        switcher.limit = self.step_down.apply  # every preset's configuration within the limits
         switcher.encode(self.presets.library.presets.values())
         if not preset.passthrough:
             switcher.start(preset)
@@ -204,12 +214,15 @@ class EngineWorker:
             budget.config.budget_ms,
         )
         update = {"steps": choice.steps, "stream_batch": choice.stream_batch, "t_index_list": None}
-        engine.set_config(type(cfg).model_validate({**cfg.model_dump(), **update}))
+        engine.set_config(
+            self.step_down.apply(type(cfg).model_validate({**cfg.model_dump(), **update}))
+        )
 
     def _step_bounds(self, preset: Preset, cfg: Any) -> tuple[int, int]:
         """The step range the latency controller may use for ``preset``."""
         lo, hi = preset.step_range(self.base)
         hi = min(hi, int(SCHEDULE_STEPS * cfg.strength))  # what the strength leaves room for
+        hi = min(hi, self.step_down.limits.steps or hi)  # what the memory leaves room for
         return min(lo, hi), hi
 
     def _step_choices(self, preset: Preset, cfg: Any) -> list[tuple[int, bool]]:
@@ -269,6 +282,10 @@ class EngineWorker:
                     self.budget.observe(choice, call_ms, latency, interval)
                 last_call = t0
             except Exception as err:
+                if self._lower_after(err):
+                    if not self._showing_styled:
+                        self._send(frame)
+                    continue
                 log.error("engine: frame failed (%s); passthrough, retry in %.0f s", err, backoff)
                 self.state = "failed"
                 # Rebuilt after the backoff: a half-broken engine is not reused.
@@ -288,6 +305,24 @@ class EngineWorker:
             self.frames_styled += 1
             self._showing_styled = True
             self._out.put(Frame(styled, self.engine.output_tag, frame.seq, "styled"))
+
+    def _lower_after(self, err: Exception) -> bool:
+        """An out-of-memory error: go on one step lighter (bank frames, then steps, then size)
+        rather than rebuild the same engine into the same error. False when it is not one, or
+        nothing is left to lower."""
+        engine = self.engine
+        while engine is not None and is_out_of_memory(err):
+            lowered = self.step_down.after(engine.config, err)
+            if lowered is None:
+                return False
+            log.warning("engine: degraded: %s", self.step_down.reason)
+            try:
+                engine.release_memory()  # what other configurations kept, then the cache
+                engine.set_config(lowered)
+                return True
+            except Exception as again:  # allocating the lighter one failed too: lower again
+                err = again
+        return False
 
     def _send(self, frame: Frame) -> None:
         """Send a camera (or "camera unavailable") frame on as it is."""

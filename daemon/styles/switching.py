@@ -10,7 +10,7 @@ guidance, bank settings) is applied when the blend ends, and the engine's warm-u
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +45,8 @@ class StyleSwitcher:
     ) -> None:
         self.engine = engine
         self.base = base
+        #: Applied to every configuration this switcher sets (the daemon's memory limits).
+        self.limit: Callable[[EngineConfig], EngineConfig] = lambda config: config
         # ``embeds``: a cache shared with other engines on the same weights (``serve``), filled
         # by its owner; encode() is then not called, as it forgets what this engine does not use.
         self._embeds: dict[tuple[str, str], Embeds] = {} if embeds is None else embeds
@@ -87,8 +89,8 @@ class StyleSwitcher:
         (the daemon loads one in the background)."""
         running = self.engine.config
         config = preset.engine_config(self.base, running.steps)
-        return config.model_copy(
-            update={"loras": running.loras, "stream_batch": running.stream_batch}
+        return self.limit(
+            config.model_copy(update={"loras": running.loras, "stream_batch": running.stream_batch})
         )
 
     def start(self, preset: Preset) -> None:

@@ -136,6 +136,8 @@ function renderBanner(status) {
       ": the camera passes through while the daemon reconnects.";
   } else if (engine === "failed") {
     text = "Engine down: the output is the camera unchanged while the daemon retries.";
+  } else if (status.degraded) {
+    text = `Engine degraded: ${status.degraded.reason}. Restart the daemon to try the full settings again.`;
   } else if (engine === "loading" || engine === "warming") {
     text = `Engine ${engine}: the camera passes through until the model is ready.`;
     info = true;
