@@ -319,9 +319,11 @@ def load_preset_file(path: Path) -> Preset:
 
 
 def _read_regular(path: Path) -> str:
-    """The file's text; a FIFO or device put there is refused without waiting on it (opened
-    non-blocking, checked on the open descriptor, so a swap after a stat() cannot block)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    """The file's text; a FIFO, socket or device is refused unopened. The open is non-blocking
+    and checked again on the descriptor, so one swapped in after the stat() cannot block."""
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise PresetError(f"{path}: {NOT_REGULAR}")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     with os.fdopen(fd, "rb") as file:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise PresetError(f"{path}: {NOT_REGULAR}")
