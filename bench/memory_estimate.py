@@ -32,7 +32,7 @@ from common import SD15_UNET, sd_components
 from daemon.dataplane.degrade import StepDown, is_out_of_memory
 from daemon.models.preflight import MemoryShortage, check_memory, estimate_for
 from streamv2v import EngineConfig, StreamV2V
-from streamv2v.memory import OVERHEAD, gib
+from streamv2v.memory import gib
 from streamv2v.testing import save_tiny_model
 
 
@@ -177,8 +177,9 @@ def real_oom(engine: StreamV2V, folder: Path, cfg: EngineConfig, row: dict) -> d
                 engine(image, output_type="np")
             break
         except Exception as err:
+            oom = is_out_of_memory(err)
             result["errors"].append(
-                {"type": type(err).__name__, "is_oom": is_out_of_memory(err), "text": str(err)[:160]}
+                {"type": type(err).__name__, "is_oom": oom, "text": str(err)[:160]}
             )
             if not is_out_of_memory(err):
                 raise
