@@ -15,6 +15,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import test_server_page
 import torch
 from test_daemon import demo_config, wait_for
 
@@ -35,6 +36,8 @@ SD15_UNET = {
 }
 SD15_PARAMS = 859_520_964 + 123_060_480 + 2_445_511  # UNet, CLIP ViT-L text encoder, TAESD
 MIB = 1 << 20
+browser = test_server_page.browser  # the real browser (a fixture of the control page's tests)
+until = test_server_page.until
 
 
 def bank(frames: int) -> dict:
@@ -147,7 +150,9 @@ class OomAt:
         return output
 
 
-def test_the_daemon_steps_down_after_out_of_memory_and_keeps_publishing(tiny_model, memory_vcam):
+def test_the_daemon_steps_down_after_out_of_memory_and_keeps_publishing(
+    tiny_model, memory_vcam, browser
+):
     cfg = demo_config(tiny_model, output={"fps": 20.0})
     data = cfg.model_dump()
     data["engine"]["settings"].update({"width": 96, "height": 96, "steps": 2, "bank": bank(2)})
@@ -174,6 +179,11 @@ def test_the_daemon_steps_down_after_out_of_memory_and_keeps_publishing(tiny_mod
             status = json.loads(answer.read())
         config = daemon.engine.engine.config
         handle.remove()
+        browser.get(daemon.control.url + "/")  # the control page, in a real browser
+        banner = until(
+            browser,
+            "const b = document.getElementById('banner'); return !b.hidden && b.textContent",
+        )
     finally:
         daemon.stop()
     assert "failed" not in states  # never the old fail-and-reload loop
@@ -187,6 +197,7 @@ def test_the_daemon_steps_down_after_out_of_memory_and_keeps_publishing(tiny_mod
     ]
     assert "out of memory" in degraded["reason"] and "CUDA out of memory" in degraded["reason"]
     assert status["state"]["engine"] == "running" and status["steps"] == 1
+    assert banner.startswith("Engine degraded: out of memory") and "size 96x96 -> 72x72" in banner
     gaps = np.diff(times)
     print(f"published {len(times)} frames, largest gap {gaps.max() * 1000:.0f} ms (interval 50)")
     assert gaps.max() < 2 * 0.050  # never a missed output tick
