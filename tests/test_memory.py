@@ -20,6 +20,7 @@ import torch
 from test_daemon import demo_config, wait_for
 
 from daemon.app import Daemon
+from daemon.control.tables import status_table
 from daemon.dataplane.degrade import Limits, StepDown
 from daemon.models.preflight import estimate_for, shortage
 from streamv2v import EngineConfig, StreamV2V
@@ -197,6 +198,8 @@ def test_the_daemon_steps_down_after_out_of_memory_and_keeps_publishing(
     ]
     assert "out of memory" in degraded["reason"] and "CUDA out of memory" in degraded["reason"]
     assert status["state"]["engine"] == "running" and status["steps"] == 1
+    table = status_table(status)  # `streamv2v status`
+    assert "degraded out of memory (CUDA out of memory." in table, table
     assert banner.startswith("Engine degraded: out of memory") and "size 96x96 -> 72x72" in banner
     gaps = np.diff(times)
     print(f"published {len(times)} frames, largest gap {gaps.max() * 1000:.0f} ms (interval 50)")

@@ -75,6 +75,9 @@ def status_table(s: dict[str, Any]) -> str:
         ),
         ("device", f"{dev['name'] or '-'} {dev['dtype'] or ''}{memory}".rstrip()),
     ]
+    degraded = s.get("degraded")
+    if degraded:  # lowered after out-of-memory errors
+        rows.insert(2, ("degraded", degraded["reason"]))
     remote = s.get("remote")
     if remote:
         error = f" ({remote['error']})" if remote["error"] else ""
