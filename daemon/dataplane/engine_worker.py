@@ -261,7 +261,11 @@ class EngineWorker:
             if frame is None:
                 continue
             if self.engine is not None:
-                self._follow_presets()
+                try:
+                    self._follow_presets()
+                except Exception as err:  # a preset's configuration may not fit in memory
+                    if not self._lower_after(err):
+                        raise
             passthrough = self.applied is None or self.applied.passthrough
             if frame.kind == "unavailable" or self.engine is None or passthrough:
                 self._send(frame)  # passthrough while loading, failed, or by choice
