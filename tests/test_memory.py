@@ -180,6 +180,13 @@ def test_the_daemon_steps_down_after_out_of_memory_and_keeps_publishing(
             status = json.loads(answer.read())
         config = daemon.engine.engine.config
         handle.remove()
+        # A preset switch rebuilds the configuration from the settings: still within the limits.
+        daemon.select_preset("anime", "test")
+        assert wait_for(lambda: daemon.engine.applied.name == "anime", 10)
+        worker = daemon.engine  # the switch is done when the engine runs anime's strength
+
+        assert wait_for(lambda: worker.engine.config.strength == 0.5 and not worker.switching, 30)
+        after_switch = worker.engine.config
         browser.get(daemon.control.url + "/")  # the control page, in a real browser
         banner = until(
             browser,
@@ -188,7 +195,8 @@ def test_the_daemon_steps_down_after_out_of_memory_and_keeps_publishing(
     finally:
         daemon.stop()
     assert "failed" not in states  # never the old fail-and-reload loop
-    assert (config.bank.enabled, config.steps, config.width, config.height) == (False, 1, 72, 72)
+    for cfg in (config, after_switch):
+        assert (cfg.bank.enabled, cfg.steps, cfg.width, cfg.height) == (False, 1, 72, 72)
     degraded = status["degraded"]
     assert degraded["changes"] == [
         "bank.max_frames 2 -> 1",
