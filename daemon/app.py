@@ -244,6 +244,8 @@ class Daemon:
             "engine": worker.state,
             "obs": self.obs.state if self.obs is not None else "disabled",
             "preset": self.presets.active,
+            # Before the first styled frame: download (file, bytes, ETA), then compiling k of n.
+            "getting_ready": worker.readiness.snapshot() if hasattr(worker, "readiness") else None,
             "switching": worker.switching,
             "steps": cfg.steps if cfg is not None else None,
             "stream_batch": cfg.stream_batch if cfg is not None else None,

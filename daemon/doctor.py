@@ -127,7 +127,7 @@ def _weights(name: str, ref: str, marker: str) -> Check:
         name,
         f"{ref}: not in the local cache, so the daemon would download it at start (and fail "
         "offline)",
-        f"hf download {ref}   (or set a local folder)",
+        "streamv2v models pull   (fetches only the files the engine loads; or set a local folder)",
     )
 
 

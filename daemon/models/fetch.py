@@ -294,3 +294,22 @@ def _write_ref(repo: str, commit: str, revision: str = "main") -> None:
     tmp = ref.with_name(f".{revision}.{os.getpid()}.tmp")
     tmp.write_text(commit)
     os.replace(tmp, ref)
+
+
+def ensure_cached(needs: Iterable[Need], progress: DownloadProgress) -> Plan | None:
+    """The daemon's first run: fetch what the cache lacks (nothing, and no network call, when
+    every file is there). A model that is missing while offline fails at once, in one line."""
+    missing = missing_from_cache(needs)
+    if not missing:
+        return None
+    names = ", ".join(f"{n.label} {n.repo}" for n in missing)
+    if offline():
+        raise FetchError(
+            f"{names}: not in the local cache ({cache_dir()}) and HF_HUB_OFFLINE is set: run "
+            "`streamv2v models pull` on a machine with a network and copy the cache, or give "
+            "a local folder"
+        )
+    try:
+        return pull(missing, progress)
+    except FetchError as err:
+        raise FetchError(f"not in the local cache: {err}") from None

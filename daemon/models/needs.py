@@ -172,8 +172,9 @@ def _part_files(need: Need, part: str, files: Mapping[str, int | None]) -> list[
     suffixes = (".safetensors",) + ((_PICKLE_SUFFIX,) if need.allow_pickle else ())
     for suffix in suffixes:
         for variant in dict.fromkeys((need.variant, None)):
-            picked = [f for f, (_, v, s) in weights.items() if v == variant and s == suffix]
-            index = [f for f, (_, v, s) in weights.items() if v == variant and s == suffix + ".index"]
+            same = [(f, s) for f, (_, v, s) in weights.items() if v == variant]
+            picked = [f for f, s in same if s == suffix]
+            index = [f for f, s in same if s == suffix + ".index"]
             if picked:
                 return configs + index + picked
     if any(s[2] == _PICKLE_SUFFIX for s in weights.values()):
