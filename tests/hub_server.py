@@ -5,7 +5,7 @@ It serves what huggingface_hub reads (see /work/shared/TESTING.md):
     HEAD/GET /{org}/{name}/resolve/{rev}/{path}      the file, with Range, ETag,
                                                      X-Linked-Etag, X-Repo-Commit, Content-Length
 and counts the bytes it sends per file. Options: a rate limit (bytes/s), a stall (after N bytes
-of a body, or before any answer), and an error status per repository (404, 401, 403).
+of a body), and an error status per repository (404, 401, 403).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ class HubServer:
         self.served: Counter[str] = Counter()  # "org/name/path" -> body bytes sent
         self.requests: list[tuple[str, str]] = []  # (method, path)
         self.rate_bps: float | None = None
-        self.stall_after: int | None = None  # stop sending a body after this many bytes
-        self.stall_all = False  # never answer anything
+        self.stall_after: dict[str, int] = {}  # repo -> stop sending a body after N bytes
+        self.ranges: list[tuple[str, str]] = []  # (repo/path, Range header) of each GET
         self.status: dict[str, int] = {}  # repo -> error status
         self._etags: dict[Path, str] = {}
         self._loop = asyncio.new_event_loop()
@@ -44,9 +44,16 @@ class HubServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+    async def _stop(self) -> None:
+        await self._runner.cleanup()
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:  # stalled answers
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     async def _start(self) -> None:
         app = web.Application()
@@ -65,8 +72,6 @@ class HubServer:
 
     # ------------------------------------------------------------------ handlers
     async def _gate(self, repo: str) -> None:
-        if self.stall_all:
-            await asyncio.sleep(3600)
         code = self.status.get(repo)
         if code == 404 or repo not in self.repos:
             raise web.HTTPNotFound(
@@ -131,12 +136,14 @@ class HubServer:
         if request.method == "HEAD":
             return response
         key = f"{repo}/{name}"
+        self.ranges.append((key, rng))
+        stall = self.stall_after.get(repo)
         sent = 0
         with path.open("rb") as f:
             f.seek(start)
             while chunk := f.read(64 * 1024 if self.rate_bps is None else 16 * 1024):
-                if self.stall_after is not None and sent + len(chunk) > self.stall_after:
-                    chunk = chunk[: max(0, self.stall_after - sent)]
+                if stall is not None and sent + len(chunk) > stall:
+                    chunk = chunk[: max(0, stall - sent)]
                     await response.write(chunk)
                     self.served[key] += len(chunk)
                     await asyncio.sleep(3600)
