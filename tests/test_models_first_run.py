@@ -147,6 +147,7 @@ def test_first_run_downloads_with_progress_then_styles(tmp_path, browser_if_any,
             log = "".join(lines)
             assert "models: downloading 4.0 MB in 10 files" in log
             assert " of 4.0 MB (" in log and "left" in log and "models: downloaded 4.0 MB" in log
+            assert "deprecated" not in log and "Traceback" not in log
             if browser_if_any is not None:
                 assert any("of 3.8 MiB" in t and "Downloading" in t for t in panel_texts)
                 until(browser_if_any, "return document.getElementById('ready').hidden")

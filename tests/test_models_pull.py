@@ -135,15 +135,20 @@ def test_a_killed_pull_resumes_where_it_stopped(hub, repos, tmp_path):
     env = cli_env(hub, tmp_path / "hf")
     cfg = config_file(tmp_path)
     proc = models("pull", "--config", str(cfg), env=env)
+    blobs = tmp_path / "hf/hub/models--test-org--tiny-sd/blobs"
+
+    def partial_bytes() -> int:
+        return sum(p.stat().st_size for p in blobs.glob("*.incomplete"))
+
     try:
         deadline = time.monotonic() + 30
-        while hub.served[UNET] < 1_000_000 and time.monotonic() < deadline:
+        while partial_bytes() < 1_000_000 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert hub.served[UNET] >= 1_000_000, proc.stderr.read() if proc.poll() else hub.served
+        assert partial_bytes() >= 1_000_000, proc.stderr.read() if proc.poll() else hub.served
     finally:
-        proc.kill()  # SIGKILL: no clean-up runs
+        proc.kill()  # SIGKILL, in the middle of the UNet's weights: no clean-up runs
         proc.communicate()
-    partial = list((tmp_path / "hf/hub/models--test-org--tiny-sd/blobs").glob("*.incomplete"))
+    partial = list(blobs.glob("*.incomplete"))
     assert len(partial) == 1
     kept = partial[0].stat().st_size
     assert 0 < kept < (repos[MODEL] / "unet/diffusion_pytorch_model.safetensors").stat().st_size
@@ -259,3 +264,29 @@ def test_the_selection_takes_one_set_of_weights_per_part():
     assert select_files(Need("a/b", "lora"), lora) == ["pytorch_lora_weights.safetensors"]
     with pytest.raises(FetchError, match=r"no file 'other\.safetensors'"):
         select_files(Need("a/b", "lora", weight_name="other.safetensors"), lora)
+
+
+def test_readiness_reports_rate_eta_and_compiling_estimates(caplog):
+    import logging
+
+    from daemon.models.progress import Readiness
+
+    ready = Readiness(log_every_s=0.0)
+    with caplog.at_level(logging.INFO, logger="streamv2v"):
+        ready.begin(1_000_000, 2)
+        ready.file("org/x/unet/w.safetensors", 900_000, 1)
+        time.sleep(0.3)
+        ready.advance(300_000)
+    snap = ready.snapshot()
+    assert snap["phase"] == "download" and snap["bytes_done"] == 300_000
+    # 300 kB in ~0.3 s: ~1 MB/s, so ~0.7 s left for the other 700 kB.
+    assert 0.5e6 < snap["rate_bps"] < 1.1e6 and 0.6 < snap["eta_s"] < 1.5
+    assert "models: 300.0 KB of 1.0 MB (1/2: org/x/unet/w.safetensors)" in caplog.text
+    with caplog.at_level(logging.INFO, logger="streamv2v"):
+        ready.compiling(2, 5, time.monotonic() - 10.0)  # 2 done in 10 s: 3 left, ~15 s
+    snap = ready.snapshot()
+    assert snap["phase"] == "compiling" and snap["done"] == 2 and snap["total"] == 5
+    assert 14.5 < snap["eta_s"] < 15.5
+    assert "engine: compiling 3 of 5, about 15 s left" in caplog.text
+    ready.clear()
+    assert ready.snapshot() is None

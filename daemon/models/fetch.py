@@ -29,7 +29,7 @@ from daemon.models.progress import DownloadProgress, human_bytes
 
 #: Kept free beyond what a pull needs (the disk check): a full disk breaks more than us.
 DISK_MARGIN_BYTES = 64 * 2**20
-_CHUNK = 1 << 20
+_CHUNK = 64 * 1024  # written as it comes: a kill loses little
 
 
 @dataclass(frozen=True)

@@ -113,12 +113,10 @@ def select_files(need: Need, files: Mapping[str, int | None]) -> list[str]:
     chosen: list[str] = []
     if need.kind == "pipeline":
         parts = PIPELINE_PARTS + (("vae",) if need.own_vae else ())
-        if "model_index.json" not in files:
-            raise FetchError(
-                f"{need.repo} has no model_index.json: it is not a diffusers model repository "
-                "(give a diffusers folder or hub id of an SD-family model)"
-            )
-        chosen.append("model_index.json")
+        # Not read by the loader (it loads each part on its own), but it says what the folder
+        # is: fetched when listed, not required (a cache filled part by part lacks it).
+        if "model_index.json" in files:
+            chosen.append("model_index.json")
     for part in parts:
         chosen += _part_files(need, part, files)
     return chosen
@@ -164,7 +162,10 @@ def _part_files(need: Need, part: str, files: Mapping[str, int | None]) -> list[
     where = f"{need.repo}/{part}" if part else need.repo
     listed = _in_folder(files, part)
     if not listed:
-        raise FetchError(f"{where}: no such folder in the repository (not a complete model)")
+        raise FetchError(
+            f"{where}: no such folder in the repository (not a complete diffusers model; give "
+            "the hub id or folder of an SD-family model in the diffusers layout)"
+        )
     configs = [f for f in listed if f.endswith(_CONFIG_SUFFIXES) and _split(f) is None]
     weights = {f: s for f in listed if (s := _split(f)) is not None}
     if part not in _WEIGHT_PARTS:
