@@ -75,6 +75,11 @@ def status_table(s: dict[str, Any]) -> str:
         ),
         ("device", f"{dev['name'] or '-'} {dev['dtype'] or ''}{memory}".rstrip()),
     ]
+    ready = s.get("getting_ready")
+    if ready:
+        from daemon.models.progress import describe
+
+        rows.insert(2, ("ready", describe(ready)))
     remote = s.get("remote")
     if remote:
         error = f" ({remote['error']})" if remote["error"] else ""

@@ -48,6 +48,22 @@ def human_seconds(s: float | None) -> str:
     return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
+def describe(ready: dict[str, Any]) -> str:
+    """One line for a :meth:`Readiness.snapshot` (the log, `streamv2v status`)."""
+    if ready["phase"] == "download":
+        rate = ready["rate_bps"]
+        return (
+            f"{human_bytes(ready['bytes_done'])} of {human_bytes(ready['bytes_total'])} "
+            f"({ready['file_index']}/{ready['files']}: {ready['file']}), "
+            f"{'?' if rate is None else human_bytes(rate)}/s, "
+            f"about {human_seconds(ready['eta_s'])} left"
+        )
+    if ready["phase"] == "compiling":
+        left = "" if ready["eta_s"] is None else f", about {human_seconds(ready['eta_s'])} left"
+        return f"compiling {min(ready['done'] + 1, ready['total'])} of {ready['total']}{left}"
+    return f"loading {ready.get('what', 'the model')}"
+
+
 class Readiness:
     """What the engine is doing before its first styled frame, thread-safe.
 
@@ -105,9 +121,9 @@ class Readiness:
                 st["eta_s"] = left / rate if rate > 0 else None
             if now - self._logged_at >= self._log_every_s:
                 self._logged_at = now
-                line = self._line(st)
+                line = describe(st)
         if line:
-            log.info("%s", line)
+            log.info("models: %s", line)
 
     def end(self) -> None:
         with self._lock:
@@ -115,16 +131,6 @@ class Readiness:
             took = time.monotonic() - self._started
         if st is not None and st.get("phase") == "download":
             log.info("models: downloaded %s in %.0f s", human_bytes(st["bytes_done"]), took)
-
-    @staticmethod
-    def _line(st: dict[str, Any]) -> str:
-        rate = st["rate_bps"]
-        return (
-            f"models: {human_bytes(st['bytes_done'])} of {human_bytes(st['bytes_total'])} "
-            f"({st['file_index']}/{st['files']}: {st['file']}), "
-            f"{'?' if rate is None else human_bytes(rate)}/s, "
-            f"about {human_seconds(st['eta_s'])} left"
-        )
 
     # ------------------------------------------------------------ loading and compiling
     def loading(self, what: str) -> None:
@@ -135,20 +141,16 @@ class Readiness:
         """``done`` of ``total`` configurations compiled since ``started`` (monotonic)."""
         elapsed = time.monotonic() - started
         eta = elapsed / done * (total - done) if done else None
+        state = {
+            "phase": "compiling",
+            "done": done,
+            "total": total,
+            "elapsed_s": round(elapsed, 1),
+            "eta_s": None if eta is None else round(eta, 1),
+        }
         with self._lock:
-            self._state = {
-                "phase": "compiling",
-                "done": done,
-                "total": total,
-                "elapsed_s": round(elapsed, 1),
-                "eta_s": None if eta is None else round(eta, 1),
-            }
-        log.info(
-            "engine: compiling %d of %d%s",
-            min(done + 1, total),
-            total,
-            "" if eta is None else f", about {human_seconds(eta)} left",
-        )
+            self._state = state
+        log.info("engine: %s", describe(state))
 
     def clear(self) -> None:
         with self._lock:
