@@ -110,6 +110,11 @@ return box.hidden ? '' : document.getElementById('ready-text').textContent;
 def test_first_run_downloads_with_progress_then_styles(tmp_path, browser_if_any, capsys):
     repos = build_repos(tmp_path / "hub")
     config, token = write_config(tmp_path)
+    # A preset whose LoRA the hub does not have: said in the log; the daemon starts all the same.
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "ghost.toml").write_text(
+        'prompt = "a cool striped scene"\nloras = [{ id = "test-org/no-such-lora" }]\n'
+    )
     with HubServer(repos) as hub:
         hub.rate_bps = 1_000_000  # the 4 MB take ~4 s
         env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"))
@@ -148,6 +153,7 @@ def test_first_run_downloads_with_progress_then_styles(tmp_path, browser_if_any,
             assert "models: downloading 4.0 MB in 10 files" in log
             assert " of 4.0 MB (" in log and "left" in log and "models: downloaded 4.0 MB" in log
             assert "deprecated" not in log and "Traceback" not in log
+            assert "LoRA test-org/no-such-lora: not found on" in log
             if browser_if_any is not None:
                 assert any("of 3.8 MiB" in t and "Downloading" in t for t in panel_texts)
                 until(browser_if_any, "return document.getElementById('ready').hidden")

@@ -98,8 +98,8 @@ class EngineWorker:
 
         cfg = self.config.engine
         # First the files (before torch is imported: an offline machine hears at once).
-        library = self.presets.library.presets.values()
-        ensure_cached(needs_of_daemon(self.config, [preset, *library]), self.readiness)
+        others = needs_of_daemon(self.config, self.presets.library.presets.values())
+        ensure_cached(needs_of_daemon(self.config, [preset]), self.readiness, optional=others)
         self.readiness.loading(cfg.model)
 
         from daemon.styles.switching import StyleSwitcher

@@ -18,14 +18,18 @@ byte, against the whole plan).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from daemon.models.needs import FetchError, Need, select_files
 from daemon.models.progress import DownloadProgress, human_bytes
+
+log = logging.getLogger("streamv2v")
 
 #: Kept free beyond what a pull needs (the disk check): a full disk breaks more than us.
 DISK_MARGIN_BYTES = 64 * 2**20
@@ -233,12 +237,17 @@ def fetch_file(item: RemoteFile, progress: DownloadProgress) -> Path:
             have = 0
         progress.advance(have)  # what an earlier pull fetched counts as done
         headers = build_hf_headers()
+        # As huggingface_hub does: Xet-stored files through the hub's own URL; others straight
+        # from where the HEAD was sent (a signed CDN address that gets no token).
+        target = url if meta.xet_file_data is not None else (meta.location or url)
+        if urlsplit(target).netloc != urlsplit(url).netloc:
+            headers.pop("authorization", None)
         if have:
             headers["Range"] = f"bytes={have}-"
         try:
             with get_session().stream(
                 "GET",
-                meta.location or url,
+                target,
                 headers=headers,
                 follow_redirects=True,
                 timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
@@ -296,9 +305,22 @@ def _write_ref(repo: str, commit: str, revision: str = "main") -> None:
     os.replace(tmp, ref)
 
 
-def ensure_cached(needs: Iterable[Need], progress: DownloadProgress) -> Plan | None:
+def ensure_cached(
+    needs: Iterable[Need], progress: DownloadProgress, optional: Iterable[Need] = ()
+) -> Plan | None:
     """The daemon's first run: fetch what the cache lacks (nothing, and no network call, when
-    every file is there). A model that is missing while offline fails at once, in one line."""
+    every file is there). A model that is missing while offline fails at once, in one line.
+
+    ``optional`` (what the other presets read) is fetched in the same pull when it can be; when
+    it cannot, that is said in the log and only ``needs`` are fetched (a preset whose LoRA is
+    gated fails when chosen, not the daemon's start)."""
+    needs = list(needs)
+    optional = [n for n in optional if n not in needs]
+    if optional and not offline():
+        try:
+            return ensure_cached(needs + optional, progress)
+        except FetchError as err:
+            log.warning("models: %s; a preset that needs it fails when chosen", err)
     missing = missing_from_cache(needs)
     if not missing:
         return None
