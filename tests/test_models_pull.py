@@ -123,7 +123,10 @@ def test_pull_fetches_only_what_the_engine_loads_with_a_progress_bar(hub, repos,
     hub.served.clear()
     out, err = models("pull", "--config", str(cfg), env=env).communicate(timeout=60)
     assert "0 files fetched (0 B), 10 already there" in out and not hub.served, (out, err)
+    offline = models("pull", "--config", str(cfg), env=dict(env, HF_HUB_OFFLINE="1"))
     listing, _ = models("list", env=env).communicate(timeout=60)
+    out, err = offline.communicate(timeout=60)
+    assert "all in the cache" in out and not hub.served, (out, err)
     lines = {ln.split()[0]: ln for ln in listing.splitlines()}
     assert "3.4 MB" in lines[MODEL] and "569.2 KB" in lines[VAE], listing
     out, _ = models("rm", VAE, env=env).communicate(timeout=60)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 from daemon.models.cache import cached_models, listing_text, remove_model
-from daemon.models.fetch import cache_dir, pull
+from daemon.models.fetch import cache_dir, ensure_cached, offline, pull
 from daemon.models.needs import FetchError, needs_of_daemon
 from daemon.models.progress import BarProgress, human_bytes
 
@@ -22,6 +22,11 @@ def pull_command(
         return
     for need in needs:
         print(f"{need.label} {need.repo}", file=out)
+    if offline():  # nothing can be fetched: say whether anything is missing
+        ensure_cached(needs, BarProgress(sys.stderr))
+        where = f"{cache_dir()}; HF_HUB_OFFLINE is set: not checked for updates"
+        print(f"all in the cache ({where})", file=out)
+        return
     done = pull(needs, BarProgress(sys.stderr))
     fetched = human_bytes(done.total_bytes)
     print(

@@ -24,10 +24,14 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from daemon.models.needs import FetchError, Need, select_files
 from daemon.models.progress import DownloadProgress, human_bytes
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfFileMetadata
 
 log = logging.getLogger("streamv2v")
 
@@ -213,8 +217,7 @@ def pull(needs: Iterable[Need], progress: DownloadProgress) -> Plan:
 
 def fetch_file(item: RemoteFile, progress: DownloadProgress) -> Path:
     """One file into the cache: resumed from its partial blob when one is there."""
-    from huggingface_hub import constants, get_hf_file_metadata, get_session, hf_hub_url
-    from huggingface_hub.utils import build_hf_headers
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 
     what = f"{item.repo}/{item.path}"
     url = hf_hub_url(item.repo, item.path, revision=item.commit)
@@ -228,60 +231,80 @@ def fetch_file(item: RemoteFile, progress: DownloadProgress) -> Path:
     blob = storage / "blobs" / meta.etag
     pointer = storage / "snapshots" / item.commit / item.path
     if not blob.is_file():
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        partial = blob.with_name(blob.name + ".incomplete")
-        size = meta.size if meta.size is not None else item.size
-        have = partial.stat().st_size if partial.is_file() else 0
-        if have > size:
-            partial.unlink()
-            have = 0
-        progress.advance(have)  # what an earlier pull fetched counts as done
-        headers = build_hf_headers()
-        # As huggingface_hub does: Xet-stored files through the hub's own URL; others straight
-        # from where the HEAD was sent (a signed CDN address that gets no token).
-        target = url if meta.xet_file_data is not None else (meta.location or url)
-        if urlsplit(target).netloc != urlsplit(url).netloc:
-            headers.pop("authorization", None)
-        if have:
-            headers["Range"] = f"bytes={have}-"
-        try:
-            with get_session().stream(
-                "GET",
-                target,
-                headers=headers,
-                follow_redirects=True,
-                timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
-            ) as response:
-                if response.status_code >= 400:
-                    from huggingface_hub.errors import HfHubHTTPError
+        from huggingface_hub.utils import WeakFileLock
 
-                    raise HfHubHTTPError(f"{response.status_code}", response=response)
-                mode = "ab" if have and response.status_code == 206 else "wb"
-                if mode == "wb" and have:
-                    progress.advance(-have)  # the server ignored the Range: start over
-                with partial.open(mode) as out:
-                    for chunk in response.iter_bytes(_CHUNK):
-                        out.write(chunk)
-                        progress.advance(len(chunk))
-        except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise FetchError(
-                    f"{what}: the disk is full ({cache_dir()}); free some space, or point "
-                    "HF_HOME at a larger disk, then run `streamv2v models pull` again"
-                ) from None
-            raise FetchError(f"{what}: cannot write {partial}: {err}") from None
-        except FetchError:
-            raise
-        except Exception as err:
-            raise _describe(err, what) from None
-        got = partial.stat().st_size
-        if got != size:
-            raise FetchError(
-                f"{what}: got {got} of {size} bytes; run `streamv2v models pull` again to resume"
-            )
-        os.replace(partial, blob)
+        # The lock huggingface_hub takes for this blob: a concurrent pull, the daemon's first
+        # run or hf_hub_download never write the same file at once.
+        lock = cache_dir() / ".locks" / storage.name / f"{meta.etag}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with WeakFileLock(lock):
+            if not blob.is_file():
+                _download(item, url, meta, blob, progress)
     _link(blob, pointer)
     return pointer
+
+
+def _download(
+    item: RemoteFile, url: str, meta: HfFileMetadata, blob: Path, progress: DownloadProgress
+) -> None:
+    """The blob's bytes, appended to its partial file from where that ends (a Range request),
+    then moved into place."""
+    from huggingface_hub import constants, get_session
+    from huggingface_hub.utils import build_hf_headers
+
+    what = f"{item.repo}/{item.path}"
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    partial = blob.with_name(blob.name + ".incomplete")
+    size = meta.size if meta.size is not None else item.size
+    have = partial.stat().st_size if partial.is_file() else 0
+    if have > size:
+        partial.unlink()
+        have = 0
+    progress.advance(have)  # what an earlier pull fetched counts as done
+    headers = build_hf_headers()
+    # As huggingface_hub does: Xet-stored files through the hub's own URL; others straight
+    # from where the HEAD was sent (a signed CDN address that gets no token).
+    target = url if meta.xet_file_data is not None else (meta.location or url)
+    if urlsplit(target).netloc != urlsplit(url).netloc:
+        headers.pop("authorization", None)
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        with get_session().stream(
+            "GET",
+            target,
+            headers=headers,
+            follow_redirects=True,
+            timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
+        ) as response:
+            if response.status_code >= 400:
+                from huggingface_hub.errors import HfHubHTTPError
+
+                raise HfHubHTTPError(f"{response.status_code}", response=response)
+            mode = "ab" if have and response.status_code == 206 else "wb"
+            if mode == "wb" and have:
+                progress.advance(-have)  # the server ignored the Range: start over
+            with partial.open(mode) as out:
+                for chunk in response.iter_bytes(_CHUNK):
+                    out.write(chunk)
+                    progress.advance(len(chunk))
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise FetchError(
+                f"{what}: the disk is full ({cache_dir()}); free some space, or point "
+                "HF_HOME at a larger disk, then run `streamv2v models pull` again"
+            ) from None
+        raise FetchError(f"{what}: cannot write {partial}: {err}") from None
+    except FetchError:
+        raise
+    except Exception as err:
+        raise _describe(err, what) from None
+    got = partial.stat().st_size
+    if got != size:
+        raise FetchError(
+            f"{what}: got {got} of {size} bytes; run `streamv2v models pull` again to resume"
+        )
+    os.replace(partial, blob)
 
 
 def _link(blob: Path, pointer: Path) -> None:
