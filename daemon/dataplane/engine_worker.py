@@ -100,7 +100,8 @@ class EngineWorker:
         # First the files (before torch is imported: an offline machine hears at once).
         others = needs_of_daemon(self.config, self.presets.library.presets.values())
         ensure_cached(needs_of_daemon(self.config, [preset]), self.readiness, optional=others)
-        self.readiness.loading(cfg.model)
+        if self.engine is None:  # (a LoRA switch: the current style runs on meanwhile)
+            self.readiness.loading(cfg.model)
 
         from daemon.styles.switching import StyleSwitcher
         from streamv2v import StreamV2V
