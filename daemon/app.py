@@ -244,6 +244,8 @@ class Daemon:
             "engine": worker.state,
             "obs": self.obs.state if self.obs is not None else "disabled",
             "preset": self.presets.active,
+            # Before the first styled frame: download (file, bytes, ETA), then compiling k of n.
+            "getting_ready": worker.readiness.snapshot() if hasattr(worker, "readiness") else None,
             "switching": worker.switching,
             # What out-of-memory errors made the engine lower, and why (None: nothing).
             "degraded": worker.step_down.status() if hasattr(worker, "step_down") else None,

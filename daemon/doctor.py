@@ -14,8 +14,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from daemon.config import CONFIG_PRESET, DaemonConfig
+
+if TYPE_CHECKING:
+    from daemon.models.needs import Need
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 _TORCH_RANGE = ((2, 3), (3, 0))  # the range pyproject.toml declares
@@ -96,38 +100,41 @@ def check_weights(config: DaemonConfig) -> Iterable[Check]:
     if engine.model == TINY_MODEL:
         yield Check(OK, "model", "tiny: the built-in demo model (random weights, made locally)")
         return
-    yield _weights("model", engine.model, "model_index.json")
-    vae = engine.settings.vae
+    from daemon.models.needs import Need
+
+    pickle, vae = engine.allow_pickle, engine.settings.vae
+    yield _weights("model", Need(engine.model, "pipeline", vae == "model", None, pickle))
     if vae == "model":
         yield Check(OK, "vae", "the model's own VAE")
     else:
-        yield _weights("vae", vae, "config.json")
+        yield _weights("vae", Need(vae, "component", allow_pickle=pickle))
     for lora in engine.loras:
-        weight = lora.weight_name or "pytorch_lora_weights.safetensors"
-        yield _weights("lora", lora.id, weight)
+        yield _weights("lora", Need(lora.id, "lora", weight_name=lora.weight_name))
 
 
-def _weights(name: str, ref: str, marker: str) -> Check:
-    """A local folder or file that exists, or a hub id whose ``marker`` is in the cache."""
+def _weights(name: str, need: Need) -> Check:
+    """A local folder or file that exists, or a hub id whose files the engine loads are all in
+    the cache (daemon/models/needs.py says which)."""
+    from daemon.models.fetch import missing_from_cache
+
+    ref = need.repo
     path = Path(ref).expanduser()
     if ref.startswith((".", "/", "~")) or path.exists():
         if path.exists():
             return Check(OK, name, f"{ref} (local)")
         return Check(FAIL, name, f"{ref}: not found", "fix the path in the configuration")
     try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(ref, marker)
+        missing = missing_from_cache([need])
     except Exception as err:  # a malformed id
         return Check(FAIL, name, f"{ref}: {err}", "give a hub id (org/name) or a local folder")
-    if isinstance(cached, str):
+    if not missing:
         return Check(OK, name, f"{ref} (in the local cache)")
     return Check(
         FAIL,
         name,
         f"{ref}: not in the local cache, so the daemon would download it at start (and fail "
         "offline)",
-        f"hf download {ref}   (or set a local folder)",
+        "streamv2v models pull   (fetches only the files the engine loads; or set a local folder)",
     )
 
 

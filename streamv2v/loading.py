@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,6 +16,11 @@ from streamv2v.errors import ModelLoadError, UnsafeWeightsError
 log = logging.getLogger(__name__)
 
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+#: The LoRA file name diffusers looks for first (the LCM-LoRA's).
+_LORA_FILE = "pytorch_lora_weights.safetensors"
+
+# diffusers passes huggingface_hub an argument it deprecated; the warning is noise to a user.
+warnings.filterwarnings("ignore", message=r"The `local_dir_use_symlinks` argument is deprecated")
 
 
 def default_device() -> torch.device:
@@ -40,9 +46,19 @@ def _fetch_hint(name: str) -> str:
         return f"check that {name} is a complete diffusers folder"
     where = "HF_HUB_OFFLINE is set, so only the local cache is used; " if _offline() else ""
     return (
-        f"{where}fetch it on a machine with internet with `hf download {name}` "
-        f"(or pass a local diffusers folder)"
+        f"{where}fetch what the engine loads with `streamv2v models pull` (on a machine with "
+        f"internet; `streamv2v models pull {name}` for this model alone), or pass a local "
+        "diffusers folder"
     )
+
+
+def _cached(repo_id: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except ValueError:  # not a hub id
+        return False
 
 
 def refuse_pickle_only(folder: Path, allow_pickle: bool) -> None:
@@ -179,6 +195,9 @@ def fuse_loras(unet, loras: tuple[LoraSpec, ...], *, allow_pickle: bool = False)
         kwargs = {"use_safetensors": None if allow_pickle else True}
         if spec.weight_name:
             kwargs["weight_name"] = spec.weight_name
+        elif not Path(spec.id).expanduser().exists() and _cached(spec.id, _LORA_FILE):
+            # Without a name diffusers asks the hub which file to take, even when it is cached.
+            kwargs["weight_name"] = _LORA_FILE
         if _offline():
             kwargs["local_files_only"] = True
         state, alphas = _load(

@@ -41,7 +41,7 @@ def test_this_machine_reports_missing_gpu_vcam_and_model_with_fixes(capsys, monk
     assert "fix: sudo modprobe v4l2loopback devices=1 exclusive_caps=1" in vcam
     model = report["model"]
     assert model.startswith(FAIL) and "not in the local cache" in model
-    assert "fix: hf download stable-diffusion-v1-5/stable-diffusion-v1-5" in model
+    assert "fix: streamv2v models pull" in model and "hf download" not in model
     assert report["python"].startswith(OK) and report["presets"].startswith(OK)
 
 

@@ -225,7 +225,7 @@ def test_missing_model_is_one_clear_error_naming_it_and_the_fix(tmp_path, monkey
     with pytest.raises(ModelLoadError) as err:
         StreamV2V.from_pretrained("someone/not-a-real-model", config=EngineConfig(vae="model"))
     msg = str(err.value)
-    assert "someone/not-a-real-model" in msg and "hf download" in msg and "\n" not in msg
+    assert "someone/not-a-real-model" in msg and "streamv2v models pull" in msg and "\n" not in msg
     with pytest.raises(ModelLoadError, match="complete diffusers folder"):
         StreamV2V.from_pretrained(tmp_path, config=EngineConfig(vae="model"))
     with pytest.raises(ModelLoadError, match=r"folder not found: \./no-model-here"):

@@ -372,6 +372,24 @@ def doctor_command(args: argparse.Namespace) -> int:
     return EXIT_DOCTOR_FAILED if any(r.status == FAIL for r in results) else EXIT_OK
 
 
+def models_command(args: argparse.Namespace) -> int:
+    """Fetch the models the configuration needs (pull), show the cache (list), delete (rm)."""
+    from daemon.models import commands
+
+    if args.action == "list":
+        commands.list_command()
+    elif args.action == "rm":
+        commands.rm_command(args.models)
+    else:
+        from daemon.app import preset_library
+
+        config = read_config(args)
+        library = preset_library(config)
+        library.scan()
+        commands.pull_command(config, library.presets.values(), args.models)
+    return EXIT_OK
+
+
 #: The subcommands, in the order ``--help`` lists them.
 COMMANDS: dict[str, Command] = {
     cmd.name: cmd
@@ -388,6 +406,7 @@ COMMANDS: dict[str, Command] = {
         Command("service", arguments.service, service_command),
         Command("obs-script", arguments.obs_script, obs_script_command),
         Command("doctor", arguments.with_json("Print the checks as JSON."), doctor_command),
+        Command("models", arguments.models, models_command),
         Command("serve", arguments.serve, serve_command),
     )
 }

@@ -241,6 +241,17 @@ def obs_script(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def models(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action",
+        choices=["pull", "list", "rm"],
+        help="pull: fetch what the configuration and every preset load (or the MODELs named, "
+        "with the configured VAE); list: what the cache holds; rm: delete MODELs from it.",
+    )
+    parser.add_argument("models", nargs="*", metavar="MODEL", help="Hub ids (org/name).")
+    add_config_argument(parser)
+
+
 def serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",

@@ -78,6 +78,11 @@ def status_table(s: dict[str, Any]) -> str:
     degraded = s.get("degraded")
     if degraded:  # lowered after out-of-memory errors
         rows.insert(2, ("degraded", degraded["reason"]))
+    ready = s.get("getting_ready")
+    if ready:
+        from daemon.models.progress import describe
+
+        rows.insert(2, ("ready", describe(ready)))
     remote = s.get("remote")
     if remote:
         error = f" ({remote['error']})" if remote["error"] else ""

@@ -19,6 +19,7 @@ from daemon.dataplane.degrade import StepDown, is_out_of_memory
 from daemon.dataplane.frames import Frame
 from daemon.dataplane.slots import LatestSlot
 from daemon.models.engine_config import engine_config
+from daemon.models.progress import Readiness
 from daemon.models.registry import model_location
 from daemon.styles.presets import Preset, PresetManager
 from streamv2v.config import SCHEDULE_STEPS
@@ -72,6 +73,8 @@ class EngineWorker:
         self.output_delay: Rolling | None = None  # the output worker's pacing delay
         #: What out-of-memory errors made the engine lower ("degraded" on /status).
         self.step_down = StepDown()
+        #: Download, loading and compile progress before the first styled frame (/status).
+        self.readiness = Readiness()
 
     def start(self) -> None:
         self._thread.start()
@@ -93,10 +96,19 @@ class EngineWorker:
     def _load(self, preset: Preset) -> tuple[Any, StyleSwitcher, int]:
         """A new engine running ``preset``, with every preset's prompt encoded (in the loader
         thread, so the engine thread never waits for the text encoder)."""
+        from daemon.models.fetch import ensure_cached
+        from daemon.models.needs import needs_of_daemon
+
+        cfg = self.config.engine
+        # First the files (before torch is imported: an offline machine hears at once).
+        others = needs_of_daemon(self.config, self.presets.library.presets.values())
+        ensure_cached(needs_of_daemon(self.config, [preset]), self.readiness, optional=others)
+        if self.engine is None:  # (a LoRA switch: the current style runs on meanwhile)
+            self.readiness.loading(cfg.model)
+
         from daemon.styles.switching import StyleSwitcher
         from streamv2v import StreamV2V
 
-        cfg = self.config.engine
         dtype = None
         if cfg.dtype is not None:
             import torch
@@ -119,7 +131,11 @@ class EngineWorker:
         if getattr(engine, "compiled", False):  # (a remote engine compiles on its side)
             # Compile every configuration the latency controller may pick now, in the loader
             # thread (the camera passes through meanwhile), so a step change never stalls.
-            engine.warmup(self._step_choices(preset, engine.config))
+            choices = self._step_choices(preset, engine.config)
+            started = time.monotonic()
+            for done, choice in enumerate(choices):
+                self.readiness.compiling(done, len(choices), started)
+                engine.warmup([choice], progress=False)
         switcher = StyleSwitcher(engine, self.base)
         switcher.limit = self.step_down.apply  # every preset's configuration within the limits
         switcher.encode(self.presets.library.presets.values())
@@ -147,6 +163,7 @@ class EngineWorker:
     def _finish_loading(self, backoff: float) -> bool:
         """Take the loader's result; False when it failed."""
         self._loader, loaded = None, self._loaded
+        self.readiness.clear()
         if isinstance(loaded, Exception):
             if self.engine is None:
                 log.error(

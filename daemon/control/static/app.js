@@ -147,6 +147,31 @@ function renderBanner(status) {
   banner.classList.toggle("info", info);
 }
 
+// The first run's long work: the download (file, bytes, rate, ETA), then "compiling k of n".
+function renderReady(ready) {
+  const box = $("ready");
+  box.hidden = !ready;
+  if (!ready) return;
+  const left = (s) => (s === null || s === undefined ? "" :
+    `, about ${s >= 60 ? `${Math.floor(s / 60)} min ${Math.round(s % 60)} s` : `${Math.round(s)} s`} left`);
+  let text = "";
+  let part = null;
+  if (ready.phase === "download") {
+    text = `Downloading the model: ${fmt.bytes(ready.bytes_done)} of ${fmt.bytes(ready.bytes_total)}` +
+      ` (file ${ready.file_index} of ${ready.files}: ${ready.file || "-"})` +
+      (ready.rate_bps ? `, ${fmt.bytes(ready.rate_bps)}/s` : "") + left(ready.eta_s);
+    part = ready.bytes_total ? ready.bytes_done / ready.bytes_total : null;
+  } else if (ready.phase === "compiling") {
+    text = `Compiling ${Math.min(ready.done + 1, ready.total)} of ${ready.total}` + left(ready.eta_s);
+    part = ready.total ? ready.done / ready.total : null;
+  } else {
+    text = `Loading ${ready.what || "the model"}...`;
+  }
+  $("ready-text").textContent = text;
+  const bar = $("ready-bar");
+  if (part === null) bar.removeAttribute("value"); else bar.value = part;
+}
+
 function renderFigures(s) {
   const c = s.controller || {};
   const bank = s.bank || {};
@@ -243,6 +268,7 @@ function onEvent(message) {
   const s = data.status;
   renderStates(s.state || {});
   renderBanner(s);
+  renderReady(s.getting_ready);
   renderFigures(s);
   renderPresets(data.presets);
   drawChart(data.latency_history || [], s.latency_budget_ms);
