@@ -158,7 +158,7 @@ def test_a_preset_with_its_own_lora_switches_in_place_and_a_bad_one_is_marked_br
         styled = daemon.output.kinds["styled"]
         assert wait_for(lambda: daemon.output.kinds["styled"] > styled + 3, 30)
 
-        with pytest.raises(BrokenPreset, match="broken-lora.*missing"):
+        with pytest.raises(BrokenPreset, match=r"broken-lora.*missing"):
             daemon.select_preset("broken-lora", "test")
         listing = {row["name"]: row for row in daemon.preset_listing()["presets"]}
         assert "failed to load" in listing["broken-lora"]["error"]
