@@ -71,9 +71,10 @@ class StyleLoras:
         """What ``preset`` switches in (LoRAs that failed to load left out)."""
         return {n: s for n, s in switched_loras(preset, self.fused).items() if n in self.adapters}
 
-    def sync(self, presets: Iterable[Preset]) -> dict[str, str]:
+    def sync(self, presets: Iterable[Preset], *, free: bool = True) -> dict[str, str]:
         """Load the LoRAs ``presets`` name that are not loaded (or whose file changed), free the
-        ones no preset names; returns the broken presets (name -> error)."""
+        ones no preset names (unless ``free`` is False: ``serve``, whose sessions each send
+        their own presets); returns the broken presets (name -> error)."""
         presets = list(presets)
         wanted: dict[str, LoraSpec] = {}
         for preset in presets:
@@ -82,7 +83,8 @@ class StyleLoras:
                     wanted.setdefault(lora_name(spec), spec)
         for name, spec in wanted.items():
             self._load(name, spec)
-        self.adapters.retain({n for n in wanted if n in self.adapters})
+        if free:
+            self.adapters.retain({n for n in wanted if n in self.adapters})
         for name in [n for n in self._signatures if n not in self.adapters]:
             del self._signatures[name]
         errors = {}

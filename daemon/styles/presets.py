@@ -324,6 +324,10 @@ def load_preset_file(path: Path) -> Preset:
     except tomllib.TOMLDecodeError as exc:
         raise PresetError(f"{path}: not valid TOML: {exc}") from None
     data.setdefault("name", path.stem)
+    for lora in data.get("loras") or ():  # a relative LoRA path: next to the preset file
+        lid = lora.get("id") if isinstance(lora, dict) else None
+        if isinstance(lid, str) and lid.startswith(("./", "../")):
+            lora["id"] = str((path.parent / lid).resolve())
     try:
         return Preset.model_validate(data)
     except ValidationError as exc:
