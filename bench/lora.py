@@ -48,6 +48,50 @@ def random_lora(unet, rank: int, seed: int = 0) -> LoraWeights:
     return out
 
 
+def measure(engine, rank: int, frames: list, warmup: int, switches: int = 5) -> dict:
+    """Every figure of the module docstring, in ms (medians) and bytes, for ``engine``."""
+    dev = engine.device
+    lora = random_lora(engine.unet, rank)
+    engine.adapters.add("style", lora)
+    engine.adapters.add("other", random_lora(engine.unet, rank, seed=1))
+    engine.set_prompt("a style")
+    for f in frames[: warmup + engine.latency_frames]:
+        engine(f)
+    timed_frames = frames[warmup:]
+    plain, fused = [], []
+    for i, f in enumerate(timed_frames):
+        engine.set_loras({"style": 1.0} if i % 2 else {})
+        (fused if i % 2 else plain).append(timed(lambda f=f: engine(f), dev))
+    switch_on, blend, switch_off = [], [], []
+    for k in range(switches):
+        engine.set_loras({})
+        switch_on.append(timed(lambda: engine.set_loras({"style": 1.0}), dev))
+        blend.append(timed(lambda k=k: engine.set_loras({"style": 0.5 + 0.05 * k}), dev))
+        switch_off.append(timed(lambda: engine.set_loras({}), dev))
+    # serve: two sessions, sets {style} and {other}, alternating (each frame pays a rewrite).
+    serve = []
+    for i, f in enumerate(timed_frames[: max(2, len(timed_frames) // 2)]):
+        scales = {"style": 1.0} if i % 2 else {"other": 1.0}
+        serve.append(timed(lambda f=f, s=scales: (engine.set_loras(s), engine(f)), dev))
+    mem = engine.adapters.memory()
+    engine.adapters.retain(set())
+    ms = 1000.0
+    return {
+        "rank": rank,
+        "layers": len(lora.unet),
+        "frame_plain_ms": median(plain) * ms,
+        "frame_fused_ms": median(fused) * ms,
+        "fused_over_plain": median(fused) / median(plain),
+        "switch_on_ms": median(switch_on) * ms,
+        "blend_step_ms": median(blend) * ms,
+        "switch_off_ms": median(switch_off) * ms,
+        "serve_alternating_ms": median(serve) * ms,
+        "serve_over_plain": median(serve) / median(plain),
+        "factor_bytes_2_loras": mem["lora_bytes"],
+        "base_copy_bytes": mem["lora_base_bytes"],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_model_args(p)
@@ -55,46 +99,23 @@ def main() -> None:
     p.add_argument("--switches", type=int, default=5, help="timed switches of each kind")
     args = p.parse_args()
     engine = build_engine(args, bank={"enabled": False})
-    dev = engine.device
-    lora = random_lora(engine.unet, args.rank)
-    engine.adapters.add("style", lora)
-    engine.adapters.add("other", random_lora(engine.unet, args.rank, seed=1))
-    engine.set_prompt("a style")
     frames = test_frames(args.warmup + 2 * args.frames, size=args.size)
-    for f in frames[: args.warmup + engine.latency_frames]:
-        engine(f)
-    plain, fused = [], []
-    for i, f in enumerate(frames[args.warmup :]):
-        engine.set_loras({"style": 1.0} if i % 2 else {})
-        (fused if i % 2 else plain).append(timed(lambda f=f: engine(f), dev))
-    switch_on, blend, switch_off = [], [], []
-    for k in range(args.switches):
-        engine.set_loras({})
-        switch_on.append(timed(lambda: engine.set_loras({"style": 1.0}), dev))
-        blend.append(timed(lambda k=k: engine.set_loras({"style": 0.5 + 0.05 * k}), dev))
-        switch_off.append(timed(lambda: engine.set_loras({}), dev))
-    # serve: two sessions, sets {style} and {other}, alternating (each frame pays a rewrite).
-    serve = []
-    for i, f in enumerate(frames[args.warmup : args.warmup + args.frames]):
-        scales = {"style": 1.0} if i % 2 else {"other": 1.0}
-        serve.append(timed(lambda f=f, s=scales: (engine.set_loras(s), engine(f)), dev))
-    mem = engine.adapters.memory()
-    ms = 1000.0
+    r = measure(engine, args.rank, frames, args.warmup, args.switches)
     print(
         f"bench/lora.py model={args.model} size={args.size} steps={args.steps} rank={args.rank} "
-        f"device={dev} dtype={engine.dtype} layers={len(lora.unet)}"
+        f"device={engine.device} dtype={engine.dtype} layers={r['layers']}"
     )
-    print(f"frame, no LoRA:               {median(plain) * ms:8.1f} ms")
-    print(f"frame, LoRA fused in place:   {median(fused) * ms:8.1f} ms")
-    print(f"  ratio fused / none:         {median(fused) / median(plain):8.3f}")
-    print(f"switch none -> LoRA:          {median(switch_on) * ms:8.1f} ms")
-    print(f"blend step (scale change):    {median(blend) * ms:8.1f} ms")
-    print(f"switch LoRA -> none:          {median(switch_off) * ms:8.1f} ms")
-    print(f"serve, sessions alternating:  {median(serve) * ms:8.1f} ms per frame (rewrite incl.)")
-    print(f"  ratio to a plain frame:     {median(serve) / median(plain):8.3f}")
+    print(f"frame, no LoRA:               {r['frame_plain_ms']:8.1f} ms")
+    print(f"frame, LoRA fused in place:   {r['frame_fused_ms']:8.1f} ms")
+    print(f"  ratio fused / none:         {r['fused_over_plain']:8.3f}")
+    print(f"switch none -> LoRA:          {r['switch_on_ms']:8.1f} ms")
+    print(f"blend step (scale change):    {r['blend_step_ms']:8.1f} ms")
+    print(f"switch LoRA -> none:          {r['switch_off_ms']:8.1f} ms")
+    print(f"serve, sessions alternating:  {r['serve_alternating_ms']:8.1f} ms per frame")
+    print(f"  ratio to a plain frame:     {r['serve_over_plain']:8.3f}")
     print(
-        f"memory: factors {mem['lora_bytes'] / 2**20:.1f} MB (2 LoRAs), "
-        f"base copies {mem['lora_base_bytes'] / 2**20:.1f} MB"
+        f"memory: factors {r['factor_bytes_2_loras'] / 2**20:.1f} MB (2 LoRAs), "
+        f"base copies {r['base_copy_bytes'] / 2**20:.1f} MB"
     )
 
 

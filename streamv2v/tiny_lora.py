@@ -150,6 +150,7 @@ def train(model: Path, out: Path, recipe: LoraRecipe, log=print) -> dict:
         "final_loss": float(np.mean(losses[-50:])),
         "bytes": out.stat().st_size,
     }
+    out.chmod(0o644)  # (safetensors writes 0600; the file ships in the package)
     out.with_suffix(".json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures
 
