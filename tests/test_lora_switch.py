@@ -127,3 +127,24 @@ def test_serve_sessions_on_shared_weights_each_get_their_own_loras(tiny_model, f
         weights.unet.get_submodule("mid_block.attentions.0.proj_out").weight,
         weights.adapters._patch["unet"].params["mid_block.attentions.0.proj_out"],
     )
+
+
+def test_the_demo_lora_training_script_runs_reproducibly_on_a_few_steps(tmp_path):
+    from safetensors.torch import load_file
+
+    from daemon.models.registry import tiny_styles_dir
+    from streamv2v.tiny_lora import LoraRecipe, sepia, sepia_error, train
+
+    recipe = LoraRecipe(steps=2, scenes=4, batch=2, threads=1)
+    a = train(tiny_styles_dir(), tmp_path / "a" / "s.safetensors", recipe, log=lambda _: None)
+    train(tiny_styles_dir(), tmp_path / "b" / "s.safetensors", recipe, log=lambda _: None)
+    ta, tb = (load_file(tmp_path / d / "s.safetensors") for d in ("a", "b"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert any(k.endswith("conv1.lora_A.weight") for k in ta)  # convs adapted too
+    assert a["bytes"] < 1_000_000
+    # The shipped LoRA is the same recipe at full length: its keys are the same layers.
+    shipped = tiny_styles_dir().parent / "tiny-styles-loras" / "sepia.safetensors"
+    assert load_file(shipped).keys() == ta.keys()
+    # The named statistic: a sepia image is near 0, the styles the model knows are far from it.
+    plain = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert sepia_error(sepia(plain)) < 2.0 < 20.0 < sepia_error(plain)
