@@ -1,8 +1,8 @@
 """The demo daemon in a real process with the shipped sepia LoRA: switching between the LoRA preset
 and a prompt preset through the control API (and global hotkeys, where Xvfb is installed)
-publishes no passthrough frame and leaves no gap in the preview, the LoRA's style shows (the
-named statistic: sepia_error, the distance of each pixel from the sepia tone of its
-brightness), and memory after 100 switches is within 2% of memory after the first."""
+publishes no passthrough frame and leaves no gap in the preview (its parts' arrival times), the
+LoRA's style shows (the named statistic: sepia_error, the distance of each pixel from the sepia
+tone of its brightness), and memory after 100 switches is within 2% of memory after the first."""
 
 from __future__ import annotations
 
@@ -109,6 +109,8 @@ def test_the_demo_switches_lora_and_prompt_styles_live_in_a_real_process(tmp_pat
         preview.start()
         assert wait_for(lambda: len(preview.frames) > 10, 20)
         passthrough = status()["kinds"].get("passthrough", 0)
+        b0 = time.monotonic()
+        time.sleep(4.0)  # a baseline without switches: the preview's own jitter on this machine
         t0 = time.monotonic()
 
         stats = {}
@@ -140,6 +142,7 @@ def test_the_demo_switches_lora_and_prompt_styles_live_in_a_real_process(tmp_pat
         rss_last, lora_last = rss_bytes(proc.pid), status()["loras"]
         end = status()
         times = [ts for ts, _ in preview.since(t0)]
+        baseline = [ts for ts, _ in preview.since(b0) if ts < t0]
     finally:
         if preview is not None:
             preview.stop = True
@@ -154,10 +157,14 @@ def test_the_demo_switches_lora_and_prompt_styles_live_in_a_real_process(tmp_pat
     assert "Traceback" not in text, text[-3000:]
     # No passthrough frame while switching (the camera is a plain scene: it would show).
     assert end["kinds"].get("passthrough", 0) == passthrough
-    # No gap in the preview: a part at least every output interval (one interval of slack for
-    # the HTTP hop on a loaded machine).
-    gaps = np.diff(times)
-    assert gaps.max() <= 2 * interval, (gaps.max(), interval)
+    # No gap in the preview while switching: the output keeps its rate (median, p95 within two
+    # output intervals) and no part is later than a quarter second, or than one interval beyond
+    # the longest gap of the no-switch baseline (a shared 2-core CI machine adds hiccups of its
+    # own, 0.06-0.36 s seen here WITHOUT switches). A reload took seconds, a recompile minutes.)
+    gaps, steady = np.diff(times), np.diff(baseline)
+    assert np.median(gaps) <= 1.5 * interval, np.median(gaps)
+    assert np.percentile(gaps, 95) <= 2 * interval, (np.percentile(gaps, 95), steady.max())
+    assert gaps.max() <= max(0.25, steady.max() + interval), (gaps.max(), steady.max())
     # The LoRA's style shows: sepia's frames are near the sepia tone; warm's are far from it.
     assert max(stats["sepia"]) < 0.6 * min(stats["warm"]), stats
     assert abs(rss_last - rss_first) <= 0.02 * rss_first, (rss_first, rss_last)
