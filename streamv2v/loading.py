@@ -192,6 +192,9 @@ def fuse_loras(unet, loras: tuple[LoraSpec, ...], *, allow_pickle: bool = False)
         if not any(k.startswith("unet.") for k in state):
             raise ModelLoadError(f"LoRA {spec.id!r} has no UNet weights (only UNet LoRAs are used)")
         name = f"lora{i}"
+        if meta and not any(k.endswith("target_modules") for k in meta):  # (as peft infers it)
+            layers = {k.split(".lora")[0][5:] for k in state if k.startswith("unet.")}
+            meta = {**meta, "unet.target_modules": sorted(layers)}
         extra = {"metadata": meta} if meta and not alphas else {"network_alphas": alphas}
         unet.load_lora_adapter(state, prefix="unet", adapter_name=name, **extra)
         names.append(name)
