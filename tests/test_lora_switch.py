@@ -71,6 +71,14 @@ def test_a_switch_blends_the_lora_scales_with_the_prompt_one_rewrite_per_frame(t
     # A LoRA no preset names any more is freed at the next library read.
     switcher.encode([ink, plain])
     assert engine.adapters.names == [files["ink"]]
+    # ...even in the middle of a blend to it: the blend carries on without it.
+    switcher.switch(ink)
+    switcher.before_frame()
+    switcher.encode([plain])
+    for _ in range(4):
+        switcher.before_frame()
+        assert engine(frame) is not None
+    assert engine.adapters.active == {} and engine.adapters.names == []
 
 
 def test_engine_loras_stay_fused_and_a_preset_listing_one_switches_the_difference(files):

@@ -88,8 +88,7 @@ class StyleSwitcher:
         for key in new:
             self._embeds[key] = self._encode(key)
         if self.lora_scales:  # a LoRA freed or failed while in use: off at once
-            loaded = self.engine.adapters
-            self._set_loras({n: s for n, s in self.lora_scales.items() if n in loaded})
+            self._set_loras(self.lora_scales)
         return len(new)
 
     def _key(self, preset: Preset) -> PromptKey:
@@ -110,6 +109,8 @@ class StyleSwitcher:
         return self._embeds[key]
 
     def _set_loras(self, scales: dict[str, float]) -> None:
+        loaded = self.engine.adapters  # (a LoRA freed by a library change mid-blend: left out)
+        scales = {n: s for n, s in scales.items() if n in loaded}
         self.lora_scales = scales
         self.engine.set_loras(scales)
 
