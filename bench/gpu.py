@@ -250,6 +250,21 @@ def markdown(rows: list[dict], daemon: list[dict]) -> str:
     return "\n".join(out)
 
 
+def lora_case(args, tiny: Path, device, dtype) -> dict:
+    """bench/lora.py on the SD1.5 architecture (the tiny model with --quick), rank 64, eager."""
+    from lora import measure
+
+    parts = parts_for("sd15", args.quick, tiny, device, dtype)
+    cfg = EngineConfig(width=args.size, height=args.size, steps=1, vae="model",
+                       bank=BANKS["off"], compile="off")  # fmt: skip
+    engine = StreamV2V(**parts, config=cfg)
+    frames = test_frames(args.warmup + 2 * min(args.frames, 20), size=min(480, args.size))
+    try:
+        return measure(engine, 64, frames, args.warmup)
+    except Exception as err:  # a failed case is a row, not a lost run
+        return {"error": repr(err)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -305,6 +320,8 @@ def main() -> None:
         daemon.append(daemon_g2g(folder, args, fps, compiled=device.type == "cuda"))
         print(f"  daemon {daemon[-1]}", flush=True)
         dump(daemon=daemon)
+    results["lora"] = lora_case(args, tiny, device, dtype)  # style LoRA switch costs
+    print(f"  lora {results['lora']}", flush=True)
     dump(rows, daemon)
     print(markdown(rows, daemon))
     print(f"wrote {args.json} ({results['elapsed_s']:.0f} s)")

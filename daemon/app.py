@@ -277,6 +277,12 @@ class Daemon:
                 "bytes": stats.get("bank_bytes", 0),
                 "tokens": sum(stats.get("bank_tokens_per_layer", {}).values()),
             },
+            "loras": {  # style LoRAs switched in place: their factors and the base copies
+                "loaded": stats.get("loras_loaded", 0),
+                "bytes": stats.get("lora_bytes", 0),
+                "base_bytes": stats.get("lora_base_bytes", 0),
+                "active": dict(engine.adapters.active) if hasattr(engine, "adapters") else {},
+            },
             "device": device_figures(engine),
             "remote": worker.remote_figures() if hasattr(worker, "remote_figures") else None,
             "preview_url": out.preview_url,

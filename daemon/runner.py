@@ -42,8 +42,9 @@ def apply_demo(config: DaemonConfig) -> tuple[DaemonConfig, list[str]]:
         notes = [
             "demo: camera -> a generated moving scene of simple shapes (no camera needed)",
             "demo: model -> the built-in tiny style model, trained on such scenes (no "
-            "download): presets plain, warm, cool, outline (hotkeys <ctrl>+<alt>+1..4, or "
-            "`streamv2v preset NAME`); it knows nothing else",
+            "download): presets plain, warm, cool, outline and sepia, a style LoRA switched in "
+            "place (hotkeys <ctrl>+<alt>+1..5, or `streamv2v preset NAME`); it knows nothing "
+            "else",
         ]
         data["presets"].update({"bundled": "demo", "startup": "warm"})
     else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from streamv2v.adapters import AdapterLibrary
 from streamv2v.attention import install_bank, self_attention_shapes
 from streamv2v.bank import FeatureBank
 from streamv2v.compiled import (
@@ -84,6 +85,8 @@ class StreamV2V:
         self.text_encoder, self.tokenizer, self.scheduler = text_encoder, tokenizer, scheduler
         self.config = config or EngineConfig()
         self._latent_scale = float(getattr(vae.config, "scaling_factor", 1.0))
+        #: Style LoRAs, switched in place by set_loras() (streamv2v.adapters).
+        self.adapters = AdapterLibrary(unet, text_encoder)
         self._cond = self.encode_prompt("")
         self._uncond = self._cond
         self._io = HostIO(self.device)
@@ -261,8 +264,13 @@ class StreamV2V:
 
     # ------------------------------------------------------------------ prompts
     @torch.inference_mode()
-    def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """Text embeddings ``[1, tokens, dim]`` of ``prompt`` (one text-encoder call)."""
+    def encode_prompt(self, prompt: str, loras: Mapping[str, float] | None = None) -> torch.Tensor:
+        """Text embeddings ``[1, tokens, dim]`` of ``prompt`` (one text-encoder call), with the
+        text-encoder weights of the loaded LoRAs ``loras`` (name -> scale) applied."""
+        with self.adapters.text_encoder_loras(loras or {}):
+            return self._encode_text(prompt)
+
+    def _encode_text(self, prompt: str) -> torch.Tensor:
         ids = self.tokenizer(
             prompt,
             padding="max_length",
@@ -288,6 +296,14 @@ class StreamV2V:
         self._uncond = self._cond if uncond is None else uncond.to(self._cond)
         self._write_embeds()
         self._recompute = True  # the similar-image filter must not repeat an old-prompt frame
+
+    def set_loras(self, scales: Mapping[str, float]) -> int:
+        """Use the loaded LoRAs ``scales`` (name -> scale; absent: off) from the next frame on,
+        rewritten into the UNet's weights in place (no recompile; see streamv2v.adapters).
+        Returns how many layers were rewritten."""
+        rewritten = self.adapters.set_loras(scales)
+        self._recompute = self._recompute or rewritten > 0  # the filter must not repeat a frame
+        return rewritten
 
     @property
     def prompt_embeds(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -510,4 +526,5 @@ class StreamV2V:
             "bank_tokens_per_layer": bank.tokens_per_layer() if bank is not None else {},
             # Fraction of the FF layers' output tokens fused on the last frame (None: no FF ran).
             "fused_fraction": None if fused is None else float(fused),
+            **self.adapters.memory(),  # style LoRAs: lora_bytes, lora_base_bytes, loras_loaded
         }

@@ -200,13 +200,22 @@ def fuse_loras(unet, loras: tuple[LoraSpec, ...], *, allow_pickle: bool = False)
             kwargs["weight_name"] = _LORA_FILE
         if _offline():
             kwargs["local_files_only"] = True
-        state, alphas = _load(
-            "LoRA", spec.id, StableDiffusionLoraLoaderMixin.lora_state_dict, **kwargs
+        # (with its adapter metadata: a peft file's lora_alpha sets its scale, alpha / rank)
+        state, alphas, meta = _load(
+            "LoRA",
+            spec.id,
+            StableDiffusionLoraLoaderMixin.lora_state_dict,
+            return_lora_metadata=True,
+            **kwargs,
         )
         if not any(k.startswith("unet.") for k in state):
             raise ModelLoadError(f"LoRA {spec.id!r} has no UNet weights (only UNet LoRAs are used)")
         name = f"lora{i}"
-        unet.load_lora_adapter(state, prefix="unet", network_alphas=alphas, adapter_name=name)
+        if meta and not any(k.endswith("target_modules") for k in meta):  # (as peft infers it)
+            layers = {k.split(".lora")[0][5:] for k in state if k.startswith("unet.")}
+            meta = {**meta, "unet.target_modules": sorted(layers)}
+        extra = {"metadata": meta} if meta and not alphas else {"network_alphas": alphas}
+        unet.load_lora_adapter(state, prefix="unet", adapter_name=name, **extra)
         names.append(name)
         scales.append(spec.scale)
         log.info("LoRA %s loaded (scale %s)", spec.id, spec.scale)

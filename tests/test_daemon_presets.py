@@ -132,10 +132,12 @@ def test_a_global_hotkey_switches_the_running_daemon(tiny_model, memory_vcam, mo
         server.kill()
 
 
-def test_a_preset_with_its_own_lora_loads_in_the_background_and_a_bad_one_falls_back(
+def test_a_preset_with_its_own_lora_switches_in_place_and_a_bad_one_is_marked_broken(
     tiny_model, memory_vcam, private_user_dirs, tmp_path, caplog
 ):
     from test_engine import save_tiny_lora
+
+    from daemon.styles.presets import BrokenPreset
 
     lora = save_tiny_lora(tiny_model, tmp_path / "lora")
     folder = private_user_dirs / "streamv2v" / "presets"
@@ -146,26 +148,30 @@ def test_a_preset_with_its_own_lora_loads_in_the_background_and_a_bad_one_falls_
     )
     daemon = started(tiny_model)
     try:
-        first = daemon.engine.engine
+        engine = daemon.engine.engine
+        assert str(lora) in engine.adapters  # loaded with the library, before any switch
         passthrough = daemon.output.kinds["passthrough"]
         daemon.select_preset("lora", "test")
-        assert wait_for(lambda: daemon.engine.engine is not first, 30)  # a new model, loaded
-        assert daemon.engine.applied.name == "lora"
-        assert [spec.id for spec in daemon.engine.engine.config.loras] == [str(lora)]
+        assert wait_for(lambda: getattr(daemon.engine.applied, "name", "") == "lora", 10)
+        assert wait_for(lambda: engine.adapters.active == {str(lora): 1.0}, 10)
+        assert daemon.engine.engine is engine  # no second engine, no reload
         styled = daemon.output.kinds["styled"]
         assert wait_for(lambda: daemon.output.kinds["styled"] > styled + 3, 30)
 
-        second = daemon.engine.engine
-        daemon.select_preset("broken-lora", "test")
-        assert wait_for(lambda: getattr(daemon.engine.applied, "name", "") == "broken-lora", 30)
-        assert wait_for(lambda: not daemon.engine.switching, 30)
-        assert daemon.engine.engine is second  # the running model (and its weights) stays
-        assert daemon.engine.engine.config.loras == second.config.loras
+        with pytest.raises(BrokenPreset, match=r"broken-lora.*missing"):
+            daemon.select_preset("broken-lora", "test")
+        listing = {row["name"]: row for row in daemon.preset_listing()["presets"]}
+        assert "failed to load" in listing["broken-lora"]["error"]
+        assert listing["lora"]["error"] is None
+        assert any("broken-lora" in e for e in daemon.library.errors.values())
+        daemon.select_preset("anime", "test")  # the others keep working
+        assert wait_for(lambda: getattr(daemon.engine.applied, "name", "") == "anime", 10)
+        assert wait_for(lambda: engine.adapters.active == {}, 10)
         styled = daemon.output.kinds["styled"]
         assert wait_for(lambda: daemon.output.kinds["styled"] > styled + 3, 30)
         assert daemon.engine.state == "running"
         assert daemon.output.kinds["passthrough"] == passthrough  # styled all along
     finally:
         daemon.stop()
-    assert any("broken-lora: LoRAs failed" in r.getMessage() for r in caplog.records)
+    assert any("preset broken-lora is broken" in r.getMessage() for r in caplog.records)
     assert not any("frame failed" in r.getMessage() for r in caplog.records)

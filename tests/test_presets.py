@@ -57,9 +57,13 @@ def test_demo_presets_use_the_style_models_prompts():
     from streamv2v.scenes import STYLES
 
     presets = [load_preset_file(f) for f in sorted(bundled_presets_dir("demo").glob("*.toml"))]
-    styles = {p.prompt for p in presets if not p.passthrough}
+    styles = {p.prompt for p in presets if not p.passthrough and not p.loras}
     assert styles == set(STYLES.values())
     assert any(p.passthrough for p in presets)
+    # The LoRA preset (sepia) names the demo LoRA shipped in the package, by a relative path.
+    lora_presets = [p for p in presets if p.loras]
+    assert [p.name for p in lora_presets] == ["sepia"]
+    assert all(Path(spec.id).is_file() for p in lora_presets for spec in p.loras)
 
 
 def test_user_folder_adds_and_overrides_by_name(tmp_path):
@@ -278,7 +282,9 @@ def test_bundled_presets_ship_in_a_non_editable_install(tmp_path):
         "folder = p.bundled_presets_dir()\n"
         "print(json.dumps({'folder': str(folder), 'names': names(folder),\n"
         "    'demo': names(p.bundled_presets_dir('demo')), 'model': c.tiny_styles_available(),\n"
-        "    'model_dir': str(c.tiny_styles_dir())}))\n"
+        "    'model_dir': str(c.tiny_styles_dir()),\n"
+        "    'loras': [s.id for f in p.bundled_presets_dir('demo').glob('*.toml')\n"
+        "              for s in (p.load_preset_file(f).loras or ())]}))\n"
     )
     # From outside the repo, with the installed copy first on the path.
     env = {**os.environ, "PYTHONPATH": str(target)}
@@ -291,7 +297,10 @@ def test_bundled_presets_ship_in_a_non_editable_install(tmp_path):
     bundled = sorted(load_preset_file(f).name for f in bundled_presets_dir().glob("*.toml"))
     assert found["names"] == bundled and len(bundled) >= 7
     demo = sorted(load_preset_file(f).name for f in bundled_presets_dir("demo").glob("*.toml"))
-    assert found["demo"] == demo and len(demo) == 5
+    assert found["demo"] == demo and len(demo) == 6
+    # The demo LoRA ships in the package, and the sepia preset finds it there.
+    assert found["loras"] and all(Path(f).is_file() for f in found["loras"])
+    assert all(Path(f).is_relative_to(target) for f in found["loras"])
     from daemon.models.registry import tiny_styles_available
 
     if tiny_styles_available():  # the trained model ships inside the package too

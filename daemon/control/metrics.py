@@ -151,6 +151,14 @@ def prometheus_text(status: Mapping[str, Any]) -> str:
     out.one("stream_batch", "gauge", "1 when the steps are stream-batched.", status["stream_batch"])
     out.family("preset", "gauge", "The active preset (1).", [({"name": status["preset"]}, 1)])
     out.one("feature_bank_bytes", "gauge", "Memory of the feature bank.", status["bank"]["bytes"])
+    loras = status.get("loras") or {}
+    out.one("lora_bytes", "gauge", "Memory of the loaded style LoRAs' factors.", loras.get("bytes"))
+    out.one(
+        "lora_base_bytes",
+        "gauge",
+        "Memory of the base weight copies of the layers style LoRAs touch.",
+        loras.get("base_bytes"),
+    )
     out.one(
         "feature_bank_tokens",
         "gauge",

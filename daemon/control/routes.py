@@ -24,7 +24,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from daemon.control.auth import CODE_TTL_S, COOKIE, SESSION_TTL_S, Auth, session_cookie
 from daemon.control.bounded_json import MAX_BODY_BYTES, BodyError, parse_body
 from daemon.control.guard import AUTH_KEY, CONTROL_FILE_KEY, ApiError, json_reply
-from daemon.styles.presets import UnknownPreset
+from daemon.styles.presets import BrokenPreset, UnknownPreset
 
 #: A body must arrive within this long once its headers did (a slow sender is cut off).
 BODY_TIMEOUT_S = 5.0
@@ -134,6 +134,8 @@ class ControlRoutes:
             raise ApiError(400, _PRESET_BODY)
         try:
             active = await self._call(self.api.select_preset, name, "control API")
+        except BrokenPreset as err:
+            raise ApiError(409, str(err)) from None
         except UnknownPreset as err:
             raise ApiError(404, str(err)) from None
         self._changed()

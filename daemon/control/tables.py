@@ -16,6 +16,7 @@ def preset_table(listing: dict[str, Any], running: bool) -> tuple[list[str], lis
     for r in rows:
         mark = "*" if r["active"] and running else " "
         what = "(camera unchanged) " if r["passthrough"] else ""
+        what += "(BROKEN: see the errors) " if r.get("error") else ""
         scenes = f"  [OBS: {', '.join(r['obs_scenes'])}]" if r["obs_scenes"] else ""
         line = f"{mark} {r['name']:<{width}}  {r['hotkey'] or '-':<{keys}}  {what}"
         lines.append(f"{line}{r['description']}{scenes}".rstrip())
@@ -83,6 +84,15 @@ def status_table(s: dict[str, Any]) -> str:
         from daemon.models.progress import describe
 
         rows.insert(2, ("ready", describe(ready)))
+    loras = s.get("loras") or {}
+    if loras.get("loaded"):
+        rows.append(
+            (
+                "style LoRAs",
+                f"{loras['loaded']} loaded, {loras['bytes'] / 2**20:.1f} MB "
+                f"+ base copies {loras['base_bytes'] / 2**20:.1f} MB",
+            )
+        )
     remote = s.get("remote")
     if remote:
         error = f" ({remote['error']})" if remote["error"] else ""

@@ -117,7 +117,10 @@ class EngineWorker:
         from daemon.models.preflight import check_memory
 
         version = self.presets.library.version
-        config = self.step_down.apply(preset.engine_config(self.base))
+        # The [engine] LoRAs are fused at load; the presets' LoRAs are switched in place.
+        config = self.step_down.apply(preset.engine_config(self.base)).model_copy(
+            update={"loras": self.base.loras}
+        )
         # Compiled (CUDA graphs), every step choice warmed keeps its own activations.
         captured = len(self._step_choices(preset, config)) if config.compile != "off" else 1
         check_memory(model_location(cfg.model), config, cfg.device, cfg.dtype, captured)
@@ -138,17 +141,20 @@ class EngineWorker:
                 engine.warmup([choice], progress=False)
         switcher = StyleSwitcher(engine, self.base)
         switcher.limit = self.step_down.apply  # every preset's configuration within the limits
-        switcher.encode(self.presets.library.presets.values())
+        self._encode(switcher)
         if not preset.passthrough:
             switcher.start(preset)
         return engine, switcher, version
 
+    def _encode(self, switcher: StyleSwitcher) -> None:
+        """The presets' LoRAs loaded and prompts encoded; the broken ones marked."""
+        library = self.presets.library
+        switcher.encode(library.presets.values(), allow_pickle=self.config.engine.allow_pickle)
+        library.mark_broken(switcher.loras.errors)
+
     def _start_loading(self, preset: Preset) -> None:
         """Load in a thread of its own, so this thread keeps serving frames meanwhile."""
-        if self.engine is None:
-            self._set_state("loading", self.config.engine.model)
-        else:
-            log.info("preset %s: loading the model with its LoRAs", preset.name)
+        self._set_state("loading", self.config.engine.model)
         self._loaded = None
 
         def load() -> None:
@@ -165,21 +171,9 @@ class EngineWorker:
         self._loader, loaded = None, self._loaded
         self.readiness.clear()
         if isinstance(loaded, Exception):
-            if self.engine is None:
-                log.error(
-                    "engine: could not load (%s); passthrough, retry in %.0f s", loaded, backoff
-                )
-                self.state = "failed"
-                return False
-            # A preset's LoRAs failed: run it on the weights loaded now (until its file changes).
-            wanted = self.presets.current()
-            log.error(
-                "preset %s: LoRAs failed (%s); running it on the current weights",
-                wanted.name,
-                loaded,
-            )
-            self._apply(wanted)
-            return True
+            log.error("engine: could not load (%s); passthrough, retry in %.0f s", loaded, backoff)
+            self.state = "failed"
+            return False
         preset, self.engine, self.switcher, self._library_version = loaded
         self.applied = preset
         self._set_state("warming")
@@ -192,14 +186,10 @@ class EngineWorker:
         library = self.presets.library
         if library.version != self._library_version:
             self._library_version = library.version
-            self.switcher.encode(library.presets.values())
+            self._encode(self.switcher)  # (LoRA files are read here, never at a switch)
         wanted = self.presets.current()
-        if wanted == self.applied or self._loader is not None:
-            return
-        loras = wanted.engine_config(self.base).loras
-        if not wanted.passthrough and loras != self.engine.config.loras:
-            self._start_loading(wanted)  # the current style runs on until the new model is ready
-            return
+        if wanted == self.applied or library.broken(wanted.name) is not None:
+            return  # (a broken preset: the current style runs on)
         self._apply(wanted)
 
     def _follow_budget(self) -> None:

@@ -8,7 +8,10 @@ the session about to run puts its own bank's processors back on the UNet when an
 ran last (a dict swap, only when the session changes).
 
 Prompt embeddings are cached by their text across sessions: a preset is encoded once, however
-many daemons ask for it or switch back to it.
+many daemons ask for it or switch back to it. Style LoRAs live in the shared weights' adapter
+library: sessions may run different LoRA sets, so the session about to run rewrites the touched
+layers to its own set when it differs from the set of the last frame run (bench/lora.py measures
+what that costs; sessions on the same set pay nothing).
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from daemon.styles.loras import StyleLoras
 from daemon.styles.presets import Preset
-from daemon.styles.switching import Embeds, StyleSwitcher
+from daemon.styles.switching import Embeds, PromptKey, StyleSwitcher
 from streamv2v import EngineConfig, StreamV2V
 from streamv2v.attention import install_bank
 
@@ -39,7 +43,10 @@ class SharedModel:
     def __init__(self, weights: StreamV2V) -> None:
         self.weights = weights  # holds the modules; its own stream state is never used
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self.prompts: dict[tuple[str, str], Embeds] = {}
+        self.prompts: dict[PromptKey, Embeds] = {}
+        #: The presets' LoRAs, loaded into the shared weights' adapter library (kept).
+        self.loras = StyleLoras(weights, weights.config.loras)
+        self.lora_switches = 0  #: rewrites because the next session runs another LoRA set
         self._active: StreamV2V | None = weights
         self._lock = threading.Lock()  # the executor has one thread; this guards misuse
 
@@ -58,6 +65,7 @@ class SharedModel:
         w = self.weights
         config = config.model_copy(update={"vae": w.config.vae, "loras": w.config.loras})
         engine = StreamV2V(w.unet, w.vae, w.text_encoder, w.tokenizer, w.scheduler, config)
+        engine.adapters = w.adapters  # one library (and one set of base copies) per weights
         self._active = engine  # its constructor installed its bank on the UNet
         return engine
 
@@ -68,12 +76,15 @@ class SharedModel:
             self._active = engine
 
     def encode(self, preset: Preset) -> None:
-        """Make sure the preset's prompts are in the shared cache (engine thread)."""
-        key = (preset.prompt, preset.negative_prompt)
+        """Make sure the preset's LoRAs are loaded and its prompts in the shared cache (engine
+        thread). A LoRA that fails is logged; the preset then runs without it."""
+        self.loras.sync([preset], free=False)
+        scales = self.loras.scales(preset)
+        key = (preset.prompt, preset.negative_prompt, self.loras.text_encoder_key(scales))
         embeds = self.prompts.pop(key, None)
         if embeds is None:
-            w = self.weights
-            embeds = (w.encode_prompt(key[0]), w.encode_prompt(key[1]))
+            w, te = self.weights, dict(key[2])
+            embeds = (w.encode_prompt(key[0], te), w.encode_prompt(key[1], te))
         self.prompts[key] = embeds  # (re)inserted last: the dict's order is the LRU order
         while len(self.prompts) > MAX_CACHED_PROMPTS:
             del self.prompts[next(iter(self.prompts))]
@@ -108,7 +119,9 @@ class EngineSession:
                 self.engine = shared.new_engine(preset.engine_config(base))
             shared.activate(self.engine)
             self.base = base
-            self.switcher = StyleSwitcher(self.engine, base, embeds=shared.prompts)
+            self.switcher = StyleSwitcher(
+                self.engine, base, embeds=shared.prompts, loras=shared.loras
+            )
             self.switcher.start(preset)
         elif preset != self.preset:
             shared.activate(self.engine)
@@ -144,6 +157,9 @@ class EngineSession:
             return None, pts, 0.0
         t0 = time.perf_counter()
         self.shared.activate(engine)
+        if engine.adapters.active != switcher.lora_scales:  # another session ran another set
+            engine.set_loras(switcher.lora_scales)
+            self.shared.lora_switches += 1
         switcher.before_frame()
         styled = engine(image, tag=pts)
         self.frames += 1
@@ -159,4 +175,5 @@ class EngineSession:
             "frames": self.frames,
             # Which feature bank the session's engine runs: every session has its own.
             "bank_id": f"{id(self.engine.bank):x}" if self.engine is not None else None,
+            "loras": dict(self.switcher.lora_scales) if self.switcher is not None else {},
         }

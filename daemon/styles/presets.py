@@ -62,7 +62,9 @@ class Preset(BaseModel):
     guidance_scale: float | None = Field(None, ge=1.0, le=20.0)
     guidance_delta: float | None = Field(None, ge=0.0, le=2.0)
     loras: tuple[LoraSpec, ...] | None = Field(
-        None, description="Replaces engine.loras while active (switching them reloads the model)."
+        None,
+        description="Style LoRAs added to engine.loras while active, switched in place "
+        "(no reload, blended over transition_frames); one listed in both takes this scale.",
     )
     bank: BankConfig | None = Field(
         None, description="Replaces the engine's bank settings; keys left out take the defaults."
@@ -168,6 +170,7 @@ class PresetLibrary:
         self._presets: dict[str, Preset] = {config.name: config}
         self._ordered: Mapping[str, Preset] = MappingProxyType(dict(self._presets))
         self._origin: dict[str, Path | None] = {config.name: None}
+        self._broken: dict[str, str] = {}  # preset name -> why (its LoRA failed to load)
         self.version = 0
 
     # ------------------------------------------------------------------ reading files
@@ -242,6 +245,16 @@ class PresetLibrary:
             self._config = config
             self._compose()
 
+    def mark_broken(self, broken: Mapping[str, str]) -> None:
+        """The presets that cannot run (name -> why, e.g. a LoRA that failed to load), as the
+        engine found when it loaded their LoRAs; shown with the file errors."""
+        with self._lock:
+            self._broken = dict(broken)
+
+    def broken(self, name: str) -> str | None:
+        with self._lock:
+            return self._broken.get(name)
+
     # ------------------------------------------------------------------ queries
     @property
     def presets(self) -> Mapping[str, Preset]:
@@ -257,7 +270,11 @@ class PresetLibrary:
     def errors(self) -> dict[str, str]:
         """File -> the reason it is not (or no longer) used as written."""
         with self._lock:
-            return {str(p): e.error for p, e in self._files.items() if e.error}
+            errors = {str(p): e.error for p, e in self._files.items() if e.error}
+            for name, why in self._broken.items():
+                origin = self._origin.get(name)
+                errors[str(origin) if origin else name] = f"preset {name} is broken: {why}"
+            return errors
 
     def get(self, name: str) -> Preset:
         presets = self.presets
@@ -289,6 +306,14 @@ class UnknownPreset(KeyError):
         return self.message
 
 
+class BrokenPreset(UnknownPreset):
+    """A switch to a preset that cannot run (its LoRA failed to load)."""
+
+    def __init__(self, name: str, why: str) -> None:
+        KeyError.__init__(self, name)
+        self.message = f"preset {name!r} is broken: {why}; fix it and the preset file reloads"
+
+
 class PresetError(Exception):
     """A preset file that cannot be used: ``FILE: line N: KEY: reason``."""
 
@@ -304,6 +329,10 @@ def load_preset_file(path: Path) -> Preset:
     except tomllib.TOMLDecodeError as exc:
         raise PresetError(f"{path}: not valid TOML: {exc}") from None
     data.setdefault("name", path.stem)
+    for lora in data.get("loras") or ():  # a relative LoRA path: next to the preset file
+        lid = lora.get("id") if isinstance(lora, dict) else None
+        if isinstance(lid, str) and lid.startswith(("./", "../")):
+            lora["id"] = str((path.parent / lid).resolve())
     try:
         return Preset.model_validate(data)
     except ValidationError as exc:
@@ -392,6 +421,9 @@ class PresetManager:
                 target = names[(current + CYCLE[target]) % len(names)]
             elif target not in names:
                 raise UnknownPreset(target, names)
+            why = self.library.broken(target)
+            if why is not None:
+                raise BrokenPreset(target, why)
             if target != self._active:
                 log.info("preset: %s -> %s (%s)", self._active, target, reason)
                 self._active = target
@@ -413,6 +445,7 @@ class PresetManager:
                     "hotkey": preset.hotkey,
                     "obs_scenes": list(preset.obs_scenes),
                     "file": str(origin) if origin else None,
+                    "error": self.library.broken(name),
                 }
             )
         return rows

@@ -1,8 +1,10 @@
 """Applying presets to a running engine between frames, without a glitch.
 
-Every preset's prompt embeddings are encoded when the preset library changes, never at a switch,
-so a switch costs no text-encoder call. A switch blends the embeddings over the preset's
-transition frames while the stream keeps running; what else the preset changes (schedule, seed,
+Every preset's prompt embeddings are encoded (with its text-encoder LoRAs) and its style LoRAs
+loaded when the preset library changes, never at a switch, so a switch costs no text-encoder
+call and no file read. A switch blends the embeddings, and the LoRA scales (old -> 0, new -> its
+scale, one in-place weight rewrite per frame), over the preset's transition frames while the
+stream keeps running; what else the preset changes (schedule, seed,
 guidance, bank settings) is applied when the blend ends, and the engine's warm-up contract
 (``None`` until its buffer is full) keeps the restarted stream's warm-up frames unpublished.
 """
@@ -15,23 +17,33 @@ from dataclasses import dataclass
 
 import torch
 
+from daemon.styles.loras import StyleLoras
 from daemon.styles.presets import Preset
 from streamv2v import EngineConfig, StreamV2V
 
 log = logging.getLogger("streamv2v.presets")
 
 Embeds = tuple[torch.Tensor, torch.Tensor]
+#: Prompt, negative prompt and the text-encoder LoRAs they are encoded with.
+PromptKey = tuple[str, str, tuple[tuple[str, float], ...]]
 
 
 @dataclass
 class _Blend:
-    """Embeddings moving from ``start`` to ``target`` over ``frames`` frames."""
+    """Embeddings and LoRA scales moving from ``start`` to ``target`` over ``frames`` frames."""
 
     start: Embeds
     target: Embeds
     out: Embeds  #: preallocated buffers the engine reads
     frames: int
+    loras_start: dict[str, float]
+    loras_target: dict[str, float]
     done: int = 0
+
+    def loras_at(self, weight: float) -> dict[str, float]:
+        names = self.loras_start.keys() | self.loras_target.keys()
+        a, b = self.loras_start, self.loras_target
+        return {n: (1 - weight) * a.get(n, 0.0) + weight * b.get(n, 0.0) for n in sorted(names)}
 
 
 class StyleSwitcher:
@@ -41,15 +53,19 @@ class StyleSwitcher:
         self,
         engine: StreamV2V,
         base: EngineConfig,
-        embeds: dict[tuple[str, str], Embeds] | None = None,
+        embeds: dict[PromptKey, Embeds] | None = None,
+        loras: StyleLoras | None = None,
     ) -> None:
         self.engine = engine
         self.base = base
         #: Applied to every configuration this switcher sets (the daemon's memory limits).
         self.limit: Callable[[EngineConfig], EngineConfig] = lambda config: config
-        # ``embeds``: a cache shared with other engines on the same weights (``serve``), filled
-        # by its owner; encode() is then not called, as it forgets what this engine does not use.
-        self._embeds: dict[tuple[str, str], Embeds] = {} if embeds is None else embeds
+        # ``embeds``/``loras``: shared with other engines on the same weights (``serve``), filled
+        # by their owner; encode() is then not called, as it forgets what this engine does not use.
+        self._embeds: dict[PromptKey, Embeds] = {} if embeds is None else embeds
+        self.loras = loras if loras is not None else StyleLoras(engine, base.loras)
+        #: The LoRA scales this engine's frames are made with now (blended during a switch).
+        self.lora_scales: dict[str, float] = {}
         self._blend: _Blend | None = None
         self._after: Preset | None = None  # what to apply once the blend ends
         self._flush = 0  # frames until no output carries the previous prompt
@@ -59,34 +75,52 @@ class StyleSwitcher:
         """True until every output is made with the new preset only."""
         return self._blend is not None or self._flush > 0
 
-    def encode(self, presets: Iterable[Preset]) -> int:
-        """Encode the prompts not encoded yet and forget the ones no preset uses; returns how
-        many were encoded. Called when the library changes, never on a switch."""
-        wanted = {(p.prompt, p.negative_prompt) for p in presets if not p.passthrough}
+    def encode(self, presets: Iterable[Preset], *, allow_pickle: bool = False) -> int:
+        """Load the presets' LoRAs, encode the prompts not encoded yet and forget the ones no
+        preset uses; returns how many were encoded. Called when the library changes, never on
+        a switch. A preset whose LoRA failed is listed in ``self.loras.errors``."""
+        presets = list(presets)
+        self.loras.allow_pickle = allow_pickle
+        self.loras.sync(presets)
+        wanted = {self._key(p) for p in presets if not p.passthrough}
         for key in list(self._embeds):
             if key not in wanted:
                 del self._embeds[key]
         new = [key for key in wanted if key not in self._embeds]
-        for prompt, negative in new:
-            self._embeds[(prompt, negative)] = (
-                self.engine.encode_prompt(prompt),
-                self.engine.encode_prompt(negative),
-            )
+        for key in new:
+            self._embeds[key] = self._encode(key)
+        if self.lora_scales:  # a LoRA freed or failed while in use: off at once
+            self._set_loras(self.lora_scales)
         return len(new)
 
+    def _key(self, preset: Preset) -> PromptKey:
+        te = self.loras.text_encoder_key(self.loras.scales(preset))
+        return (preset.prompt, preset.negative_prompt, te)
+
+    def _encode(self, key: PromptKey) -> Embeds:
+        prompt, negative, te = key
+        loras = dict(te)
+        encode = self.engine.encode_prompt
+        return (encode(prompt, loras), encode(negative, loras))
+
     def _embeds_of(self, preset: Preset) -> Embeds:
-        key = (preset.prompt, preset.negative_prompt)
+        key = self._key(preset)
         if key not in self._embeds:  # only when encode() was not given this preset
             log.warning("preset %s was not pre-encoded; encoding it now", preset.name)
-            self._embeds[key] = tuple(map(self.engine.encode_prompt, key))  # type: ignore[assignment]
+            self._embeds[key] = self._encode(key)
         return self._embeds[key]
+
+    def _set_loras(self, scales: dict[str, float]) -> None:
+        loaded = self.engine.adapters  # (a LoRA freed by a library change mid-blend: left out)
+        scales = {n: s for n, s in scales.items() if n in loaded}
+        self.lora_scales = scales
+        self.engine.set_loras(scales)
 
     def config_for(self, preset: Preset) -> EngineConfig:
         """The engine configuration of ``preset`` at the engine's current step count and stream
         batching (the latency controller's choice survives a switch, clamped into the preset's
-        range), on
-        the weights loaded now: LoRAs are fused into them, so other LoRAs need a new engine
-        (the daemon loads one in the background)."""
+        range), on the weights loaded now (``[engine] loras`` fused into them; the preset's
+        own LoRAs are switched in place, not part of the configuration)."""
         running = self.engine.config
         config = preset.engine_config(self.base, running.steps)
         return self.limit(
@@ -102,22 +136,32 @@ class StyleSwitcher:
             self.engine.set_config(config)
         else:
             self.engine.reset()
+        self._set_loras(self.loras.scales(preset))
         self.engine.set_prompt_embeds(*self._embeds_of(preset))
         self._flush = self.engine.latency_frames
 
     def switch(self, preset: Preset) -> None:
         """Begin the transition to ``preset``; :meth:`before_frame` carries it on."""
         target = self._embeds_of(preset)
+        loras = self.loras.scales(preset)
         self._after = preset
         if preset.transition_frames == 0:
             self._blend = None
+            self._set_loras(loras)  # one rewrite
             self.engine.set_prompt_embeds(*target)
             self._finish()
             return
-        # From wherever the embeddings are now (possibly mid-way through another blend).
+        # From wherever the embeddings and LoRA scales are now (maybe mid-way through a blend).
         start = tuple(t.clone() for t in self.engine.prompt_embeds)
         out = tuple(torch.empty_like(t) for t in start)
-        self._blend = _Blend(start, target, out, preset.transition_frames)  # type: ignore[arg-type]
+        self._blend = _Blend(
+            start,  # type: ignore[arg-type]
+            target,
+            out,  # type: ignore[arg-type]
+            preset.transition_frames,
+            dict(self.lora_scales),
+            loras,
+        )
 
     def before_frame(self) -> None:
         """Advance the transition by one frame (call before each engine call)."""
@@ -130,8 +174,11 @@ class StyleSwitcher:
         for a, b, out in zip(blend.start, blend.target, blend.out):
             torch.lerp(a, b, weight, out=out)
         self.engine.set_prompt_embeds(*blend.out)
+        if blend.loras_start or blend.loras_target:  # one in-place rewrite of the touched layers
+            self._set_loras({n: s for n, s in blend.loras_at(weight).items() if s != 0.0})
         if blend.done >= blend.frames:
             self._blend = None
+            self._set_loras(dict(blend.loras_target))
             self.engine.set_prompt_embeds(*blend.target)
             self._finish()
 

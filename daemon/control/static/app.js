@@ -175,6 +175,7 @@ function renderReady(ready) {
 function renderFigures(s) {
   const c = s.controller || {};
   const bank = s.bank || {};
+  const loras = s.loras || {};
   const dev = s.device || {};
   const steps = s.steps === null ? "-" : `${s.steps}${s.stream_batch ? " (stream batch)" : ""}`;
   const rows = [
@@ -185,6 +186,7 @@ function renderFigures(s) {
     ["Steps", steps],
     ["Controller", c.active ? (c.calibrating ? "calibrating" : c.reason || "holding") : "off (fixed steps)"],
     ["Feature bank", bank.enabled ? `${bank.tokens} tokens, ${fmt.bytes(bank.bytes)}` : "off"],
+    ["Style LoRAs", loras.loaded ? `${loras.loaded} loaded, ${fmt.bytes(loras.bytes)} + base copies ${fmt.bytes(loras.base_bytes)}` : "none"],
     ["Device", dev.name ? `${dev.name} ${dev.dtype}` +
       (dev.memory_bytes ? `, ${fmt.bytes(dev.memory_bytes)}` : "") : "-"],
     ["Size", s.size ? s.size.join(" x ") : "-"],

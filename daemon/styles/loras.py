@@ -1,0 +1,130 @@
+"""The presets' style LoRAs: which a preset switches in, loading them when the library is read.
+
+``[engine] loras`` (e.g. the LCM-LoRA) are fused into the base weights at load. A preset's
+``loras`` come on top of them, switched in place by the engine's adapter library
+(:mod:`streamv2v.adapters`): a LoRA listed in both uses the preset's scale (the difference is
+what is switched). Every LoRA a preset names is loaded once, when the preset library changes
+(as prompts are pre-encoded), never at a switch; a LoRA no preset names any more is freed; a
+LoRA that fails to load marks only the presets that name it broken.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from daemon.styles.presets import Preset
+from streamv2v import LoraSpec
+
+log = logging.getLogger("streamv2v.presets")
+
+
+def lora_name(spec: LoraSpec) -> str:
+    """The adapter library's name of a LoRA: its id (and file inside it)."""
+    return f"{spec.id}#{spec.weight_name}" if spec.weight_name else spec.id
+
+
+def switched_loras(preset: Preset, fused: Iterable[LoraSpec]) -> dict[str, float]:
+    """LoRA name -> the scale switched in for ``preset`` on weights with ``fused`` in them."""
+    if preset.passthrough or not preset.loras:
+        return {}
+    base = {lora_name(s): s.scale for s in fused}
+    out: dict[str, float] = {}
+    for spec in preset.loras:
+        name = lora_name(spec)
+        out[name] = out.get(name, 0.0) + spec.scale - base.pop(name, 0.0)
+    return {name: scale for name, scale in out.items() if scale != 0.0}
+
+
+def _signature(spec: LoraSpec) -> tuple[int, int] | None:
+    """A local file's (mtime, size), so an edited LoRA file is read again; None for hub ids."""
+    path = Path(spec.id).expanduser()
+    if path.is_dir() and spec.weight_name:
+        path = path / spec.weight_name
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+class StyleLoras:
+    """The LoRAs the presets name, in one engine's adapter library (its thread only)."""
+
+    def __init__(self, engine: Any, fused: tuple[LoraSpec, ...], allow_pickle: bool = False):
+        self.engine = engine
+        self.fused = fused
+        self.allow_pickle = allow_pickle
+        self._signatures: dict[str, tuple[int, int] | None] = {}
+        self._failed: dict[str, tuple[tuple[int, int] | None, str]] = {}  # name -> (sig, error)
+        #: preset name -> why it is broken (a LoRA of it failed to load)
+        self.errors: dict[str, str] = {}
+
+    @property
+    def adapters(self) -> Any:
+        return self.engine.adapters
+
+    def scales(self, preset: Preset) -> dict[str, float]:
+        """What ``preset`` switches in (LoRAs that failed to load left out)."""
+        return {n: s for n, s in switched_loras(preset, self.fused).items() if n in self.adapters}
+
+    def sync(self, presets: Iterable[Preset], *, free: bool = True) -> dict[str, str]:
+        """Load the LoRAs ``presets`` name that are not loaded (or whose file changed), free the
+        ones no preset names (unless ``free`` is False: ``serve``, whose sessions each send
+        their own presets); returns the broken presets (name -> error)."""
+        presets = list(presets)
+        wanted: dict[str, LoraSpec] = {}
+        for preset in presets:
+            for spec in preset.loras or ():
+                if lora_name(spec) in switched_loras(preset, self.fused):
+                    wanted.setdefault(lora_name(spec), spec)
+        for name, spec in wanted.items():
+            self._load(name, spec)
+        if free:
+            self.adapters.retain({n for n in wanted if n in self.adapters})
+        for name in [n for n in self._signatures if n not in self.adapters]:
+            del self._signatures[name]
+        errors = {}
+        for preset in presets:
+            failed = [n for n in switched_loras(preset, self.fused) if n in self._failed]
+            if failed:
+                reason = self._failed[failed[0]][1]
+                errors[preset.name] = f"LoRA {failed[0]!r} failed to load: {reason}"
+        for name in sorted(set(errors) - set(self.errors)):
+            log.error("preset %s is broken: %s", name, errors[name])
+        self.errors = errors
+        return errors
+
+    def _load(self, name: str, spec: LoraSpec) -> None:
+        signature = _signature(spec)
+        if name in self.adapters and self._signatures.get(name) == signature:
+            return
+        failed = self._failed.get(name)
+        if failed is not None and failed[0] == signature:
+            return  # tried already: again only when the file changes
+        try:
+            weights = self.adapters.load(
+                name, spec.id, weight_name=spec.weight_name, allow_pickle=self.allow_pickle
+            )
+        except Exception as err:  # any reader's failure: this LoRA only
+            self._failed[name] = (signature, str(err))
+            self.adapters.remove(name)
+            return
+        self._failed.pop(name, None)
+        self._signatures[name] = signature
+        log.info(
+            "LoRA %s loaded: %d UNet + %d text-encoder layers, %.1f MB",
+            name,
+            len(weights.unet),
+            len(weights.text_encoder),
+            weights.nbytes / 1e6,
+        )
+
+    def text_encoder_key(self, scales: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
+        """The part of a LoRA set that changes prompt embeddings (its text-encoder LoRAs)."""
+        return tuple(
+            sorted((n, s) for n, s in scales.items() if self.adapters.has_text_encoder_weights(n))
+        )

@@ -1,0 +1,158 @@
+"""LoRA presets switched by the StyleSwitcher (blended with the prompt, one rewrite per frame) and
+by `serve` sessions on shared weights, on the tiny random model with real LoRA files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from daemon.remote.session import EngineSession, SharedModel
+from daemon.styles.loras import StyleLoras, switched_loras
+from daemon.styles.presets import Preset
+from daemon.styles.switching import StyleSwitcher
+from streamv2v import EngineConfig, LoraSpec, StreamV2V
+from tests.lora_helpers import lora_factors, write_diffusers
+
+CFG = EngineConfig(vae="model", width=64, height=64, steps=2)
+
+
+@pytest.fixture(scope="module")
+def files(tiny_model, tmp_path_factory):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    folder = tmp_path_factory.mktemp("loras")
+    return {
+        n: str(write_diffusers(folder / f"{n}.safetensors", lora_factors(unet, seed=i)))
+        for i, n in enumerate(("ink", "glow"), start=11)
+    }
+
+
+def preset(name: str, prompt: str, loras=(), frames: int = 4) -> Preset:
+    specs = tuple(LoraSpec(id=path, scale=scale) for path, scale in loras)
+    return Preset(name=name, prompt=prompt, loras=specs or None, transition_frames=frames)
+
+
+def test_a_switch_blends_the_lora_scales_with_the_prompt_one_rewrite_per_frame(tiny_model, files):
+    engine = StreamV2V.from_pretrained(tiny_model, config=CFG, device="cpu")
+    ink = preset("ink", "an ink drawing", [(files["ink"], 0.8)])
+    glow = preset("glow", "a glowing scene", [(files["glow"], 1.0)])
+    plain = preset("plain", "a plain scene")
+    switcher = StyleSwitcher(engine, CFG)
+    switcher.encode([ink, glow, plain])
+    assert set(engine.adapters.names) == {files["ink"], files["glow"]}  # loaded with the library
+    switcher.start(ink)
+    assert engine.adapters.active == {files["ink"]: 0.8}
+    frame = np.zeros((64, 64, 3), np.uint8)
+    for _ in range(3):
+        engine(frame)
+    switcher.switch(glow)
+    seen = []
+    for _ in range(4):
+        before = engine.adapters.rewrites
+        switcher.before_frame()
+        seen.append(dict(engine.adapters.active))
+        assert engine.adapters.rewrites > before  # one rewrite of the touched layers per frame
+        engine(frame)
+    for i, scales in enumerate(seen[:-1], start=1):
+        w = i / 4
+        assert scales[files["ink"]] == pytest.approx(0.8 * (1 - w))
+        assert scales[files["glow"]] == pytest.approx(w)
+    assert seen[-1] == {files["glow"]: 1.0}
+    assert not switcher.switching or switcher._blend is None
+
+    # transition_frames = 0: one rewrite, at the switch.
+    rewrites = engine.adapters.rewrites
+    switcher.switch(plain.model_copy(update={"transition_frames": 0}))
+    assert engine.adapters.active == {}
+    assert engine.adapters.rewrites - rewrites == len(engine.adapters.get(files["glow"]).unet)
+
+    # A LoRA no preset names any more is freed at the next library read.
+    switcher.encode([ink, plain])
+    assert engine.adapters.names == [files["ink"]]
+    # ...even in the middle of a blend to it: the blend carries on without it.
+    switcher.switch(ink)
+    switcher.before_frame()
+    switcher.encode([plain])
+    for _ in range(4):
+        switcher.before_frame()
+        assert engine(frame) is not None
+    assert engine.adapters.active == {} and engine.adapters.names == []
+
+
+def test_engine_loras_stay_fused_and_a_preset_listing_one_switches_the_difference(files):
+    fused = (LoraSpec(id=files["ink"], scale=1.0),)
+    both = preset("both", "x", [(files["ink"], 0.25), (files["glow"], 0.5)])
+    assert switched_loras(both, fused) == {files["ink"]: -0.75, files["glow"]: 0.5}
+    same = preset("same", "x", [(files["ink"], 1.0)])
+    assert switched_loras(same, fused) == {}
+
+
+def test_a_broken_lora_marks_only_its_preset(tiny_model, files, tmp_path):
+    engine = StreamV2V.from_pretrained(tiny_model, config=CFG, device="cpu")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 16)
+    loras = StyleLoras(engine, ())
+    good = preset("good", "x", [(files["ink"], 1.0)])
+    bad = preset("bad", "y", [(str(junk), 1.0)])
+    errors = loras.sync([good, bad])
+    assert list(errors) == ["bad"] and "could not read LoRA" in errors["bad"]
+    assert loras.scales(good) == {files["ink"]: 1.0} and loras.scales(bad) == {}
+    assert loras.sync([good, bad]) == errors  # not retried until the file changes
+
+
+def test_serve_sessions_on_shared_weights_each_get_their_own_loras(tiny_model, files):
+    weights = StreamV2V.from_pretrained(tiny_model, config=CFG, device="cpu")
+    shared = SharedModel(weights)
+    ink = preset("ink", "an ink drawing", [(files["ink"], 1.0)])
+    plain = preset("plain", "an ink drawing")  # same prompt: only the LoRA differs
+    a, b = EngineSession(shared), EngineSession(shared)
+    a.apply(CFG, ink)
+    b.apply(CFG, plain)
+    rng = np.random.default_rng(2)
+    frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(12)]
+    out_a, out_b = [], []
+    for f in frames:  # interleaved, as the server's one engine thread runs them
+        out_a.append(a.process(f, 0)[0])
+        out_b.append(b.process(f, 0)[0])
+    assert shared.lora_switches >= 2 * len(frames) - 1
+
+    def alone(scales: dict) -> list:
+        engine = StreamV2V.from_pretrained(tiny_model, config=CFG, device="cpu")
+        engine.adapters.load(files["ink"], files["ink"])
+        engine.set_loras(scales)
+        engine.set_prompt("an ink drawing")
+        return [engine(f) for f in frames]
+
+    for got, want in ((out_a, alone({files["ink"]: 1.0})), (out_b, alone({}))):
+        assert all((g is None) == (w is None) for g, w in zip(got, want))
+        pairs = [(g, w) for g, w in zip(got, want) if g is not None]
+        # The same weights, rewritten to the same values: the same frames, bit for bit.
+        assert all(np.array_equal(g, w) for g, w in pairs)
+    assert any(not np.array_equal(x, y) for x, y in zip(out_a[2:], out_b[2:]))
+    assert torch.equal(
+        weights.unet.get_submodule("mid_block.attentions.0.proj_out").weight,
+        weights.adapters._patch["unet"].params["mid_block.attentions.0.proj_out"],
+    )
+
+
+def test_the_demo_lora_training_script_runs_reproducibly_on_a_few_steps(tmp_path):
+    from safetensors.torch import load_file
+
+    from daemon.models.registry import tiny_styles_dir
+    from streamv2v.tiny_lora import LoraRecipe, sepia, sepia_error, train
+
+    recipe = LoraRecipe(steps=2, scenes=4, batch=2, threads=1)
+    a = train(tiny_styles_dir(), tmp_path / "a" / "s.safetensors", recipe, log=lambda _: None)
+    train(tiny_styles_dir(), tmp_path / "b" / "s.safetensors", recipe, log=lambda _: None)
+    ta, tb = (load_file(tmp_path / d / "s.safetensors") for d in ("a", "b"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert any(k.endswith("conv1.lora_A.weight") for k in ta)  # convs adapted too
+    assert a["bytes"] < 1_000_000
+    # The shipped LoRA is the same recipe at full length: its keys are the same layers.
+    shipped = tiny_styles_dir().parent / "tiny-styles-loras" / "sepia.safetensors"
+    assert load_file(shipped).keys() == ta.keys()
+    # The named statistic: a sepia image is near 0, the styles the model knows are far from it.
+    plain = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert sepia_error(sepia(plain)) < 2.0 < 20.0 < sepia_error(plain)
