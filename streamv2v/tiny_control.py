@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from streamv2v.scenes import STYLES, moving_scene, random_scene, render
 from streamv2v.tiny_styles import to_tensor
@@ -33,28 +34,29 @@ from streamv2v.tiny_styles import to_tensor
 #: Canny thresholds on gradient magnitude of the image in [0, 1] (kornia's defaults): the ones
 #: the ControlNet was trained with and the engine's canny preprocessor's defaults.
 CANNY_LOW, CANNY_HIGH = 0.1, 0.2
+#: Weak-to-strong growth steps of the fixed-cost hysteresis (the engine preprocessor's default).
+HYSTERESIS_STEPS = 8
 
 
 def canny_condition(
     images: torch.Tensor,
     low: float = CANNY_LOW,
     high: float = CANNY_HIGH,
-    hysteresis: bool = True,
+    hysteresis_steps: int = HYSTERESIS_STEPS,
 ) -> torch.Tensor:
-    """RGB images ``[N, 3, H, W]`` in [0, 1] -> Canny edges ``[N, 3, H, W]`` (the same in each
-    channel: diffusers' convention for a canny ControlNet's image): 0 or 1 with hysteresis;
-    without it (kornia's fixed-cost variant) weak edges are 0.5. The ControlNet is trained on
-    both kinds."""
+    """RGB images ``[N, 3, H, W]`` in [0, 1] -> Canny edges ``[N, 3, H, W]`` (0 or 1, the same
+    in each channel: diffusers' convention for a canny ControlNet's image), as the engine's
+    canny preprocessor makes them: kornia's Canny without its open-ended hysteresis loop, weak
+    edges joining strong ones over a fixed number of 3x3 growth steps."""
     import kornia
 
-    out = []
-    # Chunks of 16: kornia's hysteresis loop runs until no edge changes in the whole batch.
-    for chunk in images.split(16):
-        _, edges = kornia.filters.canny(
-            chunk, low_threshold=low, high_threshold=high, hysteresis=hysteresis
-        )
-        out.append(edges)
-    return torch.cat(out).expand(-1, 3, -1, -1)
+    gray = kornia.color.rgb_to_grayscale(images.float())
+    _, edges = kornia.filters.canny(gray, low, high, hysteresis=False)
+    strong = (edges >= 1.0).float()  # kornia: 1 strong, 0.5 weak, 0 none
+    weak = (edges > 0.0).float()
+    for _ in range(hysteresis_steps):
+        strong = weak * F.max_pool2d(strong, 3, stride=1, padding=1)
+    return strong.expand(-1, 3, -1, -1)
 
 
 def held_aside_clip(frames: int, seed: int = 4242) -> list[np.ndarray]:
@@ -70,7 +72,7 @@ class Recipe:
 
     seed: int = 0
     scenes: int = 800  #: training scenes, rendered and encoded once (x 4 styles)
-    steps: int = 1000
+    steps: int = 800
     batch: int = 16
     lr: float = 1e-3
     #: noise levels (timesteps of 1000) when the noisy latent comes from the plain render
@@ -79,7 +81,8 @@ class Recipe:
     camera_noise: float = 0.3  #: share of conditions computed on a noisy frame (sigma <= 8/255)
     uncond: float = 0.05  #: share of empty prompts (guidance's unconditional rows get control)
     embedding_channels: tuple[int, ...] = (16, 32, 64, 64)
-    threads: int = 1
+    held_out: int = 64  #: scenes (seeded apart) for the final figures
+    threads: int = 2
 
 
 def load_style_model(folder: Path) -> dict:
@@ -113,9 +116,8 @@ def _prompt_embeds(parts: dict) -> torch.Tensor:
 def _render_scenes(parts: dict, recipe: Recipe, count: int, seed: int) -> dict:
     """``count`` random scenes, rendered and prepared once: ``latents`` ``[count, 4 styles, 4,
     h, w]`` (scaled), ``plains`` (uint8 ``[count, 3, H, W]``) and the Canny conditions of the
-    plain renders as they are (``edges``, with hysteresis) and with camera noise
-    (``noisy_edges``, sigma up to 8/255; half of them without hysteresis: weak edges 0.5),
-    ``[count, 1, H, W]`` float16: the edge detector runs once per scene, not per step."""
+    plain renders as they are (``edges``) and with camera noise (``noisy_edges``, sigma up to
+    8/255), ``[count, 1, H, W]`` float16: the edge detector runs once per scene, not per step."""
     vae = parts["vae"]
     scale = float(vae.config.scaling_factor)
     rng = np.random.default_rng(seed)
@@ -133,8 +135,7 @@ def _render_scenes(parts: dict, recipe: Recipe, count: int, seed: int) -> dict:
         edges.append(canny_condition(clean)[:, :1].half())
         sigma = torch.rand(len(chunk), 1, 1, 1, generator=gen) * (8 / 255)
         noisy = (clean + torch.randn(clean.shape, generator=gen) * sigma).clamp(0, 1)
-        hysteresis = (start // 64) % 2 == 1  # every other chunk of scenes
-        noisy_edges.append(canny_condition(noisy, hysteresis=hysteresis)[:, :1].half())
+        noisy_edges.append(canny_condition(noisy)[:, :1].half())
     return {
         "latents": torch.cat(latents),
         "plains": torch.cat(plains),
@@ -234,7 +235,7 @@ def train(out: Path, recipe: Recipe, model: Path, log=print) -> dict:
     embeds = _prompt_embeds(parts)
     alphas = parts["scheduler"].alphas_cumprod.float()
     train_data = _render_scenes(parts, recipe, recipe.scenes, recipe.seed + 1) | {"alphas": alphas}
-    held = _render_scenes(parts, recipe, 64, recipe.seed + 2) | {"alphas": alphas}
+    held = _render_scenes(parts, recipe, recipe.held_out, recipe.seed + 2) | {"alphas": alphas}
     log(f"{recipe.scenes} scenes rendered and encoded")
 
     controlnet = ControlNetModel.from_unet(
@@ -267,24 +268,93 @@ def train(out: Path, recipe: Recipe, model: Path, log=print) -> dict:
             "source_t": list(recipe.source_t),
             "embedding_channels": list(recipe.embedding_channels),
         },
-        "canny": {"low": CANNY_LOW, "high": CANNY_HIGH},
+        "canny": {"low": CANNY_LOW, "high": CANNY_HIGH, "hysteresis_steps": HYSTERESIS_STEPS},
         "final_loss": float(np.mean(losses[-100:])),
         "minutes": (time.monotonic() - t0) / 60,
-    }
-    # Held-out x0 error without (scale 0) and with the ControlNet, at the timesteps of
-    # strength 0.9, 0.8 and 0.6 (one step).
-    figures["held_out_x0_error"] = {
-        str(t): {
-            "without": x0_error(parts, controlnet, held, embeds, t, 0.0),
-            "with": x0_error(parts, controlnet, held, embeds, t, 1.0),
-        }
-        for t in (881, 781, 581)
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     controlnet.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    return write_figures(out, model, figures, recipe, held=held)
+
+
+#: Timesteps of the first step at strength 0.9, 0.8 and 0.6 (the 50-step LCM schedule's).
+FIGURE_TIMESTEPS = {"0.9": 899, "0.8": 799, "0.6": 599}
+
+
+def write_figures(
+    out: Path, model: Path, figures: dict, recipe: Recipe, *, held: dict | None = None
+) -> dict:
+    """Measure the SAVED ControlNet at ``out`` (float16 weights, as shipped) on held-out scenes
+    and write ``training.json`` and the folder's ``README.md``; returns the figures."""
+    from diffusers import ControlNetModel
+
+    torch.set_num_threads(recipe.threads)
+    parts = load_style_model(Path(model))
+    embeds = _prompt_embeds(parts)
+    if held is None:
+        alphas = parts["scheduler"].alphas_cumprod.float()
+        held = _render_scenes(parts, recipe, recipe.held_out, recipe.seed + 2)
+        held |= {"alphas": alphas}
+    controlnet = ControlNetModel.from_pretrained(out).float().eval()
+    # Held-out x0 error without (scale 0) and with the ControlNet, one step.
+    figures["held_out_x0_error"] = {
+        strength: {
+            "t": t,
+            "without": x0_error(parts, controlnet, held, embeds, t, 0.0),
+            "with": x0_error(parts, controlnet, held, embeds, t, 1.0),
+        }
+        for strength, t in FIGURE_TIMESTEPS.items()
+    }
     (out / "training.json").write_text(json.dumps(figures, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(figures))
     return figures
+
+
+def model_card(figures: dict) -> str:
+    """The folder's README.md: what the model is, how it was trained, its training figures."""
+    r = figures["recipe"]
+    rows = "\n".join(
+        f"| {strength} ({v['t']}) | {v['without']:.3f} | {v['with']:.3f} |"
+        for strength, v in figures["held_out_x0_error"].items()
+    )
+    canny = figures["canny"]
+    return f"""# streamv2v tiny canny ControlNet (trained)
+
+A diffusers `ControlNetModel` for the tiny style model (`../tiny-styles`), float16 safetensors,
+trained by `python -m streamv2v.tiny_control --out DIR` (seeded: the same recipe on the same
+machine gives the same weights). It keeps a scene's shapes when the style model restyles it at
+high strength (0.6-0.9), where the style model alone paints blobs that ignore the camera.
+
+- Architecture: `ControlNetModel.from_unet` of the style model's UNet (its down and mid blocks,
+  zero-initialised output convolutions), a small condition encoder (channels
+  {r["embedding_channels"]}).
+- Condition: Canny edges of the frame, as the engine's `canny` preprocessor makes them (kornia
+  on the frame in [0, 1], thresholds {canny["low"]}/{canny["high"]}, {canny["hysteresis_steps"]}
+  fixed hysteresis steps; white edges on black, 3 channels). Use it with
+  `preprocess = "canny"` and the default thresholds.
+- Training: {r["steps"]} steps of batch {r["batch"]} (AdamW, peak lr {r["lr"]}, cosine) on
+  {r["scenes"]} random scenes, the style model frozen. The noisy latent is the PLAIN render (the
+  camera) noised to a timestep in {r["source_t"]} (img2img at strength 0.4-0.95), or, for a
+  share of {r["from_target"]}, the target itself at any timestep (the later steps of a
+  multi-step schedule); the target is the scene in the prompted style; {r["camera_noise"]:.0%}
+  of the conditions come from a frame with camera noise (sigma up to 8/255).
+  {figures["minutes"]:.0f} minutes on {r["threads"]} CPU threads; final loss
+  {figures["final_loss"]:.4f}.
+
+Held-out scenes, translated from their plain render into every style in one step: mean
+absolute error of the x0 estimate against the true style render (latent units; lower is
+better), without the ControlNet (scale 0) and with it (scale 1):
+
+| strength (timestep) | without | with |
+|---|---|---|
+{rows}
+
+The structure
+figures on whole clips (edge F1 in `streamv2v eval`) are in the project README, section
+"ControlNet presets". It knows nothing but this project's synthetic scenes: a witness for
+tests and the demo.
+"""
 
 
 def main() -> None:
@@ -301,6 +371,13 @@ def main() -> None:
     p.add_argument("--scenes", type=int, default=Recipe.scenes)
     p.add_argument("--batch", type=int, default=Recipe.batch)
     p.add_argument("--threads", type=int, default=Recipe.threads)
+    p.add_argument("--held-out", type=int, default=Recipe.held_out)
+    p.add_argument(
+        "--figures-only",
+        action="store_true",
+        help="measure the ControlNet already trained at --out again (its training.json's "
+        "recipe) and rewrite training.json and README.md, without training",
+    )
     args = p.parse_args()
     recipe = Recipe(
         seed=args.seed,
@@ -308,11 +385,21 @@ def main() -> None:
         scenes=args.scenes,
         batch=args.batch,
         threads=args.threads,
+        held_out=args.held_out,
     )
     t0 = time.monotonic()
-    figures = train(
-        args.out, recipe, args.model, log=lambda m: print(f"[{time.monotonic() - t0:7.0f}s] {m}")
-    )
+    if args.figures_only:
+        figures = json.loads((args.out / "training.json").read_text())
+        kept = figures["recipe"]
+        recipe = Recipe(**kept | {k: tuple(kept[k]) for k in ("source_t", "embedding_channels")})
+        figures = write_figures(args.out, args.model, figures, recipe)
+    else:
+        figures = train(
+            args.out,
+            recipe,
+            args.model,
+            log=lambda m: print(f"[{time.monotonic() - t0:7.0f}s] {m}"),
+        )
     print(json.dumps(figures, indent=2))
 
 
