@@ -71,9 +71,9 @@ class Recipe:
     """Every number the training uses: the same recipe gives the same weights."""
 
     seed: int = 0
-    scenes: int = 800  #: training scenes, rendered and encoded once (x 4 styles)
-    steps: int = 800
-    batch: int = 16
+    scenes: int = 200  #: training scenes, rendered and encoded once (x 4 styles)
+    steps: int = 300
+    batch: int = 12
     lr: float = 1e-3
     #: noise levels (timesteps of 1000) when the noisy latent comes from the plain render
     source_t: tuple[int, int] = (400, 960)
@@ -81,8 +81,8 @@ class Recipe:
     camera_noise: float = 0.3  #: share of conditions computed on a noisy frame (sigma <= 8/255)
     uncond: float = 0.05  #: share of empty prompts (guidance's unconditional rows get control)
     embedding_channels: tuple[int, ...] = (16, 32, 64, 64)
-    held_out: int = 64  #: scenes (seeded apart) for the final figures
-    threads: int = 2
+    held_out: int = 32  #: scenes (seeded apart) for the final figures
+    threads: int = 1
 
 
 def load_style_model(folder: Path) -> dict:
@@ -222,9 +222,12 @@ def x0_error(parts: dict, controlnet, data: dict, embeds, t: int, scale: float) 
     return float((x0 - latents[torch.arange(n), style]).abs().mean())
 
 
-def train(out: Path, recipe: Recipe, model: Path, log=print) -> dict:
+def train(
+    out: Path, recipe: Recipe, model: Path, log=print, checkpoints: Path | None = None
+) -> dict:
     """Train the ControlNet on ``model``'s frozen parts; save a diffusers ControlNet folder at
-    ``out`` (float16 safetensors, config, training.json, README.md); return the figures."""
+    ``out`` (float16 safetensors, config, training.json, README.md); return the figures.
+    ``checkpoints``: a folder for the weights every 100 steps (to look at a long run early)."""
     from diffusers import ControlNetModel
 
     torch.set_num_threads(recipe.threads)
@@ -259,8 +262,10 @@ def train(out: Path, recipe: Recipe, model: Path, log=print) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
-        if step % 100 == 0 or step == recipe.steps - 1:
-            log(f"controlnet step {step:5d}  loss {np.mean(losses[-100:]):.4f}")
+        if step % 25 == 0 or step == recipe.steps - 1:
+            log(f"controlnet step {step:5d}  loss {np.mean(losses[-25:]):.4f}")
+        if checkpoints is not None and (step + 1) % 100 == 0:
+            controlnet.save_pretrained(Path(checkpoints) / f"step-{step + 1}")
     controlnet.eval()
     figures: dict = {
         "recipe": recipe.__dict__
@@ -372,6 +377,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=Recipe.batch)
     p.add_argument("--threads", type=int, default=Recipe.threads)
     p.add_argument("--held-out", type=int, default=Recipe.held_out)
+    p.add_argument("--checkpoints", type=Path, help="save the weights here every 100 steps")
     p.add_argument(
         "--figures-only",
         action="store_true",
@@ -399,6 +405,7 @@ def main() -> None:
             recipe,
             args.model,
             log=lambda m: print(f"[{time.monotonic() - t0:7.0f}s] {m}"),
+            checkpoints=args.checkpoints,
         )
     print(json.dumps(figures, indent=2))
 
