@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,9 +71,10 @@ class Recipe:
 
     seed: int = 0
     scenes: int = 200  #: training scenes, rendered and encoded once (x 4 styles)
-    steps: int = 300
+    steps: int = 1000
     batch: int = 12
-    lr: float = 1e-3
+    lr: float = 2e-3
+    x0_weight_cap: float = 25.0  #: the loss is the x0 error, weighted at most this much
     #: noise levels (timesteps of 1000) when the noisy latent comes from the plain render
     source_t: tuple[int, int] = (400, 960)
     from_target: float = 0.25  #: share of samples noised from the target render (any t)
@@ -144,10 +144,10 @@ def _render_scenes(parts: dict, recipe: Recipe, count: int, seed: int) -> dict:
     }
 
 
-def _lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))))
+def _lr(step: int, peak: float, warmup: int = 50) -> float:
+    """Warm-up, then constant: the weights after N steps do not depend on the total, so a run
+    of N steps equals the first N steps of a longer one."""
+    return peak * min(1.0, (step + 1) / warmup)
 
 
 def _batch(data: dict, recipe: Recipe, rng: np.random.Generator, b: int) -> dict:
@@ -244,6 +244,11 @@ def train(
     controlnet = ControlNetModel.from_unet(
         parts["unet"], conditioning_embedding_out_channels=recipe.embedding_channels
     ).float()
+    # The output convolutions stay zero (the UNet's own output at the start), but the condition
+    # encoder's last layer starts random: with both ends zero the condition reaches the
+    # features only after the output convolutions have moved, which takes thousands of steps.
+    torch.manual_seed(recipe.seed + 5)
+    controlnet.controlnet_cond_embedding.conv_out.reset_parameters()
     controlnet.train()
     params = [p for p in controlnet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-4)
@@ -252,11 +257,13 @@ def train(
     for step in range(recipe.steps):
         batch = _batch(train_data, recipe, rng, recipe.batch)
         pred = _predict(parts, controlnet, batch, embeds)
+        # The x0 error (eps error / snr), its weight capped at the high noise levels: the
+        # shapes of a high-strength img2img step are what the ControlNet is for.
         snr = batch["ab"] / (1 - batch["ab"])
-        weight = torch.clamp(snr, max=5.0) / snr  # min-SNR: the x0 error, capped at low noise
+        weight = torch.clamp(1 / snr, max=recipe.x0_weight_cap)
         loss = (weight * (pred - batch["eps"]) ** 2).mean()
         for group in opt.param_groups:
-            group["lr"] = _lr(step, recipe.steps, recipe.lr)
+            group["lr"] = _lr(step, recipe.lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -274,7 +281,7 @@ def train(
             "embedding_channels": list(recipe.embedding_channels),
         },
         "canny": {"low": CANNY_LOW, "high": CANNY_HIGH, "hysteresis_steps": HYSTERESIS_STEPS},
-        "final_loss": float(np.mean(losses[-100:])),
+        "final_loss": float(np.mean(losses[-25:])),
         "minutes": (time.monotonic() - t0) / 60,
     }
     out = Path(out)
@@ -338,7 +345,8 @@ high strength (0.6-0.9), where the style model alone paints blobs that ignore th
   on the frame in [0, 1], thresholds {canny["low"]}/{canny["high"]}, {canny["hysteresis_steps"]}
   fixed hysteresis steps; white edges on black, 3 channels). Use it with
   `preprocess = "canny"` and the default thresholds.
-- Training: {r["steps"]} steps of batch {r["batch"]} (AdamW, peak lr {r["lr"]}, cosine) on
+- Training: {r["steps"]} steps of batch {r["batch"]} (AdamW, lr {r["lr"]} after a 50-step
+  warm-up; the loss is the x0 error, its weight capped at {r["x0_weight_cap"]}) on
   {r["scenes"]} random scenes, the style model frozen. The noisy latent is the PLAIN render (the
   camera) noised to a timestep in {r["source_t"]} (img2img at strength 0.4-0.95), or, for a
   share of {r["from_target"]}, the target itself at any timestep (the later steps of a

@@ -10,11 +10,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from daemon.models.registry import tiny_styles_dir
-from streamv2v.scenes import SIZE, random_scene, render
+from daemon.offline.quality import measure, source_edges
+from streamv2v import EngineConfig, StreamV2V
+from streamv2v.scenes import SIZE, STYLES, random_scene, render
 from streamv2v.tiny_control import Recipe, canny_condition, held_aside_clip, train
 
 if sys.version_info >= (3, 11):
@@ -84,3 +87,46 @@ def test_the_held_aside_clip_is_no_training_scene():
     assert all(
         np.abs(render(random_scene(rng), "plain").astype(int) - clip).mean() > 5 for _ in range(200)
     )
+
+
+# --------------------------------------------------------------------------- in the engine
+#: Structure (edge F1 against the source, daemon/offline/quality.py) that the ControlNet must
+#: reach, and its least gain over the model alone, at strength 0.8 (chosen from the measured
+#: figures in the README's ControlNet table, with margin).
+MIN_F1_ON = 0.35
+MIN_GAIN = 0.2
+FRAMES = 16
+
+
+@pytest.fixture(scope="module")
+def controlled():
+    """The style model with the shipped ControlNet, loaded once (through the daemon's name)."""
+    from daemon.models.engine_config import engine_config
+    from streamv2v import BankConfig, ControlSpec
+
+    control = ControlSpec(model="tiny-canny", preprocess="canny", scale=1.0)
+    off = BankConfig(enabled=False)
+    settings = EngineConfig(steps=1, strength=0.8, control=(control,), bank=off)
+    config = engine_config("tiny-styles", settings, size=(SIZE, SIZE))
+    assert Path(config.control[0].model).resolve() == CANNY.resolve()  # the name resolved
+    return StreamV2V.from_pretrained(tiny_styles_dir(), config=config, device="cpu")
+
+
+def structure(engine: StreamV2V, clip: list[np.ndarray], prompt: str, scale: float) -> float:
+    engine.set_config(engine.config.with_control_scales([scale]))
+    engine.set_prompt(prompt)
+    outputs = [engine(f) for f in clip]
+    return measure(outputs, edges=source_edges(clip), skip=2).edge_f1
+
+
+def test_on_a_held_aside_clip_at_strength_08_the_controlnet_keeps_the_shapes(controlled):
+    clip = held_aside_clip(FRAMES)
+    off = structure(controlled, clip, STYLES["warm"], 0.0)
+    on = structure(controlled, clip, STYLES["warm"], 1.0)
+    assert on >= MIN_F1_ON and on >= off + MIN_GAIN, (off, on)
+
+
+@pytest.mark.parametrize("style", [s for s in STYLES if s != "warm"])
+def test_the_shapes_hold_in_every_style(controlled, style):
+    clip = held_aside_clip(FRAMES)[::2]
+    assert structure(controlled, clip, STYLES[style], 1.0) >= MIN_F1_ON - 0.1, style
