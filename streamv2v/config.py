@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -196,14 +197,31 @@ class EngineConfig(_Strict):
         """The control settings that need a reload when changed (all but the scales)."""
         return tuple(c.model_copy(update={"scale": 0.0}) for c in self.control)
 
-    def with_control_scales(self, scales) -> EngineConfig:
-        """This configuration with the ControlNets' scales replaced (one float each)."""
+    def with_control_scales(self, scales: Sequence[float] | Mapping[str, float]) -> EngineConfig:
+        """This configuration with the ControlNets' scales replaced: a list (one per ControlNet)
+        or a table by name or index (those left out keep theirs). ValueError names the problem."""
+        if isinstance(scales, Mapping):
+            names, table = [c.name for c in self.control], scales
+            scales = [c.scale for c in self.control]
+            for key, value in table.items():
+                if str(key).isdigit() and int(key) < len(names):
+                    scales[int(key)] = value
+                elif key in names:
+                    scales[names.index(key)] = value
+                else:
+                    raise ValueError(
+                        f"control scale for {key!r}: no ControlNet has that name or index "
+                        f"(the engine's ControlNets: {names or 'none'})"
+                    )
         scales = [float(s) for s in scales]
         bad = [s for s in scales if not 0.0 <= s <= 4.0]
         if bad:
             raise ValueError(f"control scale {bad[0]} is outside 0..4")
         if len(scales) != len(self.control):
-            raise ValueError(f"{len(scales)} control scales for {len(self.control)} ControlNets")
+            raise ValueError(
+                f"{len(scales)} control scales for {len(self.control)} ControlNets: give one "
+                "per entry of engine control, or a table by name"
+            )
         control = tuple(c.model_copy(update={"scale": s}) for c, s in zip(self.control, scales))
         return self.model_copy(update={"control": control})
 

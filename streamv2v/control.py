@@ -18,13 +18,13 @@ self-attention is not banked.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from streamv2v.config import ControlSpec, EngineConfig
+from streamv2v.config import ControlSpec
 from streamv2v.errors import ModelLoadError
 
 #: ControlNet config keys that must equal the UNet's for its residuals to fit.
@@ -136,30 +136,6 @@ class ControlStream:
 
     def static_tensors(self, calls: Sequence[Any]) -> list[torch.Tensor]:
         return [self.scales, *(t for call in calls for t in call.control)]
-
-
-def resolve_scales(
-    config: EngineConfig, scales: Sequence[float] | Mapping[str | int, float]
-) -> EngineConfig:
-    """``config`` with control scales from a list (one per ControlNet) or a table by name or
-    index (ControlNets left out keep their scale). Raises ValueError naming the problem."""
-    current = [c.scale for c in config.control]
-    if not isinstance(scales, Mapping):
-        return config.with_control_scales(scales)
-    names = [c.name for c in config.control]
-    for key, value in scales.items():
-        if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
-            i = int(key)
-            if not 0 <= i < len(names):
-                raise ValueError(f"control scale index {i}: there are {len(names)} ControlNets")
-        elif key in names:
-            i = names.index(key)
-        else:
-            raise ValueError(
-                f"control scale for {key!r}: no ControlNet has that name (have {names})"
-            )
-        current[i] = value
-    return config.with_control_scales(current)
 
 
 def _plain(value: Any) -> Any:

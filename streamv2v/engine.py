@@ -31,7 +31,7 @@ from streamv2v.compiled import (
     warmup_configs,
 )
 from streamv2v.config import EngineConfig
-from streamv2v.control import ControlStream, load_control, resolve_scales
+from streamv2v.control import ControlStream, load_control
 from streamv2v.hostio import HostIO, frame_to_image
 from streamv2v.loading import default_device, default_dtype, load_components
 from streamv2v.stream import (
@@ -274,7 +274,7 @@ class StreamV2V:
         name or index. A tensor write: the stream, its warm state and compiled graphs stay."""
         if self.control is None:
             raise ValueError("this engine has no ControlNet (EngineConfig.control is empty)")
-        self.config = resolve_scales(self.config, scales)
+        self.config = self.config.with_control_scales(scales)
         self.control.set_scales([c.scale for c in self.config.control])
 
     # ------------------------------------------------------------------ prompts

@@ -157,8 +157,8 @@ def save_tiny_model(path: str | Path, *, seed: int = 0, safe_serialization: bool
 
 def save_tiny_controlnet(path: str | Path, model: str | Path, *, seed: int = 0) -> Path:
     """A ControlNet for the tiny model (``ControlNetModel.from_unet`` of its UNet), saved as a
-    diffusers folder. Its zero convolutions (and its condition embedding's) get random weights, so unlike a fresh
-    ControlNet it really steers the UNet (random: no meaning, only an effect)."""
+    diffusers folder. Its zero convolutions get random weights, so unlike a fresh ControlNet it
+    really steers the UNet (random: no meaning, only an effect)."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     torch.manual_seed(seed)
