@@ -43,8 +43,14 @@ class ControlSpec(_Strict):
     name: str = Field(
         "", pattern=r"^[A-Za-z0-9_.-]*$", description="Presets name it in control_scales."
     )
-    low_threshold: float = Field(0.1, ge=0.0, le=1.0, description="canny: weak edge threshold.")
-    high_threshold: float = Field(0.2, ge=0.0, le=1.0, description="canny: strong edge.")
+    low_threshold: float = Field(
+        0.1,
+        ge=0.0,
+        le=4.0,
+        description="canny: weak edge, on kornia's gradient magnitude "
+        "(a black-to-white step on [0, 1] pixels is ~2.6).",
+    )
+    high_threshold: float = Field(0.2, ge=0.0, le=4.0, description="canny: strong edge.")
     hysteresis_steps: int = Field(
         8, ge=0, le=64, description="canny: weak-to-strong edge growth steps (fixed: no sync)."
     )
