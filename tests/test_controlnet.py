@@ -215,22 +215,51 @@ def test_bad_control_configs_fail_with_a_clear_error(tiny_model, controlnet, tmp
 def test_500_frames_in_float16_with_control_and_bank_stay_finite_and_alive(
     tiny_model, controlnet, one_torch_thread
 ):
-    engine = make(
-        tiny_model, controlnet, dtype=torch.float16, steps=2, guidance="self",
-        guidance_scale=1.3, bank={"interval": 2},
-    )  # fmt: skip
+    engine = make(tiny_model, controlnet, dtype=torch.float16, steps=2, bank={"interval": 2})
     assert engine.dtype == torch.float16 and engine.control.nets[0].dtype == torch.float16
     frames = scenes(16, seed=4)
-    last = None
-    changed = 0
+    peak = 0.0
     for i in range(500):
-        if i in (150, 300):
+        if i in (150, 300):  # live scale changes along the way
             engine.set_control_scales([0.5 if i == 150 else 1.5])
         out = engine(frames[i % 16], output_type="latent")
-        if out is None:
-            continue
-        assert torch.isfinite(out).all(), f"frame {i}"
-        if last is not None and (out - last).abs().max() > 1e-2:
-            changed += 1
-        last = out
-    assert changed >= 450  # the output follows the moving input to the end
+        if out is not None:
+            peak = max(peak, out.abs().max().item())
+    assert np.isfinite(peak) and peak < 20, f"latents reached {peak}"
+    # Alive: two different inputs still give outputs as far apart as on a fresh stream.
+    a, b = frames[0], 255 - frames[0]
+
+    def response(e: StreamV2V) -> float:
+        xa = [e(a, output_type="latent") for _ in range(2)][-1]
+        xb = [e(b, output_type="latent") for _ in range(2)][-1]
+        return (xa.float() - xb.float()).abs().mean().item()
+
+    fresh = make(tiny_model, controlnet, dtype=torch.float16, steps=2, bank={"interval": 2})
+    fresh.set_control_scales([1.5])
+    assert response(engine) > 0.5 * response(fresh) > 0
+
+
+def test_presets_set_control_scales_by_list_or_name(controlnet):
+    from daemon.styles.presets import Preset
+
+    two = [
+        {"model": str(controlnet), "preprocess": "canny"},
+        {"model": str(controlnet), "preprocess": "image", "name": "tile", "scale": 0.5},
+    ]
+    base = EngineConfig(control=two)
+    as_list = Preset(name="a", prompt="x", control_scales=[0.8, 0.0]).engine_config(base)
+    assert [c.scale for c in as_list.control] == [0.8, 0.0]
+    by_name = Preset(name="b", prompt="x", control_scales={"tile": 1.5}).engine_config(base)
+    assert [c.scale for c in by_name.control] == [1.0, 1.5]  # the other keeps the base's
+    assert by_name.control_load_key() == base.control_load_key()  # a live change, no reload
+    # No ControlNet loaded: the scales have nothing to act on.
+    assert (
+        Preset(name="c", prompt="x", control_scales=[0.8]).engine_config(EngineConfig()).control
+        == ()
+    )
+    with pytest.raises(ValidationError, match=r"must each be in 0\.\.4"):
+        Preset(name="d", prompt="x", control_scales=[5.0])
+    with pytest.raises(ValueError, match="no ControlNet has that name or index"):
+        Preset(name="e", prompt="x", control_scales={"depth": 1.0}).engine_config(base)
+    with pytest.raises(ValueError, match="1 control scales for 2 ControlNets"):
+        Preset(name="f", prompt="x", control_scales=[1.0]).engine_config(base)

@@ -143,7 +143,10 @@ class StyleSwitcher:
         self.engine.set_prompt_embeds(*blend.out)
         if blend.scales is not None:  # a tensor write: the ControlNets fade with the prompt
             a, b = blend.scales
-            self.engine.set_control_scales([x + (y - x) * weight for x, y in zip(a, b)])
+            last = blend.done >= blend.frames  # exactly the target: no config mismatch after
+            self.engine.set_control_scales(
+                b if last else [x + (y - x) * weight for x, y in zip(a, b)]
+            )
         if blend.done >= blend.frames:
             self._blend = None
             self.engine.set_prompt_embeds(*blend.target)
