@@ -93,11 +93,11 @@ def control_cases(args, tiny: Path, device, dtype) -> list[dict]:
     rows = []
     for arch in args.arch:
         size = args.size if arch != "tiny" else min(args.size, 256)
-        compiled = getattr(args, "compiled", False)
-        rows.append(
-            control_case(arch, tiny, device, dtype, size, args.frames, args.warmup, compiled)
-        )
-        print(f"  controlnet {rows[-1]}", flush=True)
+        for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compiled]:
+            rows.append(
+                control_case(arch, tiny, device, dtype, size, args.frames, args.warmup, compiled)
+            )
+            print(f"  controlnet {rows[-1]}", flush=True)
     return rows
 
 
@@ -108,7 +108,7 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compiled", action="store_true")
+    p.add_argument("--compiled", choices=["off", "on", "both"], default="off")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     device = torch.device(args.device)
