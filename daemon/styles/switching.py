@@ -31,6 +31,7 @@ class _Blend:
     target: Embeds
     out: Embeds  #: preallocated buffers the engine reads
     frames: int
+    scales: tuple[list[float], list[float]] | None = None  #: ControlNet scales, from and to
     done: int = 0
 
 
@@ -107,15 +108,27 @@ class StyleSwitcher:
         """Begin the transition to ``preset``; :meth:`before_frame` carries it on."""
         target = self._embeds_of(preset)
         self._after = preset
+        scales = self._control_scales(preset)
         if preset.transition_frames == 0:
             self._blend = None
             self.engine.set_prompt_embeds(*target)
+            if scales is not None:
+                self.engine.set_control_scales(scales[1])
             self._finish()
             return
         # From wherever the embeddings are now (possibly mid-way through another blend).
         start = tuple(t.clone() for t in self.engine.prompt_embeds)
         out = tuple(torch.empty_like(t) for t in start)
-        self._blend = _Blend(start, target, out, preset.transition_frames)  # type: ignore[arg-type]
+        frames = preset.transition_frames
+        self._blend = _Blend(start, target, out, frames, scales=scales)  # type: ignore[arg-type]
+
+    def _control_scales(self, preset: Preset) -> tuple[list[float], list[float]] | None:
+        """The engine's ControlNet scales now and under ``preset`` (None: nothing to blend)."""
+        now = [c.scale for c in self.engine.config.control]
+        if not now:
+            return None
+        want = [c.scale for c in self.config_for(preset).control]
+        return (now, want) if want != now else None
 
     def before_frame(self) -> None:
         """Advance the transition by one frame (call before each engine call)."""
@@ -128,6 +141,12 @@ class StyleSwitcher:
         for a, b, out in zip(blend.start, blend.target, blend.out):
             torch.lerp(a, b, weight, out=out)
         self.engine.set_prompt_embeds(*blend.out)
+        if blend.scales is not None:  # a tensor write: the ControlNets fade with the prompt
+            a, b = blend.scales
+            last = blend.done >= blend.frames  # exactly the target: no config mismatch after
+            self.engine.set_control_scales(
+                b if last else [x + (y - x) * weight for x, y in zip(a, b)]
+            )
         if blend.done >= blend.frames:
             self._blend = None
             self.engine.set_prompt_embeds(*blend.target)
