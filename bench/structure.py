@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from daemon.cli import set_runtime_defaults
@@ -81,11 +82,15 @@ def main() -> None:
     p.add_argument("--prompt", default=STYLES["warm"])
     p.add_argument("--styles", action="store_true", help="every style, control off/on, bank off")
     p.add_argument("--clips", default="static + noise,moving,held-aside")
+    p.add_argument("--control-model", default=None, help="default: the shipped tiny-canny")
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     set_runtime_defaults()
+    torch.set_num_threads(args.threads)  # one thread: the cores are shared
     strengths = [float(s) for s in args.strengths.split(",")]
     wanted = args.clips.split(",")
-    control = ControlSpec(model=str(tiny_canny_dir()), preprocess="canny", scale=1.0)
+    control_model = args.control_model or str(tiny_canny_dir())
+    control = ControlSpec(model=control_model, preprocess="canny", scale=1.0)
     base = EngineConfig(width=SIZE, height=SIZE, steps=args.steps, vae="model", control=(control,))
     engine = StreamV2V.from_pretrained(tiny_styles_dir(), config=base, device="cpu")
     prompts = dict(STYLES) if args.styles else {k: v for k, v in STYLES.items() if v == args.prompt}

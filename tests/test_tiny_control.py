@@ -53,6 +53,21 @@ def test_the_shipped_controlnet_is_small_fp16_safetensors_and_in_the_package_dat
         assert list(np.atleast_1d(net.config[key])) == list(np.atleast_1d(unet_config[key]))
 
 
+def test_the_condition_is_the_engines_canny_preprocessing():
+    """Trained on exactly what the engine's canny preprocessor (ControlSpec defaults) makes of
+    a frame: the model input in [-1, 1] -> edges in [0, 1]."""
+    from streamv2v import ControlSpec
+    from streamv2v.preprocess import make_preprocessor
+
+    spec = ControlSpec(model="tiny-canny", preprocess="canny")
+    engine_canny = make_preprocessor(spec, device="cpu", dtype=torch.float32)
+    frames = [*held_aside_clip(3), render(random_scene(np.random.default_rng(9)), "plain")]
+    images = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255
+    for image in images:
+        ours = canny_condition(image[None])
+        assert torch.equal(ours, engine_canny(image[None] * 2 - 1))
+
+
 def test_the_condition_is_binary_edges_on_the_shapes_outlines():
     frames = held_aside_clip(2)
     images = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255
@@ -113,8 +128,9 @@ def controlled():
 
 
 def structure(engine: StreamV2V, clip: list[np.ndarray], prompt: str, scale: float) -> float:
-    engine.set_config(engine.config.with_control_scales([scale]))
+    engine.set_control_scales([scale])  # a tensor write: the same loaded engine
     engine.set_prompt(prompt)
+    engine.reset()
     outputs = [engine(f) for f in clip]
     return measure(outputs, edges=source_edges(clip), skip=2).edge_f1
 
