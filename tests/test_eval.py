@@ -89,11 +89,11 @@ def test_a_finished_translation_measures_as_the_same_run_does(tmp_path, capsys):
 
 
 def test_a_preset_gives_the_style_and_its_settings(witness, capsys):
-    # The bundled demo preset "warm": the tiny model's prompt at strength 0.3, 1-2 steps.
+    # The bundled demo preset "warm": the tiny model's prompt at strength 0.8, 1 step.
     args = ["--preset", "warm", "--model", "tiny-styles", "--frames", "8", "--variants", "stable"]
     assert main(["eval", str(witness["moving"]), *args]) == 0
     out = capsys.readouterr().out
-    assert "style: preset warm" in out and "strength: 0.3" in out and "steps: 2" in out
+    assert "style: preset warm" in out and "strength: 0.8" in out and "steps: 1" in out
     assert table(out)["stable"]["MAD"] > 0
 
 
