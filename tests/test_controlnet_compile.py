@@ -25,8 +25,10 @@ TOLERANCE = 1e-4
 @pytest.fixture(scope="module")
 def engines(tiny_model, tmp_path_factory):
     net = save_tiny_controlnet(tmp_path_factory.mktemp("cn") / "canny", tiny_model)
-    # "image": a continuous preprocessor. Canny thresholds its gradients, so inductor's
-    # reordered float sums flip a few edge pixels between compiled and eager (both right).
+    # "image": a continuous preprocessor. Canny's non-maximum suppression and thresholds meet
+    # exact ties on flat regions and straight edges, which inductor's reordered float sums
+    # break the other way: 38 of 40960 edge pixels differed on such frames (both right), and
+    # the outputs then by 0.04, far above this file's tolerance.
     control = [{"model": str(net), "preprocess": "image", "name": "edges"}]
     cfg = EngineConfig(
         vae="model", width=64, height=64, steps=2, bank={"interval": 2}, control=control
