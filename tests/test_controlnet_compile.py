@@ -1,7 +1,7 @@
-"""The compiled engine with a ControlNet (ControlNet + UNet one graph, Canny compiled too) against
-the eager one, 100 frames with live scale changes and a preset switch that blends the scales,
-with recompiling made an error. One shape, compiled once (module fixture): compiling costs tens
-of seconds on this CPU."""
+"""The compiled engine with a ControlNet (ControlNet + UNet one graph, the preprocessor compiled
+too) against the eager one, 100 frames with live scale changes and a preset switch that blends
+the scales, with recompiling made an error. One shape, compiled once (module fixture): compiling
+costs tens of seconds on this CPU."""
 
 from __future__ import annotations
 
@@ -25,7 +25,11 @@ TOLERANCE = 1e-4
 @pytest.fixture(scope="module")
 def engines(tiny_model, tmp_path_factory):
     net = save_tiny_controlnet(tmp_path_factory.mktemp("cn") / "canny", tiny_model)
-    control = [{"model": str(net), "preprocess": "canny", "name": "edges"}]
+    # "image": a continuous preprocessor. Canny's non-maximum suppression and thresholds meet
+    # exact ties on flat regions and straight edges, which inductor's reordered float sums
+    # break the other way: 38 of 40960 edge pixels differed on such frames (both right), and
+    # the outputs then by 0.04, far above this file's tolerance.
+    control = [{"model": str(net), "preprocess": "image", "name": "edges"}]
     cfg = EngineConfig(
         vae="model", width=64, height=64, steps=2, bank={"interval": 2}, control=control
     )
