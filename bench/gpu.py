@@ -27,6 +27,7 @@ from torch._dynamo.utils import counters
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import SD15_UNET, SD21_UNET, pct, sd_components, test_frames
+from controlnet import control_case
 from reference_bank import install_reference_bank
 
 from streamv2v import BankConfig, EngineConfig, StreamV2V
@@ -306,6 +307,19 @@ def main() -> None:
 
     with torch.inference_mode():
         rows = engine_cases(args, tiny, device, dtype, deadline, dump)
+    # ControlNet cost: a Canny ControlNet of the UNet's architecture, ratio to none (1 step).
+    results["control"] = []
+    for compiled in (False, True):
+        if time.monotonic() > deadline - (120 if compiled else 30):
+            results["control"].append({"compiled": compiled, "skipped": "time budget"})
+            continue
+        arch = "tiny" if args.quick else "sd15"
+        frames = min(args.frames, 30)
+        results["control"].append(
+            control_case(arch, tiny, device, dtype, args.size, frames, args.warmup, compiled)
+        )
+        print(f"  controlnet {results['control'][-1]}", flush=True)
+        dump()
     daemon: list[dict] = []
     folder = tiny
     if not args.quick:

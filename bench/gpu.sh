@@ -7,7 +7,8 @@
 #                            target, run bench/gpu.py under a time limit, JSON to $OUT if set
 #
 # Environment: GPU_BENCH_ARGS (extra bench/gpu.py arguments, e.g. "--device cpu --quick" for a
-# CPU rehearsal), GPU_BENCH_TIMEOUT (seconds, default 470), PYTHON (default python3).
+# CPU rehearsal), GPU_BENCH_SCRIPT (default bench/gpu.py), GPU_BENCH_TIMEOUT (seconds,
+# default 470), PYTHON (default python3).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
@@ -17,8 +18,8 @@ py="${PYTHON:-python3}"
 # What streamv2v (and the daemon's data plane) imports that the GPU machine (Python 3.12,
 # torch, transformers, accelerate, peft, safetensors, numpy, opencv, pillow) does not have.
 # Versions: those of the tested environment (pydantic-core must match pydantic exactly).
-BINARY=(pydantic-core==2.50.4)
-PURE=(diffusers==0.42.1 pydantic==2.14.3 annotated-types==0.8.0 typing-inspection==0.4.5
+BINARY=(pydantic-core==2.50.4 kornia_rs==0.2.0)
+PURE=(diffusers==0.42.1 kornia==0.9.0 pydantic==2.14.3 annotated-types==0.8.0 typing-inspection==0.4.5
       platformdirs==4.14.5 tqdm==4.70.1 importlib-metadata==10.2.0 zipp==4.1.2)
 # (typing-extensions is not carried: torch brings it, and a copy first on the path would shadow it)
 
@@ -54,5 +55,6 @@ export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$target/inductor}"
 cd "$root"
 # shellcheck disable=SC2086  # GPU_BENCH_ARGS is a list of words
-timeout --kill-after=10 "${GPU_BENCH_TIMEOUT:-470}" "$py" bench/gpu.py ${GPU_BENCH_ARGS:-} \
+timeout --kill-after=10 "${GPU_BENCH_TIMEOUT:-470}" "$py" "${GPU_BENCH_SCRIPT:-bench/gpu.py}" \
+    ${GPU_BENCH_ARGS:-} \
     2>&1 | tee "$out_dir/bench_gpu.log"

@@ -22,7 +22,13 @@ from daemon.config_camera import missing_source
 from daemon.dataplane.camera import describe_source
 from daemon.errors import UserError
 from daemon.logs import setup_logging
-from daemon.models.registry import TINY_MODEL, TINY_STYLES, tiny_styles_available
+from daemon.models.registry import (
+    TINY_CANNY,
+    TINY_MODEL,
+    TINY_STYLES,
+    tiny_canny_available,
+    tiny_styles_available,
+)
 from daemon.styles.presets import UnknownPreset, config_preset
 
 #: Reads the effective configuration again (file and overrides); raises UserError.
@@ -47,6 +53,14 @@ def apply_demo(config: DaemonConfig) -> tuple[DaemonConfig, list[str]]:
             "else",
         ]
         data["presets"].update({"bundled": "demo", "startup": "warm"})
+        if tiny_canny_available():  # the demo presets' strength needs it to keep the shapes
+            data["engine"]["settings"]["control"] = [
+                {"model": TINY_CANNY, "preprocess": "canny", "scale": 1.0}
+            ]
+            notes.append(
+                "demo: control -> the built-in tiny canny ControlNet (the camera's edges keep "
+                "the scene's shapes at the presets' high strength)"
+            )
     else:
         model, size, source, steps = TINY_MODEL, 256, "testpattern", 2
         notes = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from streamv2v.config import BankConfig, EngineConfig, LoraSpec
+from streamv2v.config import BankConfig, ControlSpec, EngineConfig, LoraSpec
 from streamv2v.errors import ModelLoadError, StreamV2VError, UnsafeWeightsError
 
 if TYPE_CHECKING:
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BankConfig",
+    "ControlSpec",
     "EngineConfig",
     "LoraSpec",
     "ModelLoadError",

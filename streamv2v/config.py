@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -24,6 +25,60 @@ class LoraSpec(_Strict):
     id: str = Field(description="Hub id, local folder or .safetensors file of the LoRA.")
     scale: float = Field(1.0, ge=-4.0, le=4.0)
     weight_name: str | None = Field(None, description="File inside a hub repo or folder.")
+
+
+class ControlSpec(_Strict):
+    """One ControlNet in the stream: its weights, what it is conditioned on, and its scale.
+
+    ``model`` and the preprocessor settings are load fields (changing them reloads); ``scale``
+    changes live (a tensor write: no re-prepare, no recompile) and blends in preset transitions.
+    """
+
+    model: str = Field(description="Hub id or local folder of a diffusers ControlNetModel.")
+    preprocess: Literal["canny", "image", "depth"] = Field(
+        description="What the ControlNet sees: canny edges of the frame, the frame itself "
+        "(tile/colour ControlNets), or a depth map from depth_model."
+    )
+    scale: float = Field(1.0, ge=0.0, le=4.0, description="0 turns it off without a reload.")
+    name: str = Field(
+        "", pattern=r"^[A-Za-z0-9_.-]*$", description="Presets name it in control_scales."
+    )
+    low_threshold: float = Field(
+        0.1,
+        ge=0.0,
+        le=4.0,
+        description="canny: weak edge, on kornia's gradient magnitude "
+        "(a black-to-white step on [0, 1] pixels is ~2.6).",
+    )
+    high_threshold: float = Field(0.2, ge=0.0, le=4.0, description="canny: strong edge.")
+    hysteresis_steps: int = Field(
+        8, ge=0, le=64, description="canny: weak-to-strong edge growth steps (fixed: no sync)."
+    )
+    depth_model: str | None = Field(
+        None, description="depth: hub id or folder of a transformers depth-estimation model."
+    )
+
+    @model_validator(mode="after")
+    def _fits(self) -> ControlSpec:
+        if self.low_threshold >= self.high_threshold:
+            raise ValueError(
+                f"control {self.model!r}: low_threshold ({self.low_threshold}) must be below "
+                f"high_threshold ({self.high_threshold})"
+            )
+        if self.preprocess == "depth" and not self.depth_model:
+            raise ValueError(
+                f"control {self.model!r}: preprocess='depth' needs depth_model (a hub id or "
+                "folder of a Depth-Anything/DPT model, e.g. "
+                "'depth-anything/Depth-Anything-V2-Small-hf')"
+            )
+        if self.preprocess != "depth" and self.depth_model:
+            raise ValueError(
+                f"control {self.model!r}: depth_model is set but preprocess is "
+                f"{self.preprocess!r}; use preprocess='depth' or drop depth_model"
+            )
+        if not self.name:
+            object.__setattr__(self, "name", self.preprocess)
+        return self
 
 
 class BankConfig(_Strict):
@@ -107,6 +162,9 @@ class EngineConfig(_Strict):
         "similarity (the reference's), or whenever it is above the threshold.",
     )
     bank: BankConfig = BankConfig()
+    control: tuple[ControlSpec, ...] = Field(
+        (), description="ControlNets conditioning every frame (see README: ControlNet presets)."
+    )
     compile: Literal["auto", "off", "on"] = Field(
         "auto",
         description="torch.compile the UNet and the autoencoder (CUDA graphs on CUDA). 'auto': "
@@ -128,6 +186,50 @@ class EngineConfig(_Strict):
         if any(b <= a for a, b in itertools.pairwise(v)):
             raise ValueError(f"t_index_list must be strictly ascending, got {list(v)}")
         return v
+
+    @field_validator("control")
+    @classmethod
+    def _unique_names(cls, v: tuple[ControlSpec, ...]) -> tuple[ControlSpec, ...]:
+        names = [c.name for c in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(
+                f"two ControlNets are named {dup[0]!r}: give each a distinct name "
+                "(presets set their scales by name)"
+            )
+        return v
+
+    def control_load_key(self) -> tuple[ControlSpec, ...]:
+        """The control settings that need a reload when changed (all but the scales)."""
+        return tuple(c.model_copy(update={"scale": 0.0}) for c in self.control)
+
+    def with_control_scales(self, scales: Sequence[float] | Mapping[str, float]) -> EngineConfig:
+        """This configuration with the ControlNets' scales replaced: a list (one per ControlNet)
+        or a table by name or index (those left out keep theirs). ValueError names the problem."""
+        if isinstance(scales, Mapping):
+            names, table = [c.name for c in self.control], scales
+            scales = [c.scale for c in self.control]
+            for key, value in table.items():
+                if str(key).isdigit() and int(key) < len(names):
+                    scales[int(key)] = value
+                elif key in names:
+                    scales[names.index(key)] = value
+                else:
+                    raise ValueError(
+                        f"control scale for {key!r}: no ControlNet has that name or index "
+                        f"(the engine's ControlNets: {names or 'none'})"
+                    )
+        scales = [float(s) for s in scales]
+        bad = [s for s in scales if not 0.0 <= s <= 4.0]
+        if bad:
+            raise ValueError(f"control scale {bad[0]} is outside 0..4")
+        if len(scales) != len(self.control):
+            raise ValueError(
+                f"{len(scales)} control scales for {len(self.control)} ControlNets: give one "
+                "per entry of engine control, or a table by name"
+            )
+        control = tuple(c.model_copy(update={"scale": s}) for c, s in zip(self.control, scales))
+        return self.model_copy(update={"control": control})
 
     @model_validator(mode="after")
     def _steps_fit(self) -> EngineConfig:

@@ -32,6 +32,7 @@ from streamv2v.compiled import (
     warmup_configs,
 )
 from streamv2v.config import EngineConfig
+from streamv2v.control import ControlStream, load_control
 from streamv2v.hostio import HostIO, frame_to_image
 from streamv2v.loading import default_device, default_dtype, load_components
 from streamv2v.stream import (
@@ -67,6 +68,7 @@ class _UNetCall:
     embeds: torch.Tensor  #: [rows, tokens, dim]; rewritten in place when the prompt changes
     bank_rows: slice  #: the feature bank's slots of this call's rows
     row_steps: tuple[int, ...]  #: schedule step of each row (when it first holds a real frame)
+    control: list[torch.Tensor] | None = None  #: per ControlNet: the rows' control images
 
 
 class StreamV2V:
@@ -80,8 +82,9 @@ class StreamV2V:
         tokenizer,
         scheduler,
         config: EngineConfig | None = None,
+        control: ControlStream | None = None,
     ) -> None:
-        self.unet, self.vae = unet, vae
+        self.unet, self.vae, self.control = unet, vae, control
         self.text_encoder, self.tokenizer, self.scheduler = text_encoder, tokenizer, scheduler
         self.config = config or EngineConfig()
         self._latent_scale = float(getattr(vae.config, "scaling_factor", 1.0))
@@ -95,8 +98,13 @@ class StreamV2V:
         #: torch.compile in use (EngineConfig.compile): UNet, encode and decode compiled.
         self.compiled = compile_enabled(self.config.compile, self.device)
         self._unet_fn, self._encode_fn, self._decode_fn = self.unet, self._encode, self._decode
+        if control is not None:  # ControlNets + UNet: one module, one compiled graph
+            self._unet_fn = control.model(self.unet)
+        self._control_fn = control.preprocess if control is not None else None
         if self.compiled:
-            self._unet_fn = compile_fn(self.unet, self.device)
+            self._unet_fn = compile_fn(self._unet_fn, self.device)
+            if control is not None:
+                self._control_fn = compile_fn(control.preprocess, self.device)
             self._encode_fn = compile_fn(self._encode, self.device)
             self._decode_fn = compile_fn(self._decode, self.device)
         self._prepare()
@@ -128,7 +136,8 @@ class StreamV2V:
             dtype=dtype or default_dtype(dev),
             allow_pickle=allow_pickle,
         )
-        return cls(**parts, config=config)
+        control = load_control(config.control, parts["unet"], allow_pickle=allow_pickle)
+        return cls(**parts, config=config, control=control)
 
     @property
     def device(self) -> torch.device:
@@ -148,6 +157,8 @@ class StreamV2V:
         stream batch, guidance, filter, bank). Resets the stream: the next outputs follow the
         warm-up contract (``None`` until the buffer is full)."""
         changed = [f for f in _LOAD_FIELDS if getattr(config, f) != getattr(self.config, f)]
+        if config.control_load_key() != self.config.control_load_key():
+            changed.append("control")
         if changed:
             raise ValueError(f"changing {', '.join(changed)} needs a reload (from_pretrained)")
         self.config = config
@@ -191,7 +202,8 @@ class StreamV2V:
 
     def _prepare(self) -> None:
         cfg = self.config
-        key = cfg.model_dump_json()
+        # Control scales are live values (a tensor write), not part of what is prepared.
+        key = cfg.model_copy(update={"control": cfg.control_load_key()}).model_dump_json()
         kept = self._kept.pop(key, None)
         if kept is None:
             kept = self._build(cfg)
@@ -199,6 +211,8 @@ class StreamV2V:
         while len(self._kept) > _KEPT_CONFIGS:
             self._kept.popitem(last=False)
         self.__dict__.update(kept)
+        if self.control is not None:
+            self.control.set_scales([c.scale for c in cfg.control])
         self.unet.set_attn_processor(dict(self._processors))  # (it consumes the dict)
         self._write_embeds()
         self.reset()
@@ -229,8 +243,11 @@ class StreamV2V:
             self.bank.allocate(self._layer_shapes[lat_hw], dt)
         self.fusion_layers = install_bank(self.unet, self.bank)
         self._processors = dict(self.unet.attn_processors)
+        if self.control is not None:
+            self.control.allocate(self._calls, cfg.height, cfg.width)
         if self.compiled:
             static = [self._x, *(t for c in self._calls for t in (c.timesteps, c.embeds))]
+            static += self.control.static_tensors(self._calls) if self.control else []
             mark_static(static + (self.bank.tensors() if self.bank is not None else []))
         return {name: getattr(self, name) for name in _PREPARED}
 
@@ -261,6 +278,14 @@ class StreamV2V:
             offset = rows.stop
             calls.append(_UNetCall(slots, uncond, t, embeds, rows, steps))
         return calls
+
+    def set_control_scales(self, scales: Any) -> None:
+        """ControlNet scales from the next frame on: a list (one per ControlNet) or a table by
+        name or index. A tensor write: the stream, its warm state and compiled graphs stay."""
+        if self.control is None:
+            raise ValueError("this engine has no ControlNet (EngineConfig.control is empty)")
+        self.config = self.config.with_control_scales(scales)
+        self.control.set_scales([c.scale for c in self.config.control])
 
     # ------------------------------------------------------------------ prompts
     @torch.inference_mode()
@@ -373,6 +398,9 @@ class StreamV2V:
         if self._similar_to_last(image):
             return self._last_output
         latent = self._encode_fn(image)
+        if self.control is not None:  # once per frame: the rows move on with their frames
+            images = self._control_fn(image)
+            self.control.begin_frame(images, self._calls, self.config.stream_batch)
         if self.bank is not None:
             self.bank.begin_frame(self._frames)
         x0 = self._denoise_frame(latent)
@@ -420,8 +448,9 @@ class StreamV2V:
         if self.bank is not None:
             self.bank.begin_call(call.bank_rows, self._fill_rows(call))
         rows = x if call.uncond_rows is None else torch.cat([x, x[call.uncond_rows]])
+        kw = {} if call.control is None else {"control": call.control}
         out = self._unet_fn(
-            rows, call.timesteps, encoder_hidden_states=call.embeds, return_dict=False
+            rows, call.timesteps, encoder_hidden_states=call.embeds, return_dict=False, **kw
         )[0]
         if mode == "none":
             return out

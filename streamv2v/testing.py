@@ -153,3 +153,61 @@ def save_tiny_model(path: str | Path, *, seed: int = 0, safe_serialization: bool
     pipe.save_pretrained(path, safe_serialization=safe_serialization)
     (path / "README.md").write_text(f"# streamv2v tiny test model\n\nWARNING: {TINY_MODEL_NOTE}.\n")
     return path
+
+
+def save_tiny_controlnet(path: str | Path, model: str | Path, *, seed: int = 0) -> Path:
+    """A ControlNet for the tiny model (``ControlNetModel.from_unet`` of its UNet), saved as a
+    diffusers folder. Its zero convolutions get random weights, so unlike a fresh ControlNet it
+    really steers the UNet (random: no meaning, only an effect)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    with torch.no_grad():
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            conv.weight.normal_(0.0, 0.05)
+            conv.bias.normal_(0.0, 0.05)
+        # Variance-preserving weights in the condition embedding, so the control image visibly
+        # moves the features it is added to (diffusers' default init fades it out).
+        for conv in net.controlnet_cond_embedding.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                conv.weight.normal_(0.0, (2.0 / conv.weight[0].numel()) ** 0.5)
+    net.save_pretrained(path)
+    return Path(path)
+
+
+def save_tiny_depth_model(path: str | Path, *, seed: int = 0) -> Path:
+    """A tiny random Depth-Anything model (DINOv2 backbone, 56 px input) with its image
+    processor config, saved as a transformers folder."""
+    from transformers import (
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Config,
+        DPTImageProcessor,
+    )
+
+    torch.manual_seed(seed)
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=56,
+        patch_size=14,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+        reassemble_hidden_size=32,
+        patch_size=14,
+    )
+    DepthAnythingForDepthEstimation(config).save_pretrained(path)
+    DPTImageProcessor(
+        size={"height": 56, "width": 56}, ensure_multiple_of=14, keep_aspect_ratio=True
+    ).save_pretrained(path)
+    return Path(path)

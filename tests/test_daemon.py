@@ -26,7 +26,10 @@ def demo_config(tiny_model: Path, **extra) -> DaemonConfig:
     engine = cfg.engine.model_copy(update={"model": str(tiny_model)})
     cfg = cfg.model_copy(update={"engine": engine})
     data = cfg.model_dump()
-    data["engine"]["settings"].update({"width": 64, "height": 64, "vae": "model", "loras": ()})
+    # (no ControlNet: the demo's tiny-canny fits the style model, not this random tiny one)
+    data["engine"]["settings"].update(
+        {"width": 64, "height": 64, "vae": "model", "loras": (), "control": ()}
+    )
     data["engine"]["loras"] = []
     data["output"]["preview"]["port"] = 0
     data["control"]["port"] = 0

@@ -66,6 +66,9 @@ def test_the_stable_bank_has_no_update_pulse_and_flickers_no_more_than_no_bank(
     assert stable["MAD"] <= off["MAD"], figures
     assert off["MAD after update"] is None  # no bank: no update to split at
     assert stable["warp error"] is not None and stable["FF pass"] > 50
+    # The structure figure: at strength 0.3 the tiny model alone keeps few of the shapes' edges.
+    assert 0.0 <= off["edge F1"] < 0.5 and 0.0 <= stable["edge F1"] < 0.5, figures
+    assert "edge F1" in report.read_text() and "within 2 px" in report.read_text()
     text = report.read_text()
     assert text.count("data:image/png;base64,") == 2 + 2 * 2  # summary plot and strip, each
     assert f"wrote the report to {report}" in out
@@ -81,15 +84,16 @@ def test_a_finished_translation_measures_as_the_same_run_does(tmp_path, capsys):
     assert main(["eval", str(source), *STYLE, "--variants", "stable"]) == 0  # translate's bank
     ran = table(capsys.readouterr().out)["stable"]
     assert read_back["MAD"] == ran["MAD"] and read_back["warp error"] == ran["warp error"]
+    assert read_back["edge F1"] == ran["edge F1"]
     assert read_back["MAD after update"] is None  # a file does not say when the bank updated
 
 
 def test_a_preset_gives_the_style_and_its_settings(witness, capsys):
-    # The bundled demo preset "warm": the tiny model's prompt at strength 0.3, 1-2 steps.
+    # The bundled demo preset "warm": the tiny model's prompt at strength 0.8, 1 step.
     args = ["--preset", "warm", "--model", "tiny-styles", "--frames", "8", "--variants", "stable"]
     assert main(["eval", str(witness["moving"]), *args]) == 0
     out = capsys.readouterr().out
-    assert "style: preset warm" in out and "strength: 0.3" in out and "steps: 2" in out
+    assert "style: preset warm" in out and "strength: 0.8" in out and "steps: 1" in out
     assert table(out)["stable"]["MAD"] > 0
 
 

@@ -282,7 +282,8 @@ def test_bundled_presets_ship_in_a_non_editable_install(tmp_path):
         "folder = p.bundled_presets_dir()\n"
         "print(json.dumps({'folder': str(folder), 'names': names(folder),\n"
         "    'demo': names(p.bundled_presets_dir('demo')), 'model': c.tiny_styles_available(),\n"
-        "    'model_dir': str(c.tiny_styles_dir()),\n"
+        "    'model_dir': str(c.tiny_styles_dir()), 'canny': c.tiny_canny_available(),\n"
+        "    'canny_dir': str(c.tiny_canny_dir()),\n"
         "    'loras': [s.id for f in p.bundled_presets_dir('demo').glob('*.toml')\n"
         "              for s in (p.load_preset_file(f).loras or ())]}))\n"
     )
@@ -305,3 +306,6 @@ def test_bundled_presets_ship_in_a_non_editable_install(tmp_path):
 
     if tiny_styles_available():  # the trained model ships inside the package too
         assert found["model"] and Path(found["model_dir"]).is_relative_to(target)
+    # So does the tiny canny ControlNet (its weights at the top of its folder).
+    assert found["canny"] and Path(found["canny_dir"]).is_relative_to(target)
+    assert (Path(found["canny_dir"]) / "diffusion_pytorch_model.safetensors").is_file()

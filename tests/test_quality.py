@@ -14,12 +14,16 @@ from daemon.offline.quality import (
     ClipEmbedder,
     after_update_flags,
     clip_consistency,
+    edge_f1,
+    edge_map,
     fit_to,
     flicker_score,
     frame_mad,
     measure,
+    source_edges,
     source_motion,
     split_mad,
+    structure_scores,
     warp_errors,
 )
 from daemon.offline.report import Report, VariantReport, sample_indices, text_table, write_report
@@ -139,6 +143,71 @@ def test_measure_and_fit_to():
         frame_mad([source[0].astype(np.float32), source[1]])
 
 
+def shapes(seed: int, size: int = SIZE) -> np.ndarray:
+    """A few filled shapes of random dark/bright colours on a grey background."""
+    rng = np.random.default_rng(seed)
+    frame = np.full((size, size, 3), 128, np.uint8)
+    for _ in range(3):
+        colour = tuple(int(c) for c in rng.choice([20, 235], 3))
+        x, y = (int(v) for v in rng.integers(15, size - 15, 2))
+        if rng.random() < 0.5:
+            cv2.circle(frame, (x, y), int(rng.integers(8, 16)), colour, -1)
+        else:
+            cv2.rectangle(frame, (x - 10, y - 8), (x + 10, y + 8), colour, -1)
+    return frame
+
+
+def test_edge_f1_identical_shifted_and_unrelated():
+    frame = shapes(0)
+    edges = edge_map(frame)
+    assert 100 < edges.sum() < 0.2 * edges.size  # outlines, not noise
+    assert edge_f1(edges, edges) == 1.0
+    # Within the tolerance (2 px) a 1 px shift keeps nearly every edge; 8 px does not.
+    assert edge_f1(edge_map(np.roll(frame, 1, axis=1)), edges) > 0.9
+    assert edge_f1(edge_map(np.roll(frame, (1, 1), axis=(0, 1))), edges) > 0.9
+    assert edge_f1(edge_map(np.roll(frame, 8, axis=1)), edges) < 0.5
+    assert edge_f1(edge_map(shapes(1)), edges) < 0.25  # other shapes elsewhere
+    # The same shapes in other colours: what a restyle that keeps the structure gives.
+    recoloured = 255 - frame
+    assert edge_f1(edge_map(recoloured), edges) > 0.9
+    # Nothing where something was is 0; nothing where nothing was is 1.
+    flat = np.full_like(frame, 90)
+    assert edge_f1(edge_map(flat), edges) == 0.0 and edge_f1(edges, edge_map(flat)) == 0.0
+    assert edge_f1(edge_map(flat), edge_map(flat)) == 1.0
+    with pytest.raises(ValueError, match="differ"):
+        edge_f1(edges, edges[:10])
+
+
+def test_camera_noise_makes_no_edges():
+    """The blur and thresholds keep a camera's noise (sigma 6/255, the static witness clip's)
+    out of the edge map, so a still noisy source does not look like changing structure."""
+    rng = np.random.default_rng(3)
+    frame = shapes(2)
+    noisy = np.clip(frame + rng.normal(0, 6, frame.shape), 0, 255).astype(np.uint8)
+    assert edge_map(np.full_like(noisy, 128) + (noisy - frame)).sum() == 0
+    assert edge_f1(edge_map(noisy), edge_map(frame)) > 0.9
+
+
+def test_structure_of_a_clip_frame_by_frame():
+    source = [np.roll(shapes(0), 2 * t, axis=1) for t in range(6)]  # moving 2 px a frame
+    reference = source_edges(source)
+    assert structure_scores(source, reference).tolist() == [1.0] * 6
+    # Still output of a moving source: it keeps frame 0's shapes, so it drifts off the source.
+    still = structure_scores([source[0]] * 6, reference)
+    assert still[0] == 1.0 and still[-1] < 0.5 and np.all(np.diff(still) <= 1e-9)
+    unrelated = [shapes(10 + t) for t in range(6)]
+    q = measure(unrelated, edges=reference, skip=2)
+    assert q.structure is not None and q.edge_f1 == pytest.approx(q.structure[2:].mean())
+    assert q.edge_f1 < 0.25
+    assert measure(source).structure is None and measure(source).edge_f1 is None
+    wide = [cv2.resize(f, (SIZE * 2, SIZE)) for f in source]
+    assert source_edges(wide, size=(SIZE, SIZE)).size == (SIZE, SIZE)
+    with pytest.raises(ValueError, match="one frame per source frame"):
+        structure_scores(source[:4], reference)
+    with pytest.raises(ValueError, match="output size"):
+        structure_scores([cv2.resize(f, (48, 48)) for f in source], reference)
+
+
 def test_clip_consistency_without_a_cached_model_says_why():
     result = clip_consistency(translated_texture(3), "no-such-org/no-such-clip-model")
     assert result.value is None
@@ -178,11 +247,12 @@ def test_clip_consistency_with_a_local_model(tmp_path):  # (loaded once, used fo
 def _report() -> Report:
     source = translated_texture(10)
     motion = source_motion(source)
+    edges = source_edges(source)
     indices = sample_indices(len(source), start=1)
     variants = [
         VariantReport(
             name=name,
-            quality=measure(clip, motion, interval=4, skip=1),
+            quality=measure(clip, motion, edges=edges, interval=4, skip=1),
             strip=[clip[i] for i in indices],
             description=f"the {name} clip",
             fps=12.5,
@@ -221,6 +291,7 @@ def test_text_table_lines_up_the_figures():
     assert lines[1].startswith("steady ") and lines[2].startswith("flickering ")
     assert len({len(line) for line in lines[1:]}) == 1  # right-aligned columns
     assert "15.99" in lines[2] or "16.00" in lines[2]  # the flickering clip's warp error
+    assert "edge F1" in lines[0] and "1.000" in lines[1]  # the source's own edges
 
 
 def test_markdown_report_writes_its_pictures(tmp_path):

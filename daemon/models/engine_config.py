@@ -8,7 +8,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from daemon.config import DEFAULT_LORA, DEFAULT_MODEL
-from daemon.models.registry import BUILTIN_MODELS, TINY_STYLES, TINY_STYLES_SIZE
+from daemon.models.registry import (
+    BUILTIN_MODELS,
+    TINY_CANNY,
+    TINY_STYLES,
+    TINY_STYLES_SIZE,
+    control_location,
+)
 
 if TYPE_CHECKING:
     from streamv2v import EngineConfig, LoraSpec
@@ -45,4 +51,20 @@ def engine_config(
         loras = (LoraSpec(id=DEFAULT_LORA, scale=1.0),) if model == DEFAULT_MODEL else ()
     fields["loras"] = tuple(LoraSpec.model_validate(spec) for spec in loras)
     base = {} if settings is None else settings.model_dump(exclude_unset=True)
-    return EngineConfig.model_validate({**base, **fields})
+    config = EngineConfig.model_validate({**base, **fields})
+    return _located_control(config)
+
+
+def _located_control(config: EngineConfig) -> EngineConfig:
+    """The built-in ControlNet's name (``tiny-canny``) replaced by its folder in the package,
+    as the built-in models' names are; other control models are hub ids or folders."""
+    control = getattr(config, "control", ())
+    if not any(spec.model == TINY_CANNY for spec in control):
+        return config
+    located = tuple(
+        spec.model_copy(update={"model": control_location(spec.model)})
+        if spec.model == TINY_CANNY
+        else spec
+        for spec in control
+    )
+    return config.model_copy(update={"control": located})

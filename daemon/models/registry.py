@@ -3,7 +3,8 @@ offline pipeline and the benches share.
 
 ``tiny`` is a random-weight model built into the user cache on first use (it shows the pipeline,
 not a style); ``tiny-styles`` is a tiny model trained on synthetic scenes in four styles, shipped
-inside the package (see streamv2v/tiny_styles.py). Any other name is a hub id or a folder.
+inside the package (see streamv2v/tiny_styles.py). ``tiny-canny`` is a canny ControlNet trained
+for it (streamv2v/tiny_control.py), a control model name. Any other name is a hub id or a folder.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ TINY_MODEL = "tiny"
 #: embedded default where no real model is at hand (see streamv2v/tiny_styles.py).
 TINY_STYLES = "tiny-styles"
 BUILTIN_MODELS = (TINY_MODEL, TINY_STYLES)
+#: The tiny canny ControlNet TRAINED for the style model, shipped with the package (see
+#: streamv2v/tiny_control.py): a control model name, resolved like the built-in models.
+TINY_CANNY = "tiny-canny"
 #: The size the built-in style model was trained at (its default working size).
 TINY_STYLES_SIZE = 128
 #: The prompts the built-in style model knows (streamv2v.scenes.STYLES).
@@ -72,6 +76,31 @@ def tiny_styles_dir() -> Path:
 
 def tiny_styles_available() -> bool:
     return (tiny_styles_dir() / "model_index.json").is_file()
+
+
+def tiny_canny_dir() -> Path:
+    """The trained tiny canny ControlNet shipped inside the package."""
+    from importlib import resources
+
+    return Path(str(resources.files("streamv2v"))) / "models" / TINY_CANNY
+
+
+def tiny_canny_available() -> bool:
+    return (tiny_canny_dir() / "config.json").is_file()
+
+
+def control_location(model: str) -> str:
+    """What to hand to ControlNetModel.from_pretrained for a control ``model`` name: the
+    built-in ``tiny-canny`` is the package's folder; any other name is a hub id or a folder."""
+    if model != TINY_CANNY:
+        return model
+    if not tiny_canny_available():
+        raise UserError(
+            f"the built-in ControlNet is missing from this installation ({tiny_canny_dir()}): "
+            "reinstall streamv2v, or train one with `python -m streamv2v.tiny_control --out "
+            "DIR` and pass that folder as the control model"
+        )
+    return str(tiny_canny_dir())
 
 
 def model_location(model: str) -> str:

@@ -1,4 +1,5 @@
-"""``streamv2v eval``: the temporal quality of a translation, per feature-bank variant.
+"""``streamv2v eval``: the temporal quality and structure of a translation, per feature-bank
+variant.
 
 The source clip runs through the offline pipeline that ``translate`` uses (one engine, loaded
 once; each variant is a bank setting applied with ``set_config``), or an existing translation
@@ -27,6 +28,7 @@ from daemon.offline.quality import (
     fit_to,
     frame_mad,
     measure,
+    source_edges,
     source_motion,
     warp_errors,
 )
@@ -247,6 +249,7 @@ class Evaluation:
         self.variants: list[VariantReport] = []
         self.notes: list[str] = []
         self._motion = None
+        self._edges = None
         self.indices = sample_indices(len(source), start=skip)
         self.source_strip: list[np.ndarray] = []
         self.source_mad = np.zeros(0)
@@ -265,6 +268,7 @@ class Evaluation:
         if self._motion is None or self._motion.size != (w, h):
             fitted = [fit_to(f, w, h) for f in self.source]
             self._motion = source_motion(fitted)
+            self._edges = source_edges(fitted)
             self.source_strip = [fitted[i] for i in self.indices]
             self.source_mad = frame_mad(fitted)
             floor = warp_errors(fitted, self._motion)[self.skip :]
@@ -275,6 +279,7 @@ class Evaluation:
         quality = measure(
             run.outputs,
             self._motion,
+            edges=self._edges,
             interval=run.interval,
             latency_frames=run.latency_frames,
             skip=self.skip,

@@ -8,6 +8,10 @@
                           consistent, landing inside the frame). Motion the source has is not
                           counted as flicker, unlike the plain MAD.
     update pulse          the MAD on frames right after a feature-bank update vs the others
+    structure (edge F1)   how well the output's edges follow the SOURCE's, frame by frame: Canny
+                          edges of both (OpenCV), F1 of precision (output edge pixels within 2 px
+                          of a source edge) and recall (source edge pixels within 2 px of an
+                          output edge); 1 = every shape kept, nothing invented, ~0 = unrelated
     CLIP consistency      mean cosine similarity of CLIP image embeddings of consecutive frames,
                           only with a CLIP model already in the local Hugging Face cache
 
@@ -36,6 +40,13 @@ FB_BETA = 0.5
 #: ~1 px of motion that is not there (Farneback: 0.2-0.3 px), so on a still, noisy clip the
 #: warp error mostly measures the flow's noise; the MAD is the figure to read there.
 DIS_PRESET = cv2.DISOPTICAL_FLOW_PRESET_MEDIUM
+
+#: The structure figure: Canny hysteresis thresholds (0..255 L2 gradient, after a Gaussian blur of
+#: sigma EDGE_BLUR) and how far (px) an edge may move and still count as kept. The blur and the
+#: thresholds keep camera noise (sigma 6/255) out of the edges while every shape's outline stays.
+CANNY_THRESHOLDS = (50, 100)
+EDGE_BLUR = 1.0
+EDGE_TOLERANCE = 2
 
 #: CLIP models tried, in order, when none is named: the paper's family, large first.
 CLIP_MODELS = ("openai/clip-vit-large-patch14", "openai/clip-vit-base-patch32")
@@ -189,6 +200,90 @@ def warp_errors(frames: Sequence[np.ndarray], motion: SourceMotion) -> np.ndarra
     return errors
 
 
+# --------------------------------------------------------------------------- structure
+def edge_map(frame: np.ndarray) -> np.ndarray:
+    """Canny edges of an RGB uint8 frame as [H, W] bool (see :data:`CANNY_THRESHOLDS`)."""
+    gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+    gray = cv2.GaussianBlur(gray, (0, 0), EDGE_BLUR)
+    low, high = CANNY_THRESHOLDS
+    return cv2.Canny(gray, low, high, L2gradient=True) > 0
+
+
+def _edge_distance(edges: np.ndarray) -> np.ndarray:
+    """Distance (px) of every pixel to the nearest edge pixel (inf-like without edges)."""
+    return cv2.distanceTransform((~edges).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+
+
+@dataclass(frozen=True)
+class SourceEdges:
+    """The source clip's edge maps and their distance maps, computed once per clip and shared
+    by every variant measured against it."""
+
+    edges: tuple[np.ndarray, ...]  #: [H, W] bool per frame
+    distance: tuple[np.ndarray, ...]  #: [H, W] float32 px to the nearest edge
+
+    @property
+    def size(self) -> tuple[int, int]:
+        h, w = self.edges[0].shape
+        return w, h
+
+
+def source_edges(source: Sequence[np.ndarray], size: tuple[int, int] | None = None) -> SourceEdges:
+    """Edges of ``source`` (fitted to ``size`` = (width, height) first, as the engine fits its
+    input)."""
+    _check_frames(source, "source_edges")
+    if size is not None:
+        source = [fit_to(f, *size) for f in source]
+    edges = tuple(edge_map(f) for f in source)
+    return SourceEdges(edges, tuple(_edge_distance(e) for e in edges))
+
+
+def edge_f1(
+    edges: np.ndarray,
+    reference: np.ndarray,
+    tolerance: float = EDGE_TOLERANCE,
+    *,
+    reference_distance: np.ndarray | None = None,
+) -> float:
+    """F1 of the edge map ``edges`` against ``reference`` (both [H, W] bool): precision is the
+    share of ``edges`` pixels within ``tolerance`` px of a reference edge, recall the share of
+    reference pixels within ``tolerance`` px of an edge. Both empty: 1; one empty: 0."""
+    if edges.shape != reference.shape:
+        raise ValueError(f"edge_f1: edge maps of {edges.shape} and {reference.shape} differ")
+    n_out, n_ref = int(edges.sum()), int(reference.sum())
+    if n_out == 0 or n_ref == 0:
+        return float(n_out == n_ref)
+    if reference_distance is None:
+        reference_distance = _edge_distance(reference)
+    precision = float((reference_distance[edges] <= tolerance).mean())
+    recall = float((_edge_distance(edges)[reference] <= tolerance).mean())
+    if precision + recall == 0:
+        return 0.0
+    return 2 * precision * recall / (precision + recall)
+
+
+def structure_scores(frames: Sequence[np.ndarray], reference: SourceEdges) -> np.ndarray:
+    """Per frame t: :func:`edge_f1` of output frame t's edges against source frame t's."""
+    _check_frames(frames, "structure_scores")
+    w, h = reference.size
+    if frames[0].shape[:2] != (h, w):
+        raise ValueError(
+            f"structure_scores: frames are {frames[0].shape[1]}x{frames[0].shape[0]} but the "
+            f"source edges are {w}x{h}: compute them at the output size"
+        )
+    if len(frames) != len(reference.edges):
+        raise ValueError(
+            f"structure_scores: {len(frames)} frames for a source of {len(reference.edges)}: "
+            "the output must have one frame per source frame"
+        )
+    return np.array(
+        [
+            edge_f1(edge_map(f), e, reference_distance=d)
+            for f, e, d in zip(frames, reference.edges, reference.distance)
+        ]
+    )
+
+
 # --------------------------------------------------------------------------- one clip
 @dataclass(frozen=True)
 class ClipQuality:
@@ -202,19 +297,23 @@ class ClipQuality:
     after_update: np.ndarray  #: [T] output is the first after a bank update
     mad_after_update: float | None
     mad_other: float | None
+    structure: np.ndarray | None = None  #: [T] edge F1 against the source, None without one
+    edge_f1: float | None = None  #: its mean (1 = the source's edges kept exactly)
 
 
 def measure(
     frames: Sequence[np.ndarray],
     motion: SourceMotion | None = None,
     *,
+    edges: SourceEdges | None = None,
     interval: int | None = None,
     latency_frames: int = 0,
     skip: int = 0,
 ) -> ClipQuality:
     """All pixel figures of ``frames`` (the output clip, one frame per source frame). The first
     ``skip`` frames (the stream's and bank's warm-up) are left out of every mean; ``interval``
-    is the bank's update interval (None: no bank, no update split)."""
+    is the bank's update interval (None: no bank, no update split); ``edges``, the source's,
+    give the structure figure."""
     _check_frames(frames, "measure")
     if skip >= len(frames) - 1:
         raise ValueError(f"skip={skip} leaves fewer than 2 of {len(frames)} frames to measure")
@@ -227,6 +326,7 @@ def measure(
     if counted is not None and not np.isnan(counted).all():
         warp_mean = float(np.nanmean(counted))
     mean_mad = float(mad[skip:].mean())
+    structure = structure_scores(frames, edges) if edges is not None else None
     return ClipQuality(
         frame_mad=mad,
         mad=mean_mad,
@@ -236,6 +336,8 @@ def measure(
         after_update=after,
         mad_after_update=mad_after,
         mad_other=mad_other,
+        structure=structure,
+        edge_f1=float(structure[skip:].mean()) if structure is not None else None,
     )
 
 

@@ -22,7 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.offline.quality import ClipConsistency, ClipQuality
+from daemon.offline.quality import (
+    CANNY_THRESHOLDS,
+    EDGE_BLUR,
+    EDGE_TOLERANCE,
+    ClipConsistency,
+    ClipQuality,
+)
 
 #: Frames shown per strip.
 STRIP_FRAMES = 6
@@ -72,6 +78,7 @@ COLUMNS = (
     "MAD",
     "VBench flicker",
     "warp error",
+    "edge F1",
     "MAD after update",
     "MAD other",
     "pulse",
@@ -93,6 +100,7 @@ def summary_rows(report: Report) -> list[list[str]]:
                 _num(q.mad, 4),
                 _num(q.flicker_score, 4),
                 _num(q.warp_error, 4),
+                _num(q.edge_f1, 3),
                 _num(q.mad_after_update, 4),
                 _num(q.mad_other, 4),
                 "-" if pulse is None else f"{pulse:.2f}x",
@@ -142,9 +150,9 @@ def _curves(ax, values: np.ndarray, skip: int, label: str, **style) -> None:
 
 def variant_plot(report: Report, variant: VariantReport) -> bytes:
     """PNG: the variant's consecutive-frame MAD (frames right after a bank update marked) over
-    the source's, and its warp error per frame."""
+    the source's, its warp error and its structure (edge F1) per frame."""
     q = variant.quality
-    panels = 2 if q.warp_errors is not None else 1
+    panels = 1 + (q.warp_errors is not None) + (q.structure is not None)
     fig = _figure(8, 2.3 * panels)
     axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
     ax = axes[0]
@@ -165,19 +173,42 @@ def variant_plot(report: Report, variant: VariantReport) -> bytes:
         _curves(ax, q.warp_errors, report.skip, variant.name, color="C2", lw=1.5)
         ax.set_ylabel("warp error (0..255)")
         ax.set_title("warp error against the source's flow", fontsize=10, loc="left")
+    if q.structure is not None:
+        _structure_axes(axes[-1], report.skip)
+        axes[-1].plot(np.arange(len(q.structure)), q.structure, color="C4", lw=1.5)
     axes[-1].set_xlabel("frame")
     return _png(fig)
 
 
+def _structure_axes(ax, skip: int) -> None:
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel(f"edge F1 ({EDGE_TOLERANCE} px)")
+    ax.set_title(
+        f"structure: Canny edges within {EDGE_TOLERANCE} px of the source's (F1, 1 = all kept)",
+        fontsize=10,
+        loc="left",
+    )
+    if skip:
+        ax.axvspan(-0.5, skip - 0.5, color="0.9", zorder=0)
+
+
 def summary_plot(report: Report) -> bytes:
-    """PNG: every variant's consecutive-frame MAD (and warp error) on one set of axes."""
+    """PNG: every variant's consecutive-frame MAD (and warp error, and structure) on one set of
+    axes each."""
     has_warp = any(v.quality.warp_errors is not None for v in report.variants)
-    fig = _figure(8, 2.3 * (2 if has_warp else 1))
-    axes = fig.subplots(2 if has_warp else 1, 1, squeeze=False)[:, 0]
+    has_structure = any(v.quality.structure is not None for v in report.variants)
+    panels = 1 + has_warp + has_structure
+    fig = _figure(8, 2.3 * panels)
+    axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
+    if has_structure:
+        _structure_axes(axes[-1], report.skip)
     for i, v in enumerate(report.variants):
         _curves(axes[0], v.quality.frame_mad, report.skip if i == 0 else 0, v.name, lw=1.2)
         if has_warp and v.quality.warp_errors is not None:
             _curves(axes[1], v.quality.warp_errors, report.skip if i == 0 else 0, v.name, lw=1.2)
+        if v.quality.structure is not None:
+            s = v.quality.structure
+            axes[-1].plot(np.arange(len(s)), s, label=v.name, lw=1.2, color=f"C{i}")
     axes[0].set_ylabel("MAD (0..255)")
     axes[0].set_title("change from the previous frame, every variant", fontsize=10, loc="left")
     axes[0].legend(fontsize=8, loc="upper right", ncol=min(4, len(report.variants)))
@@ -282,6 +313,11 @@ def _legend(report: Report) -> str:
         "MAD: mean absolute difference of consecutive frames (0..255, lower is steadier); "
         "VBench flicker: (255 - MAD) / 255; warp error: output frame t+1 warped onto t by the "
         "source's optical flow, mean absolute difference over non-occluded pixels (0..255); "
+        f"edge F1: Canny edges (OpenCV, blur sigma {EDGE_BLUR:g}, thresholds "
+        f"{CANNY_THRESHOLDS[0]}/{CANNY_THRESHOLDS[1]}) of each output frame against its source "
+        f"frame's, F1 of precision (output edges within {EDGE_TOLERANCE} px of a source edge) "
+        f"and recall (source edges within {EDGE_TOLERANCE} px of an output edge): 1 = every "
+        "shape kept and nothing invented, near 0 = unrelated; "
         "pulse: MAD into frames right after a feature-bank update / MAD into the others; "
         "CLIP: mean cosine similarity of consecutive frames' CLIP image embeddings. "
         f"The first {report.skip} frame(s) (warm-up, shaded) are left out of the means."

@@ -69,6 +69,11 @@ class Preset(BaseModel):
     bank: BankConfig | None = Field(
         None, description="Replaces the engine's bank settings; keys left out take the defaults."
     )
+    control_scales: tuple[float, ...] | dict[str, float] | None = Field(
+        None,
+        description="ControlNet scales while active (engine control): one per ControlNet, or a "
+        "table by name or index; 0 turns one off without a reload. Blends over the transition.",
+    )
     transition_frames: int = Field(8, ge=0, le=600, description="Frames the prompt blend takes.")
     bank_on_switch: Literal["reset", "keep"] = Field(
         "reset", description="reset: the old style's features stop steering attention at once."
@@ -85,6 +90,10 @@ class Preset(BaseModel):
     def _consistent(self) -> Preset:
         if not self.passthrough and not self.prompt.strip():
             raise ValueError("prompt is empty: give the style's prompt, or passthrough = true")
+        scales = self.control_scales
+        values = scales.values() if isinstance(scales, dict) else scales or ()
+        if any(not 0.0 <= v <= 4.0 for v in values):
+            raise ValueError(f"control_scales {scales} must each be in 0..4 (0: that one off)")
         lo, hi = self.min_steps, self.max_steps
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"min_steps ({lo}) is more than max_steps ({hi})")
@@ -118,7 +127,11 @@ class Preset(BaseModel):
             data["t_index_list"] = None  # derived from strength and steps
         else:
             steps = len(base.t_index_list)
-        return EngineConfig.model_validate({**data, "steps": steps})
+        config = EngineConfig.model_validate({**data, "steps": steps})
+        # Scales for ControlNets the engine has not loaded have nothing to act on.
+        if self.control_scales is not None and config.control:
+            config = config.with_control_scales(self.control_scales)
+        return config
 
 
 def config_preset(prompt: str, negative_prompt: str) -> Preset:

@@ -38,6 +38,7 @@ class _Blend:
     frames: int
     loras_start: dict[str, float]
     loras_target: dict[str, float]
+    scales: tuple[list[float], list[float]] | None = None  #: ControlNet scales, from and to
     done: int = 0
 
     def loras_at(self, weight: float) -> dict[str, float]:
@@ -145,10 +146,13 @@ class StyleSwitcher:
         target = self._embeds_of(preset)
         loras = self.loras.scales(preset)
         self._after = preset
+        scales = self._control_scales(preset)
         if preset.transition_frames == 0:
             self._blend = None
             self._set_loras(loras)  # one rewrite
             self.engine.set_prompt_embeds(*target)
+            if scales is not None:
+                self.engine.set_control_scales(scales[1])
             self._finish()
             return
         # From wherever the embeddings and LoRA scales are now (maybe mid-way through a blend).
@@ -161,7 +165,16 @@ class StyleSwitcher:
             preset.transition_frames,
             dict(self.lora_scales),
             loras,
+            scales=scales,
         )
+
+    def _control_scales(self, preset: Preset) -> tuple[list[float], list[float]] | None:
+        """The engine's ControlNet scales now and under ``preset`` (None: nothing to blend)."""
+        now = [c.scale for c in self.engine.config.control]
+        if not now:
+            return None
+        want = [c.scale for c in self.config_for(preset).control]
+        return (now, want) if want != now else None
 
     def before_frame(self) -> None:
         """Advance the transition by one frame (call before each engine call)."""
@@ -176,6 +189,12 @@ class StyleSwitcher:
         self.engine.set_prompt_embeds(*blend.out)
         if blend.loras_start or blend.loras_target:  # one in-place rewrite of the touched layers
             self._set_loras({n: s for n, s in blend.loras_at(weight).items() if s != 0.0})
+        if blend.scales is not None:  # a tensor write: the ControlNets fade with the prompt
+            a, b = blend.scales
+            last = blend.done >= blend.frames  # exactly the target: no config mismatch after
+            self.engine.set_control_scales(
+                b if last else [x + (y - x) * weight for x, y in zip(a, b)]
+            )
         if blend.done >= blend.frames:
             self._blend = None
             self._set_loras(dict(blend.loras_target))
