@@ -23,6 +23,7 @@ from daemon.styles.presets import Preset, PresetManager
 from streamv2v.config import SCHEDULE_STEPS
 
 if TYPE_CHECKING:
+    from daemon.masking.worker import MaskWorker
     from daemon.styles.switching import StyleSwitcher
 
 log = logging.getLogger("streamv2v")
@@ -69,6 +70,7 @@ class EngineWorker:
         latency = config.latency
         self.budget = LatencyBudget(latency, config.camera.fps) if latency.active else None
         self.output_delay: Rolling | None = None  # the output worker's pacing delay
+        self.masks: MaskWorker | None = None  # segments each frame the engine takes (if set)
 
     def start(self) -> None:
         self._thread.start()
@@ -258,6 +260,8 @@ class EngineWorker:
                 choice = StepChoice(self.engine.config.steps, self.engine.config.stream_batch)
                 t0 = time.perf_counter()
                 self.switcher.before_frame()
+                if self.masks is not None:  # the mask thread segments it meanwhile
+                    self.masks.offer(frame, self.applied)
                 styled = self.engine(frame.image, tag=frame.captured_at)
                 call_ms = (time.perf_counter() - t0) * 1000
                 self.call_ms.add(call_ms)
