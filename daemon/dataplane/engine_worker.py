@@ -71,6 +71,7 @@ class EngineWorker:
         self.budget = LatencyBudget(latency, config.camera.fps) if latency.active else None
         self.output_delay: Rolling | None = None  # the output worker's pacing delay
         self.masks: MaskWorker | None = None  # segments each frame the engine takes (if set)
+        self._restarted = True  # the stream restarted: a mask starts at once, with no blend
 
     def start(self) -> None:
         self._thread.start()
@@ -156,7 +157,7 @@ class EngineWorker:
             self._apply(wanted)
             return True
         preset, self.engine, self.switcher, self._library_version = loaded
-        self.applied = preset
+        self.applied, self._restarted = preset, True
         self._set_state("warming")
         return True
 
@@ -229,6 +230,7 @@ class EngineWorker:
             pass
         elif previous is None or previous.passthrough:
             self.switcher.start(preset)  # nothing styled to blend from: restart the stream
+            self._restarted = True
         else:
             self.switcher.switch(preset)
         # Published last: whoever sees the new preset applied also sees its switch in flight.
@@ -261,7 +263,8 @@ class EngineWorker:
                 t0 = time.perf_counter()
                 self.switcher.before_frame()
                 if self.masks is not None:  # the mask thread segments it meanwhile
-                    self.masks.offer(frame, self.applied)
+                    self.masks.offer(frame, self.applied, restart=self._restarted)
+                    self._restarted = False
                 styled = self.engine(frame.image, tag=frame.captured_at)
                 call_ms = (time.perf_counter() - t0) * 1000
                 self.call_ms.add(call_ms)

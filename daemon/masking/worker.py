@@ -52,7 +52,7 @@ class MaskWorker:
     def __init__(self, engine_size: tuple[int, int], output_size: tuple[int, int], keep: int = 32):
         self.engine_size = engine_size
         self.output_size = output_size
-        self._pending: collections.deque[tuple[Frame, Preset]] = collections.deque(maxlen=keep)
+        self._pending: collections.deque[tuple[Frame, Preset, bool]] = collections.deque(maxlen=keep)
         # tag -> its mask, or None for a frame styled everywhere (no mask).
         self._done: collections.OrderedDict[float, Masked | None] = collections.OrderedDict()
         self._busy = False  # a frame is being segmented (out of _pending, not yet in _done)
@@ -83,12 +83,13 @@ class MaskWorker:
         self._thread.join(timeout)
 
     # ------------------------------------------------------------------ engine thread
-    def offer(self, frame: Frame, preset: Preset) -> None:
-        """A frame the engine is about to style with ``preset`` (cheap: no work here)."""
+    def offer(self, frame: Frame, preset: Preset, restart: bool = False) -> None:
+        """A frame the engine is about to style with ``preset`` (cheap: no work here);
+        ``restart``: the stream restarted (nothing styled before it to blend from)."""
         if preset.mask == "none" and self.mode == "none" and self._ab == MODES["none"]:
             return  # nothing masked now or fading out: no segmentation at all
         with self._cond:
-            self._pending.append((frame, preset))
+            self._pending.append((frame, preset, restart))
             self._cond.notify()
 
     # ------------------------------------------------------------------ mask thread
@@ -98,10 +99,10 @@ class MaskWorker:
                 self._cond.wait_for(lambda: self._pending or self._stop.is_set(), 0.5)
                 if not self._pending:
                     continue
-                frame, preset = self._pending.popleft()
+                frame, preset, restart = self._pending.popleft()
                 self._busy = True
             try:
-                masked = self.process(frame, preset)
+                masked = self.process(frame, preset, restart)
             finally:
                 with self._cond:
                     self._busy = False
@@ -110,9 +111,9 @@ class MaskWorker:
                         self._done.popitem(last=False)
                     self._cond.notify_all()
 
-    def process(self, frame: Frame, preset: Preset) -> Masked | None:
+    def process(self, frame: Frame, preset: Preset, restart: bool = False) -> Masked | None:
         """The style weight for ``frame`` under ``preset`` (None: style everywhere)."""
-        self._follow(preset)
+        self._follow(preset, restart)
         a, b = self._ab
         if b == 0.0 and a == 1.0:
             self._smooth = None  # a later mask starts from its first frame, not a stale one
@@ -132,9 +133,13 @@ class MaskWorker:
         smoothing = preset.mask_smoothing
         if self._smooth is None or smoothing == 0.0:
             self._smooth = person
-        else:  # exponential moving average: the edge settles instead of flickering
-            self._smooth *= smoothing
-            self._smooth += (1.0 - smoothing) * person
+        else:
+            # A moving average where the mask changes a little (edge noise: it settles instead
+            # of flickering), none where it changes a lot (motion: no trailing ghost edge).
+            change = person - self._smooth
+            keep = np.clip(1.0 - 2.0 * np.abs(change), 0.0, 1.0)
+            keep *= smoothing
+            self._smooth += (1.0 - keep) * change
         weight = self._smooth * np.float32(b) + np.float32(a)
         if preset.mask_feather > 0:  # feather pixels are output pixels: scale to the mask
             sigma = preset.mask_feather * SIDE / max(self.output_size)
@@ -143,8 +148,11 @@ class MaskWorker:
         self.segment_ms.add((time.perf_counter() - t0) * 1000)
         return Masked(frame.captured_at, camera, weight)
 
-    def _follow(self, preset: Preset) -> None:
-        """Move (a, b) one frame on towards the preset's mask mode."""
+    def _follow(self, preset: Preset, restart: bool) -> None:
+        """Move (a, b) one frame on towards the preset's mask mode (at once on a restart)."""
+        if restart:
+            self.mode, self._ab = preset.mask, MODES[preset.mask]
+            self._from = self._to = self._ab
         if preset.mask != self.mode:
             self.mode = preset.mask
             self._from, self._to = self._ab, MODES[preset.mask]
