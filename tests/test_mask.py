@@ -33,7 +33,9 @@ REGIONS = {
 
 def photo(name: str, size: int = SIZE) -> np.ndarray:
     bgr = cv2.imread(str(DATA / f"{name}.png"))
-    return cv2.cvtColor(cv2.resize(bgr, (size, size), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(
+        cv2.resize(bgr, (size, size), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB
+    )
 
 
 def write_clip(path: Path, frames: list[np.ndarray], fps: float = 20.0) -> list[np.ndarray]:
@@ -112,8 +114,145 @@ def test_only_the_room_or_only_the_person_is_styled(tiny_model, memory_vcam, tmp
     for out in published_masked(daemon, memory_vcam):
         camera = min(cameras, key=lambda c: mad(out[kept], c[kept]))
         kept_mad, styled_mad = mad(out[kept], camera[kept]), mad(out[styled], camera[styled])
-        print(f"{name} mask={mode}: kept region MAD {kept_mad * 255:.2f}/255, "
-              f"styled region MAD {styled_mad * 255:.1f}/255")
+        print(
+            f"{name} mask={mode}: kept region MAD {kept_mad * 255:.2f}/255, "
+            f"styled region MAD {styled_mad * 255:.1f}/255"
+        )
         assert kept_mad <= 3 / 255, kept_mad  # the camera as it is
         assert styled_mad > 15 / 255, styled_mad  # the style: 5x the kept bound and more
     assert daemon.masks.missed == 0
+
+
+def code_of(image: np.ndarray) -> int:
+    """The frame number drawn by :func:`moving_clip` (5 bits, 6x6 blocks, top left)."""
+    bits = [image[1:5, 6 * i + 1 : 6 * i + 5].mean() > 128 for i in range(5)]
+    return sum(bit << i for i, bit in enumerate(bits))
+
+
+def moving_clip(base: np.ndarray, n: int, step: int) -> list[np.ndarray]:
+    """The photo shifted ``step`` px a frame right and back (a loop), numbered in the corner."""
+    frames = []
+    for i in range(n):
+        dx = step * min(i, n - i)
+        shifted = cv2.warpAffine(
+            base,
+            np.float32([[1, 0, dx], [0, 1, 0]]),
+            base.shape[1::-1],
+            borderMode=cv2.BORDER_REPLICATE,
+        )
+        for bit in range(5):
+            shifted[0:6, 6 * bit : 6 * bit + 6] = 255 if i >> bit & 1 else 0
+        frames.append(shifted)
+    return frames
+
+
+@pytest.mark.slow
+def test_each_output_is_composited_with_its_own_frames_mask(
+    tiny_model, memory_vcam, tmp_path, segmenter
+):
+    """3-step stream batch: each output leaves the engine two frames after its input. The ghost
+    band is where a mask two frames off would put the style (the person there at t+2, not at t);
+    its MAD against the output's own camera frame is the ghost measure."""
+    cameras = write_clip(tmp_path / "moving.avi", moving_clip(photo("astronaut"), 24, 3))
+    preset = 'prompt = "a painting"\nmask = "person"\nmask_feather = 1\nmask_smoothing = 0.6\n'
+    daemon = run_daemon(
+        tiny_model, tmp_path / "moving.avi", preset, memory_vcam, 40, steps=3, strength=0.6
+    )
+    assert daemon.engine.engine.config.stream_batch and daemon.engine.engine.latency_frames == 2
+    assert daemon.masks.missed == 0  # every output found its own frame's mask by its tag
+    person = [cv2.resize(segmenter(c), (SIZE, SIZE)) for c in cameras]
+    frames = [f.reshape(SIZE, SIZE, 3) for f in memory_vcam.instances[-1].frames[-30:]]
+    own, ahead = [], []
+    for out in frames:
+        t = code_of(out)  # the room is the camera's: its number says which frame this is
+        if t >= len(cameras):
+            continue
+        later = (t + 2) % len(cameras)
+        band = (person[later] > 0.9) & (person[t] < 0.05)
+        if band.sum() < 20:
+            continue  # the person was turning round: no band
+        own.append(mad(out[band], cameras[t][band]))
+        ahead.append(mad(out[band], cameras[later][band]))
+    print(
+        f"ghost band MAD: own frame {np.mean(own) * 255:.1f}/255, two frames on "
+        f"{np.mean(ahead) * 255:.1f}/255, over {len(own)} outputs"
+    )
+    assert len(own) >= 5
+    assert np.mean(own) <= 12 / 255  # the room at the person's old place: the camera (+ edge)
+    assert np.mean(own) < 0.25 * np.mean(ahead)  # the measure would see a misaligned mask
+
+
+def noisy_still(n: int, seed: int = 0) -> list[Frame]:
+    rng = np.random.default_rng(seed)
+    base = photo("astronaut").astype(np.int16)
+    return [
+        Frame(
+            np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8), i, i, "camera"
+        )
+        for i in range(n)
+    ]
+
+
+def test_smoothing_halves_the_mask_edge_flicker_over_hundreds_of_frames():
+    frames = noisy_still(200)
+    flicker = {}
+    for smoothing in (0.0, 0.6):
+        worker = MaskWorker((SIZE, SIZE), (SIZE, SIZE))
+        preset = Preset(
+            name="p", prompt="x", mask="person", mask_feather=0, mask_smoothing=smoothing
+        )
+        masks = [worker.process(f, preset, restart=i == 0).weight for i, f in enumerate(frames)]
+        masks = np.stack(masks)
+        edge = (masks.mean(0) > 0.05) & (masks.mean(0) < 0.95)  # where the edge flickers
+        assert np.isfinite(masks).all() and masks.min() >= 0 and masks.max() <= 1
+        flicker[smoothing] = float(np.abs(np.diff(masks, axis=0))[:, edge].mean())
+    print(f"mask edge MAD per frame: raw {flicker[0.0]:.4f}, smoothed {flicker[0.6]:.4f}")
+    assert flicker[0.6] <= 0.5 * flicker[0.0]
+
+
+def test_a_switch_between_masked_and_unmasked_presets_blends():
+    frames = iter(noisy_still(16))
+    worker = MaskWorker((SIZE, SIZE), (SIZE, SIZE))
+    plain = Preset(name="plain", prompt="x", transition_frames=2)
+    room = Preset(name="room", prompt="x", mask="background", transition_frames=4)
+    (y0, y1, x0, x1), _ = REGIONS["astronaut"]
+    assert worker.process(next(frames), plain, restart=True) is None  # styled everywhere
+    # To the room-only preset: the face's style weight goes 1 -> 0 over its 4 frames.
+    face = [worker.process(next(frames), room).weight[y0:y1, x0:x1].mean() for _ in range(5)]
+    assert np.allclose(face, [0.75, 0.5, 0.25, 0.0, 0.0], atol=0.01), face
+    # And back over plain's 2 frames; then no mask at all (no segmentation either).
+    back = [worker.process(next(frames), plain) for _ in range(3)]
+    assert np.allclose([b.weight[y0:y1, x0:x1].mean() for b in back[:2]], [0.5, 1.0], atol=0.01)
+    assert back[2] is None
+    frame = next(frames)
+    worker.offer(frame, plain)
+    assert worker.lookup(frame.captured_at, 0.0) is None
+
+
+def test_without_the_extra_a_masked_preset_is_refused_in_one_line_and_the_rest_works(tmp_path):
+    shim = tmp_path / "shim"
+    shim.mkdir()  # ai-edge-litert made unimportable in the child, as if not installed
+    (shim / "sitecustomize.py").write_text('import sys\nsys.modules["ai_edge_litert"] = None\n')
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "room.toml").write_text('prompt = "a painting"\nmask = "background"\n')
+    (presets / "plain.toml").write_text('prompt = "a painting"\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), os.getcwd()])}
+    base = [sys.executable, "-c", "import sys; from daemon.cli import main; sys.exit(main())"]
+    sets = ["--set", f"presets.dir={presets}", "--set", "control.port=1"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*base, *args], env=env, capture_output=True, text=True, timeout=120)
+
+    listed = run("presets", *sets)
+    assert listed.returncode == 0, listed.stderr  # as for any broken preset file
+    errors = [line for line in listed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, listed.stderr
+    assert "line 2: mask: a person mask needs ai-edge-litert" in errors[0]
+    assert "pip install 'streamv2v[mask]'" in errors[0]
+    assert "plain" in listed.stdout and "room" not in listed.stdout.replace("room.toml", "")
+    assert "Traceback" not in listed.stderr + listed.stdout
+    started = run("run", *sets, "--set", "presets.startup=room", "--duration", "1")
+    assert started.returncode == 2, started.stderr
+    assert "pip install 'streamv2v[mask]'" in started.stderr
+    assert "Traceback" not in started.stderr + started.stdout

@@ -39,8 +39,8 @@ def runtime_problem() -> str | None:
     """None when the segmenter can run; else one line naming the problem and the fix."""
     try:
         from ai_edge_litert.interpreter import Interpreter  # noqa: F401
-    except ImportError as err:
-        return f"a person mask needs ai-edge-litert, which is not installed ({err}); {EXTRA_HINT}"
+    except ImportError:
+        return f"a person mask needs ai-edge-litert, which is not installed; {EXTRA_HINT}"
     path = model_path()
     try:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()

@@ -52,7 +52,9 @@ class MaskWorker:
     def __init__(self, engine_size: tuple[int, int], output_size: tuple[int, int], keep: int = 32):
         self.engine_size = engine_size
         self.output_size = output_size
-        self._pending: collections.deque[tuple[Frame, Preset, bool]] = collections.deque(maxlen=keep)
+        self._pending: collections.deque[tuple[Frame, Preset, bool]] = collections.deque(
+            maxlen=keep
+        )
         # tag -> its mask, or None for a frame styled everywhere (no mask).
         self._done: collections.OrderedDict[float, Masked | None] = collections.OrderedDict()
         self._busy = False  # a frame is being segmented (out of _pending, not yet in _done)
