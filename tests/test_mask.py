@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -151,35 +150,42 @@ def test_each_output_is_composited_with_its_own_frames_mask(
     tiny_model, memory_vcam, tmp_path, segmenter
 ):
     """3-step stream batch: each output leaves the engine two frames after its input. The ghost
-    band is where a mask two frames off would put the style (the person there at t+2, not at t);
-    its MAD against the output's own camera frame is the ghost measure."""
+    band is the room at frame t where the person is two frames earlier or later (where a mask
+    two frames off, or one that trails, would put the style); the ghost measure is the output's
+    MAD there against its own camera frame, next to the styled level (the same MAD over the
+    person, which is styled)."""
     cameras = write_clip(tmp_path / "moving.avi", moving_clip(photo("astronaut"), 24, 3))
-    preset = 'prompt = "a painting"\nmask = "person"\nmask_feather = 1\nmask_smoothing = 0.6\n'
+    preset = 'prompt = "a painting"\nmask = "person"\nmask_feather = 1\n'
     daemon = run_daemon(
-        tiny_model, tmp_path / "moving.avi", preset, memory_vcam, 40, steps=3, strength=0.6
+        tiny_model, tmp_path / "moving.avi", preset, memory_vcam, 30, steps=3, strength=0.6
     )
     assert daemon.engine.engine.config.stream_batch and daemon.engine.engine.latency_frames == 2
     assert daemon.masks.missed == 0  # every output found its own frame's mask by its tag
+    n = len(cameras)
     person = [cv2.resize(segmenter(c), (SIZE, SIZE)) for c in cameras]
-    frames = [f.reshape(SIZE, SIZE, 3) for f in memory_vcam.instances[-1].frames[-30:]]
-    own, ahead = [], []
-    for out in frames:
+    sent = memory_vcam.instances[-1].frames[-200:]
+    distinct = {f.tobytes(): f for f in sent}.values()  # the output repeats a frame till a new one
+    ghost, styled = [], []
+    for out in (f.reshape(SIZE, SIZE, 3) for f in distinct):
         t = code_of(out)  # the room is the camera's: its number says which frame this is
-        if t >= len(cameras):
+        if t >= n:
             continue
-        later = (t + 2) % len(cameras)
-        band = (person[later] > 0.9) & (person[t] < 0.05)
+        near = np.maximum(person[(t + 2) % n], person[(t - 2) % n])
+        band = (near > 0.9) & (person[t] < 0.05)
         if band.sum() < 20:
             continue  # the person was turning round: no band
-        own.append(mad(out[band], cameras[t][band]))
-        ahead.append(mad(out[band], cameras[later][band]))
+        ghost.append(mad(out[band], cameras[t][band]))
+        body = person[t] > 0.9
+        styled.append(mad(out[body], cameras[t][body]))
     print(
-        f"ghost band MAD: own frame {np.mean(own) * 255:.1f}/255, two frames on "
-        f"{np.mean(ahead) * 255:.1f}/255, over {len(own)} outputs"
+        f"ghost band MAD {np.mean(ghost) * 255:.1f}/255 (max {np.max(ghost) * 255:.1f}); "
+        f"styled level {np.mean(styled) * 255:.1f}/255; {len(ghost)} outputs"
     )
-    assert len(own) >= 5
-    assert np.mean(own) <= 12 / 255  # the room at the person's old place: the camera (+ edge)
-    assert np.mean(own) < 0.25 * np.mean(ahead)  # the measure would see a misaligned mask
+    assert len(ghost) >= 5
+    # The room at the person's other places is the camera's, up to the soft edge and what the
+    # smoothing (motion-adaptive: it lets big changes through) keeps of the last frames.
+    assert np.mean(ghost) <= 16 / 255
+    assert np.mean(ghost) < 0.2 * np.mean(styled)  # a mask two frames off would style the band
 
 
 def noisy_still(n: int, seed: int = 0) -> list[Frame]:
@@ -196,7 +202,7 @@ def noisy_still(n: int, seed: int = 0) -> list[Frame]:
 def test_smoothing_halves_the_mask_edge_flicker_over_hundreds_of_frames():
     frames = noisy_still(200)
     flicker = {}
-    for smoothing in (0.0, 0.6):
+    for smoothing in (0.0, 0.8):
         worker = MaskWorker((SIZE, SIZE), (SIZE, SIZE))
         preset = Preset(
             name="p", prompt="x", mask="person", mask_feather=0, mask_smoothing=smoothing
@@ -206,8 +212,8 @@ def test_smoothing_halves_the_mask_edge_flicker_over_hundreds_of_frames():
         edge = (masks.mean(0) > 0.05) & (masks.mean(0) < 0.95)  # where the edge flickers
         assert np.isfinite(masks).all() and masks.min() >= 0 and masks.max() <= 1
         flicker[smoothing] = float(np.abs(np.diff(masks, axis=0))[:, edge].mean())
-    print(f"mask edge MAD per frame: raw {flicker[0.0]:.4f}, smoothed {flicker[0.6]:.4f}")
-    assert flicker[0.6] <= 0.5 * flicker[0.0]
+    print(f"mask edge MAD per frame: raw {flicker[0.0]:.4f}, smoothed {flicker[0.8]:.4f}")
+    assert flicker[0.8] <= 0.5 * flicker[0.0]
 
 
 def test_a_switch_between_masked_and_unmasked_presets_blends():
@@ -217,13 +223,16 @@ def test_a_switch_between_masked_and_unmasked_presets_blends():
     room = Preset(name="room", prompt="x", mask="background", transition_frames=4)
     (y0, y1, x0, x1), _ = REGIONS["astronaut"]
     assert worker.process(next(frames), plain, restart=True) is None  # styled everywhere
+
     # To the room-only preset: the face's style weight goes 1 -> 0 over its 4 frames.
-    face = [worker.process(next(frames), room).weight[y0:y1, x0:x1].mean() for _ in range(5)]
-    assert np.allclose(face, [0.75, 0.5, 0.25, 0.0, 0.0], atol=0.01), face
-    # And back over plain's 2 frames; then no mask at all (no segmentation either).
-    back = [worker.process(next(frames), plain) for _ in range(3)]
-    assert np.allclose([b.weight[y0:y1, x0:x1].mean() for b in back[:2]], [0.5, 1.0], atol=0.01)
-    assert back[2] is None
+    def face_weight(masked):
+        return cv2.resize(masked.weight, (SIZE, SIZE))[y0:y1, x0:x1].mean()
+
+    face = [face_weight(worker.process(next(frames), room)) for _ in range(5)]
+    assert np.allclose(face, [0.75, 0.5, 0.25, 0.0, 0.0], atol=0.06), face
+    # And back over plain's 2 frames: half way, then no mask at all (no segmentation either).
+    assert abs(face_weight(worker.process(next(frames), plain)) - 0.5) < 0.06
+    assert worker.process(next(frames), plain) is None
     frame = next(frames)
     worker.offer(frame, plain)
     assert worker.lookup(frame.captured_at, 0.0) is None

@@ -139,7 +139,8 @@ class MaskWorker:
             # A moving average where the mask changes a little (edge noise: it settles instead
             # of flickering), none where it changes a lot (motion: no trailing ghost edge).
             change = person - self._smooth
-            keep = np.clip(1.0 - 2.0 * np.abs(change), 0.0, 1.0)
+            keep = np.abs(change)
+            np.subtract(np.float32(1.0), keep, out=keep)
             keep *= smoothing
             self._smooth += (1.0 - keep) * change
         weight = self._smooth * np.float32(b) + np.float32(a)
