@@ -250,6 +250,22 @@ def markdown(rows: list[dict], daemon: list[dict]) -> str:
     return "\n".join(out)
 
 
+def mask_cases(device: torch.device, frames: int) -> dict:
+    """The person mask's steps (bench/mask.py): the segmenter (a CPU thread) and the composite
+    on the CPU and on ``device``: which is cheaper there."""
+    import mask
+
+    out: dict = {}
+    try:
+        out["segment_512_from_640x480"] = mask.bench_segment(frames)
+    except Exception as err:  # e.g. ai-edge-litert not carried: the composite still runs
+        out["segment_512_from_640x480"] = {"error": str(err)}
+    for dev in dict.fromkeys(["cpu", str(device)]):
+        for w, h in ((512, 512), (1280, 720)):
+            out[f"composite_{dev}_{w}x{h}"] = mask.bench_composite(dev, w, h, frames)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -305,8 +321,10 @@ def main() -> None:
         daemon.append(daemon_g2g(folder, args, fps, compiled=device.type == "cuda"))
         print(f"  daemon {daemon[-1]}", flush=True)
         dump(daemon=daemon)
+    results["mask"] = mask_cases(device, args.frames)
     dump(rows, daemon)
     print(markdown(rows, daemon))
+    print(f"person mask (ms p50/p95): {json.dumps(results['mask'])}")
     print(f"wrote {args.json} ({results['elapsed_s']:.0f} s)")
 
 

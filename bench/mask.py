@@ -25,8 +25,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from daemon.dataplane.frames import Frame, fit_to
 from daemon.masking.composite import Compositor
-from daemon.masking.worker import MaskWorker
-from daemon.styles.presets import Preset
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 
@@ -41,11 +39,16 @@ def stats(ms: list[float]) -> dict[str, float]:
 
 
 def bench_segment(frames: int) -> dict[str, float]:
+    from daemon.masking.worker import MaskWorker
+    from daemon.styles.presets import Preset  # (the daemon's imports: not on the GPU machine)
+
     worker = MaskWorker((512, 512), (512, 512))
     preset = Preset(name="b", prompt="x", mask="background")
     rng = np.random.default_rng(0)
     base = photo("astronaut", 640, 480).astype(np.int16)
-    noisy = [np.clip(base + rng.normal(0, 4, base.shape), 0, 255).astype(np.uint8) for _ in range(8)]
+    noisy = [
+        np.clip(base + rng.normal(0, 4, base.shape), 0, 255).astype(np.uint8) for _ in range(8)
+    ]
     ms = []
     for i in range(frames + 10):
         frame = Frame(noisy[i % 8], float(i), i, "camera")
@@ -72,7 +75,9 @@ def bench_composite(device: str, w: int, h: int, frames: int) -> dict[str, float
 
 def picture(path: Path, side: int = 192) -> None:
     """Camera / room styled / person styled, with the built-in tiny style model."""
+    from daemon.masking.worker import MaskWorker
     from daemon.models.registry import TINY_STYLES, model_location
+    from daemon.styles.presets import Preset
     from streamv2v import EngineConfig, StreamV2V
 
     size = 128  # the tiny style model's size
@@ -112,7 +117,11 @@ def main() -> None:
     if args.picture:
         picture(args.picture)
         return
-    results = {"segment_512_from_640x480": bench_segment(args.frames)}
+    results: dict = {}
+    try:
+        results["segment_512_from_640x480"] = bench_segment(args.frames)
+    except ImportError as err:  # (the GPU machine lacks the daemon's other dependencies)
+        print(f"segmenter not timed: {err}", file=sys.stderr)
     devices = ["cpu"] if args.device == "cpu" else ["cpu", args.device]
     for device in devices:
         for w, h in ((512, 512), (1280, 720)):

@@ -59,6 +59,7 @@ class Compositor:
         m = torch.from_numpy(mask).to(dev, non_blocking=True)[None, None]
         if m.shape[-2:] != (h, w):
             m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-        # camera + m * (styled - camera), rounded: where m is 0 the camera comes back exactly.
-        self._styled.sub_(self._camera).mul_(m[0, 0, :, :, None]).add_(self._camera).round_()
-        self._out.copy_(self._styled)
+        # camera + m * (styled - camera), rounded (+0.5, then the cast truncates: values are
+        # >= 0): where m is 0 the camera comes back exactly.
+        torch.lerp(self._camera, self._styled, m[0, 0, :, :, None], out=self._styled)
+        self._out.copy_(self._styled.add_(0.5))
