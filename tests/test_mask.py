@@ -16,6 +16,7 @@ import pytest
 from test_daemon import demo_config, wait_for
 
 from daemon.app import Daemon
+from daemon.control.tables import preset_table, status_table
 from daemon.dataplane.frames import Frame
 from daemon.masking.segmenter import PersonSegmenter
 from daemon.masking.worker import MaskWorker
@@ -120,6 +121,15 @@ def test_only_the_room_or_only_the_person_is_styled(tiny_model, memory_vcam, tmp
         assert kept_mad <= 3 / 255, kept_mad  # the camera as it is
         assert styled_mad > 15 / 255, styled_mad  # the style: 5x the kept bound and more
     assert daemon.masks.missed == 0
+    # /status, `streamv2v status`, `streamv2v presets` and the page's listing say the mask.
+    status = daemon.status()["mask"]
+    assert status["mode"] == mode and status["feather"] == 1
+    assert status["segment_ms_p50"] > 0 and status["composite_ms_p50"] > 0
+    assert f"styles only the {mode}" in status_table(daemon.status())
+    (row,) = [r for r in daemon.preset_listing()["presets"] if r["name"] == "masked"]
+    assert row["mask"] == mode
+    lines, _ = preset_table(daemon.preset_listing(), running=False)
+    assert any(f"[styles only the {mode}]" in line for line in lines if "masked" in line)
 
 
 def code_of(image: np.ndarray) -> int:

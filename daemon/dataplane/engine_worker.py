@@ -158,6 +158,8 @@ class EngineWorker:
             return True
         preset, self.engine, self.switcher, self._library_version = loaded
         self.applied, self._restarted = preset, True
+        if self.masks is not None:
+            self.masks.use_device(self.engine.device)
         self._set_state("warming")
         return True
 

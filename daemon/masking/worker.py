@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+import torch
 
 from daemon.control.metrics import Rolling
 from daemon.dataplane.frames import Frame, fit_to
@@ -65,6 +66,9 @@ class MaskWorker:
         self._segmenter: PersonSegmenter | None = None
         self._failed = False
         self._compositor = Compositor("cpu")
+        #: Where the composite runs: the engine's device when it is CUDA (measured there: 0.6 ms
+        #: at 512x512 against 4-6 ms on one CPU thread, transfers included), else the CPU.
+        self.device = torch.device("cpu")
         self._ab = MODES["none"]  # where the style weight is now
         self._from, self._to, self._step, self._steps = MODES["none"], MODES["none"], 0, 0
         self._smooth: np.ndarray | None = None  # the temporally smoothed person probability
@@ -77,6 +81,10 @@ class MaskWorker:
 
     def start(self) -> None:
         self._thread.start()
+
+    def use_device(self, device: torch.device) -> None:
+        """The engine's device: the composite runs there when it is CUDA."""
+        self.device = device if device.type == "cuda" else torch.device("cpu")
 
     def stop(self, timeout: float = 1.0) -> None:
         self._stop.set()
@@ -193,6 +201,8 @@ class MaskWorker:
         if masked is None:
             return image
         t0 = time.perf_counter()
+        if self._compositor.device != self.device:
+            self._compositor = Compositor(self.device)
         h, w = image.shape[:2]
         out = self._compositor(image, fit_to(masked.camera, w, h), masked.weight)
         self.composite_ms.add((time.perf_counter() - t0) * 1000)
