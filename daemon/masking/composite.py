@@ -42,7 +42,8 @@ class Compositor:
             raise ValueError(f"camera {camera.shape} and styled {styled.shape} differ")
         self._buffers(h, w)
         if self._stream is not None:
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            # Its own stream, waiting for nothing queued: the inputs come from host memory, so
+            # the engine's work in flight never delays the composite (nor the reverse).
             with torch.cuda.stream(self._stream):
                 self._blend(styled, camera, mask)
                 self._host.copy_(self._out, non_blocking=True)
