@@ -149,6 +149,7 @@ class MaskWorker:
             change = person - self._smooth
             keep = np.abs(change)
             np.subtract(np.float32(1.0), keep, out=keep)
+            keep *= keep  # (1 - |change|)^2: a fading person lets go of the mask fast
             keep *= smoothing
             self._smooth += (1.0 - keep) * change
         weight = self._smooth * np.float32(b) + np.float32(a)

@@ -74,7 +74,7 @@ class Preset(BaseModel):
     )
     mask_feather: int = Field(4, ge=0, le=64, description="Soft mask edge, in output pixels.")
     mask_smoothing: float = Field(
-        0.8, ge=0.0, le=0.95, description="Mask smoothing over time (0: off): a steadier edge."
+        0.9, ge=0.0, le=0.95, description="Mask smoothing over time (0: off): a steadier edge."
     )
     hotkey: str = ""
     obs_scenes: tuple[str, ...] = Field((), description="Scene names or globs that select it.")
