@@ -1,7 +1,7 @@
 """MediaPipe's selfie segmentation model (shipped in ``models/``) run with ai-edge-litert.
 
 ai-edge-litert is the optional extra ``mask``: only presets with a mask need it, and a preset
-asking for one without it is refused with :data:`EXTRA_HINT` (the others keep working).
+asking for one without it is refused with ``runtime.EXTRA_HINT`` (the others keep working).
 """
 
 from __future__ import annotations
