@@ -266,6 +266,22 @@ def lora_case(args, tiny: Path, device, dtype) -> dict:
         return {"error": repr(err)}
 
 
+def mask_cases(device: torch.device, frames: int) -> dict:
+    """The person mask's steps (bench/mask.py): the segmenter (a CPU thread) and the composite
+    on the CPU and on ``device``: which is cheaper there."""
+    import mask
+
+    out: dict = {}
+    try:
+        out["segment_512_from_640x480"] = mask.bench_segment(frames)
+    except Exception as err:  # e.g. ai-edge-litert not carried: the composite still runs
+        out["segment_512_from_640x480"] = {"error": str(err)}
+    for dev in dict.fromkeys(["cpu", str(device)]):
+        for w, h in ((512, 512), (1280, 720)):
+            out[f"composite_{dev}_{w}x{h}"] = mask.bench_composite(dev, w, h, frames)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -336,8 +352,10 @@ def main() -> None:
         dump(daemon=daemon)
     results["lora"] = lora_case(args, tiny, device, dtype)  # style LoRA switch costs
     print(f"  lora {results['lora']}", flush=True)
+    results["mask"] = mask_cases(device, args.frames)
     dump(rows, daemon)
     print(markdown(rows, daemon))
+    print(f"person mask (ms p50/p95): {json.dumps(results['mask'])}")
     print(f"wrote {args.json} ({results['elapsed_s']:.0f} s)")
 
 

@@ -18,16 +18,19 @@ py="${PYTHON:-python3}"
 # What streamv2v (and the daemon's data plane) imports that the GPU machine (Python 3.12,
 # torch, transformers, accelerate, peft, safetensors, numpy, opencv, pillow) does not have.
 # Versions: those of the tested environment (pydantic-core must match pydantic exactly).
-BINARY=(pydantic-core==2.50.4 kornia_rs==0.2.0)
-PURE=(diffusers==0.42.1 kornia==0.9.0 pydantic==2.14.3 annotated-types==0.8.0 typing-inspection==0.4.5
-      platformdirs==4.14.5 tqdm==4.70.1 importlib-metadata==10.2.0 zipp==4.1.2)
+BINARY=(pydantic-core==2.50.4 kornia_rs==0.2.0 ai-edge-litert==2.3.0 ml_dtypes==0.7.0
+        protobuf==7.36.2)
+PURE=(diffusers==0.42.1 kornia==0.9.0 pydantic==2.14.3 annotated-types==0.8.0
+      typing-inspection==0.4.5 platformdirs==4.14.5 tqdm==4.70.1 importlib-metadata==10.2.0
+      zipp==4.1.2 flatbuffers==25.12.19 backports.strenum==1.2.8)
 # (typing-extensions is not carried: torch brings it, and a copy first on the path would shadow it)
 
 if [[ "${1:-}" == "--prepare" ]]; then
     mkdir -p "$wheels"
     common=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d "$wheels")
     "$py" -m pip download "${common[@]}" --platform manylinux_2_28_x86_64 \
-        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 "${BINARY[@]}"
+        --platform manylinux_2_27_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_17_x86_64 "${BINARY[@]}"
     "$py" -m pip download "${common[@]}" --platform any "${PURE[@]}"
     du -sh "$wheels"
     ls "$wheels"

@@ -33,6 +33,7 @@ from daemon.dataplane.engine_worker import EngineWorker
 from daemon.dataplane.frames import Frame
 from daemon.dataplane.output_worker import OutputWorker
 from daemon.dataplane.slots import LatestSlot
+from daemon.masking.worker import MaskWorker
 from daemon.models.engine_config import engine_config
 from daemon.styles.presets import (
     PresetLibrary,
@@ -68,6 +69,9 @@ class Daemon:
         self.engine = worker(config, self.camera_slot, self.output_slot, self.presets)
         self.output = OutputWorker(config, self.output_slot, self.size)
         self.engine.output_delay = self.output.delay_ms
+        # Presets with a mask: frames segmented beside the engine, composited at the output.
+        self.masks = MaskWorker((s.width, s.height), self.size)
+        self.engine.masks = self.output.masks = self.masks
         self.rates = {stage: RateMeter() for stage in ("input", "engine", "output")}
         self._av_sync: tuple[int, int] | None = None  # (OBS connection, offset) last pushed
         self.obs: Any = None
@@ -86,6 +90,7 @@ class Daemon:
         for note in self.notes:
             log.warning("%s", note)
         self.output.start()
+        self.masks.start()
         self.engine.start()
         self.camera.start()
         self._watcher.start()
@@ -142,6 +147,7 @@ class Daemon:
         self.camera.stop(timeout=1.0)
         self.camera_slot.close()
         self.engine.stop(timeout=0.5)
+        self.masks.stop(timeout=0.5)
         self.output_slot.close()
         self.output.stop(timeout=0.5)
 
@@ -283,6 +289,7 @@ class Daemon:
                 "base_bytes": stats.get("lora_base_bytes", 0),
                 "active": dict(engine.adapters.active) if hasattr(engine, "adapters") else {},
             },
+            "mask": mask_figures(self.masks, worker.applied),
             "device": device_figures(engine),
             "remote": worker.remote_figures() if hasattr(worker, "remote_figures") else None,
             "preview_url": out.preview_url,
@@ -293,6 +300,19 @@ class Daemon:
     def metrics_text(self) -> str:
         """GET /metrics: the status in the Prometheus text format."""
         return prometheus_text(self.status())
+
+
+def mask_figures(masks: MaskWorker, applied: Any) -> dict[str, Any]:
+    """The applied preset's mask and what masking costs (segmenter and composite, p50 ms)."""
+    return {
+        "mode": getattr(applied, "mask", "none"),
+        "feather": getattr(applied, "mask_feather", None),
+        "smoothing": getattr(applied, "mask_smoothing", None),
+        "segment_ms_p50": masks.segment_ms.pct(50),
+        "composite_ms_p50": masks.composite_ms.pct(50),
+        "masked_frames": masks.masked_frames,
+        "missed": masks.missed,
+    }
 
 
 def device_figures(engine: Any) -> dict[str, Any]:

@@ -298,6 +298,24 @@ def check_presets(config: DaemonConfig) -> Iterable[Check]:
     yield Check(OK, "presets", f"{len(presets)} valid ({', '.join(presets)})")
 
 
+def check_mask(_: DaemonConfig) -> Iterable[Check]:
+    """The person mask's runtime (extra ``mask``) and the shipped model file."""
+    from daemon.masking.runtime import EXTRA_HINT, runtime_problem, runtime_version
+
+    problem = runtime_problem()
+    if problem is None:
+        yield Check(OK, "person mask", f"ai-edge-litert {runtime_version()}, model file intact")
+    elif "not installed" in problem:
+        yield Check(
+            WARN,
+            "person mask",
+            "ai-edge-litert not installed: presets with a mask are refused",
+            EXTRA_HINT,
+        )
+    else:
+        yield Check(FAIL, "person mask", problem, "reinstall streamv2v")
+
+
 def check_ports(config: DaemonConfig) -> Iterable[Check]:
     control = config.control
     if control.enabled:
@@ -355,6 +373,7 @@ CHECKS: tuple[Callable[[DaemonConfig], Iterable[Check]], ...] = (
     check_camera,
     check_obs,
     check_presets,
+    check_mask,
     check_ports,
     check_log,
     check_remote,

@@ -277,6 +277,7 @@ def test_bundled_presets_ship_in_a_non_editable_install(tmp_path):
     )
     script = (
         "import json, daemon.styles.presets as p, daemon.models.registry as c\n"
+        "import daemon.masking.runtime as m\n"
         "def names(folder):\n"
         "    return sorted(p.load_preset_file(f).name for f in folder.glob('*.toml'))\n"
         "folder = p.bundled_presets_dir()\n"
@@ -285,7 +286,8 @@ def test_bundled_presets_ship_in_a_non_editable_install(tmp_path):
         "    'model_dir': str(c.tiny_styles_dir()), 'canny': c.tiny_canny_available(),\n"
         "    'canny_dir': str(c.tiny_canny_dir()),\n"
         "    'loras': [s.id for f in p.bundled_presets_dir('demo').glob('*.toml')\n"
-        "              for s in (p.load_preset_file(f).loras or ())]}))\n"
+        "              for s in (p.load_preset_file(f).loras or ())],\n"
+        "    'mask_model': str(m.model_path()), 'mask_problem': m.runtime_problem()}))\n"
     )
     # From outside the repo, with the installed copy first on the path.
     env = {**os.environ, "PYTHONPATH": str(target)}
@@ -304,6 +306,8 @@ def test_bundled_presets_ship_in_a_non_editable_install(tmp_path):
     assert all(Path(f).is_relative_to(target) for f in found["loras"])
     from daemon.models.registry import tiny_styles_available
 
+    # The person-mask model ships too, intact (its runtime is this environment's).
+    assert Path(found["mask_model"]).is_relative_to(target) and found["mask_problem"] is None
     if tiny_styles_available():  # the trained model ships inside the package too
         assert found["model"] and Path(found["model_dir"]).is_relative_to(target)
     # So does the tiny canny ControlNet (its weights at the top of its folder).

@@ -17,6 +17,8 @@ def preset_table(listing: dict[str, Any], running: bool) -> tuple[list[str], lis
         mark = "*" if r["active"] and running else " "
         what = "(camera unchanged) " if r["passthrough"] else ""
         what += "(BROKEN: see the errors) " if r.get("error") else ""
+        if r.get("mask", "none") != "none":
+            what += f"[styles only the {r['mask']}] "
         scenes = f"  [OBS: {', '.join(r['obs_scenes'])}]" if r["obs_scenes"] else ""
         line = f"{mark} {r['name']:<{width}}  {r['hotkey'] or '-':<{keys}}  {what}"
         lines.append(f"{line}{r['description']}{scenes}".rstrip())
@@ -91,6 +93,15 @@ def status_table(s: dict[str, Any]) -> str:
                 "style LoRAs",
                 f"{loras['loaded']} loaded, {loras['bytes'] / 2**20:.1f} MB "
                 f"+ base copies {loras['base_bytes'] / 2**20:.1f} MB",
+            )
+        )
+    mask = s.get("mask")
+    if mask and mask["mode"] != "none":
+        rows.append(
+            (
+                "mask",
+                f"styles only the {mask['mode']}   segmenter {ms(mask['segment_ms_p50'])}   "
+                f"composite {ms(mask['composite_ms_p50'])}   missed {mask['missed']}",
             )
         )
     remote = s.get("remote")

@@ -25,6 +25,7 @@ from daemon.styles.presets import Preset, PresetManager
 from streamv2v.config import SCHEDULE_STEPS
 
 if TYPE_CHECKING:
+    from daemon.masking.worker import MaskWorker
     from daemon.styles.switching import StyleSwitcher
 
 log = logging.getLogger("streamv2v")
@@ -75,6 +76,8 @@ class EngineWorker:
         self.step_down = StepDown()
         #: Download, loading and compile progress before the first styled frame (/status).
         self.readiness = Readiness()
+        self.masks: MaskWorker | None = None  # segments each frame the engine takes (if set)
+        self._restarted = True  # the stream restarted: a mask starts at once, with no blend
 
     def start(self) -> None:
         self._thread.start()
@@ -175,7 +178,9 @@ class EngineWorker:
             self.state = "failed"
             return False
         preset, self.engine, self.switcher, self._library_version = loaded
-        self.applied = preset
+        self.applied, self._restarted = preset, True
+        if self.masks is not None:
+            self.masks.use_device(self.engine.device)
         self._set_state("warming")
         return True
 
@@ -247,6 +252,7 @@ class EngineWorker:
             pass
         elif previous is None or previous.passthrough:
             self.switcher.start(preset)  # nothing styled to blend from: restart the stream
+            self._restarted = True
         else:
             self.switcher.switch(preset)
         # Published last: whoever sees the new preset applied also sees its switch in flight.
@@ -282,6 +288,9 @@ class EngineWorker:
                 choice = StepChoice(self.engine.config.steps, self.engine.config.stream_batch)
                 t0 = time.perf_counter()
                 self.switcher.before_frame()
+                if self.masks is not None:  # the mask thread segments it meanwhile
+                    self.masks.offer(frame, self.applied, restart=self._restarted)
+                    self._restarted = False
                 styled = self.engine(frame.image, tag=frame.captured_at)
                 call_ms = (time.perf_counter() - t0) * 1000
                 self.call_ms.add(call_ms)

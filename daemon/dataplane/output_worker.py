@@ -19,6 +19,7 @@ from daemon.control.server import ControlPlaneServer
 from daemon.dataplane.frames import Frame, fit_to, unavailable_frame
 from daemon.dataplane.outputs import Recorder, VirtualCameraSink, VirtualCameraUnavailable
 from daemon.dataplane.slots import LatestSlot
+from daemon.masking.worker import MaskWorker
 
 log = logging.getLogger("streamv2v")
 
@@ -44,6 +45,7 @@ class OutputWorker:
         self.published = 0
         self.new_frames = 0
         self.kinds: collections.Counter = collections.Counter()
+        self.masks: MaskWorker | None = None  # composites styled frames with their mask (if set)
 
     def open_sinks(self, server: ControlPlaneServer | None = None) -> list[str]:
         """Open the configured outputs; returns what was substituted and why (for the log).
@@ -103,6 +105,8 @@ class OutputWorker:
             if frame is not None:
                 arrived = time.monotonic()
                 image = fit_to(frame.image, w, h)
+                if frame.kind == "styled" and self.masks is not None:
+                    image = self.masks.composite(frame, image, timeout=period / 2)
                 self.new_frames += 1
                 self.kinds[frame.kind] += 1
                 opens = due - period / 2

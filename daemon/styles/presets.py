@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from daemon.config import CONFIG_PRESET
 from daemon.config_text import dotted
 from daemon.integrations.hotkeys import check_combo
+from daemon.masking.runtime import runtime_problem
 from streamv2v import BankConfig, EngineConfig, LoraSpec
 from streamv2v.config import SCHEDULE_STEPS
 
@@ -77,6 +78,13 @@ class Preset(BaseModel):
     transition_frames: int = Field(8, ge=0, le=600, description="Frames the prompt blend takes.")
     bank_on_switch: Literal["reset", "keep"] = Field(
         "reset", description="reset: the old style's features stop steering attention at once."
+    )
+    mask: Literal["none", "person", "background"] = Field(
+        "none", description="What gets the style; the rest is the camera as it is (extra 'mask')."
+    )
+    mask_feather: int = Field(4, ge=0, le=64, description="Soft mask edge, in output pixels.")
+    mask_smoothing: float = Field(
+        0.9, ge=0.0, le=0.95, description="Mask smoothing over time (0: off): a steadier edge."
     )
     hotkey: str = ""
     obs_scenes: tuple[str, ...] = Field((), description="Scene names or globs that select it.")
@@ -347,7 +355,7 @@ def load_preset_file(path: Path) -> Preset:
         if isinstance(lid, str) and lid.startswith(("./", "../")):
             lora["id"] = str((path.parent / lid).resolve())
     try:
-        return Preset.model_validate(data)
+        preset = Preset.model_validate(data)
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_url=False)[:3]:
@@ -358,6 +366,11 @@ def load_preset_file(path: Path) -> Preset:
             message = str(error["msg"]).removeprefix("Value error, ")
             problems.append(f"{where}{key}{message}")
         raise PresetError(f"{path}: {'; '.join(problems)}") from None
+    problem = runtime_problem() if preset.mask != "none" else None
+    if problem is not None:  # this preset is marked broken; the others keep working
+        line = _line_of(text, ("mask",))
+        raise PresetError(f"{path}: {f'line {line}: ' if line else ''}mask: {problem}")
+    return preset
 
 
 def _read_regular(path: Path) -> str:
@@ -455,6 +468,7 @@ class PresetManager:
                     "active": name == active,
                     "description": preset.description,
                     "passthrough": preset.passthrough,
+                    "mask": preset.mask,
                     "hotkey": preset.hotkey,
                     "obs_scenes": list(preset.obs_scenes),
                     "file": str(origin) if origin else None,

@@ -74,6 +74,9 @@ function renderPresets(listing) {
       button.dataset.name = preset.name;
       button.append(el("span", "name", preset.name));
       if (preset.description) button.append(el("span", "desc", preset.description));
+      if (preset.mask && preset.mask !== "none") {
+        button.append(el("span", "mask", `styles only the ${preset.mask}`));
+      }
       if (preset.hotkey) button.append(el("span", "key", preset.hotkey));
       button.addEventListener("click", () => selectPreset(preset.name));
       box.append(button);
