@@ -293,3 +293,39 @@ def test_readiness_reports_rate_eta_and_compiling_estimates(caplog):
     assert "engine: compiling 3 of 5, about 15 s left" in caplog.text
     ready.clear()
     assert ready.snapshot() is None
+
+
+def test_needs_name_every_lora_controlnet_and_depth_model_the_presets_read():
+    """What `models pull` fetches with no argument: the model, each preset's LoRAs, and each
+    ControlNet with its depth preprocessor's model (local folders and files need no fetch)."""
+    from daemon.models.needs import needs_of
+    from streamv2v import EngineConfig
+    from streamv2v.config import ControlSpec, LoraSpec
+
+    canny = ControlSpec(model="lllyasviel/sd-controlnet-canny", preprocess="canny")
+    depth = ControlSpec(
+        model="lllyasviel/sd-controlnet-depth",
+        preprocess="depth",
+        depth_model="depth-anything/Depth-Anything-V2-Small-hf",
+    )
+    configs = [
+        EngineConfig(control=[canny]),
+        EngineConfig(
+            control=[depth],
+            loras=[LoraSpec(id="a/ink", weight_name="ink.safetensors"), LoraSpec(id="./x.st")],
+        ),
+    ]
+    found = {(n.repo, n.kind, n.weight_name) for n in needs_of("sd/base", configs)}
+    assert found == {
+        ("sd/base", "pipeline", None),
+        ("madebyollin/taesd", "component", None),  # the default VAE
+        ("lllyasviel/sd-controlnet-canny", "component", None),
+        ("lllyasviel/sd-controlnet-depth", "component", None),
+        ("depth-anything/Depth-Anything-V2-Small-hf", "component", None),
+        ("a/ink", "lora", "ink.safetensors"),
+    }
+    # A transformers depth model's folder: its configs and model.safetensors, not the pickle.
+    files = {"config.json": 1, "preprocessor_config.json": 1, "model.safetensors": 9,
+             "pytorch_model.bin": 9, "README.md": 1}  # fmt: skip
+    picked = select_files(Need("depth-anything/Depth-Anything-V2-Small-hf", "component"), files)
+    assert sorted(picked) == ["config.json", "model.safetensors", "preprocessor_config.json"]

@@ -77,7 +77,8 @@ def needs_of(
     """The hub repositories that running ``model`` with each of ``configs`` (EngineConfigs:
     the daemon's and every preset's) reads, each once. Local folders and the built-in models
     need no fetch. LoRAs (``loras``) and ControlNets (``control`` entries with a ``model``) are
-    read from the configurations when present; ``variant`` likewise."""
+    read from the configurations when present (and a depth preprocessor's ``depth_model``);
+    ``variant`` likewise."""
     skip = set(builtin)
     found: dict[tuple, Need] = {}
 
@@ -100,6 +101,9 @@ def needs_of(
             name = getattr(control, "model", None)
             if isinstance(name, str) and name:
                 add(Need(name, "component", allow_pickle=allow_pickle, variant=variant))
+            depth = getattr(control, "depth_model", None)  # a transformers folder: same layout
+            if isinstance(depth, str) and depth:
+                add(Need(depth, "component", allow_pickle=allow_pickle))
     return list(found.values())
 
 
