@@ -8,13 +8,16 @@ it will not fit and to step down after an out-of-memory error at run time.
 
 The parts, in bytes at the run dtype:
 
-- weights: every parameter the engine loads (UNet, text encoder, VAE) x the dtype's size;
+- weights: every parameter the engine loads (UNet, text encoder, VAE, ControlNets and a depth
+  preprocessor's model) x the dtype's size;
 - feature bank: per self-attention layer and per bank row, K/V/O buffers of ``max_frames + 1``
   frames of tokens (what :class:`~streamv2v.bank.FeatureBank` allocates, exactly);
 - activations: what one UNet call keeps alive, per row of its batch (stream-batch slots x
   guidance rows): the skip connections of the down path, plus the working set of the largest
   transformer block (hidden states, Q/K/V/out, the feed-forward's 8x inner projection). SDPA's
-  fused kernels on CUDA never hold the attention matrix, so it is not counted;
+  fused kernels on CUDA never hold the attention matrix, so it is not counted; each ControlNet
+  runs a copy of the down path on the same rows, and its residuals are held for the UNet: one
+  more skip set and working set per row;
 - VAE: encoding and decoding one frame at full resolution (a few full-size feature maps);
 
 times ``captured`` for activations when CUDA graphs keep one memory pool per warmed
@@ -159,10 +162,12 @@ def estimate_memory(
     dtype_bytes: int,
     vae_channels: int,
     captured: int = 1,
+    controlnets: int = 0,
 ) -> MemoryNeed:
     """The memory ``config`` needs on a UNet of ``layout`` with ``weight_params`` parameters in
     all, at ``dtype_bytes`` per element; ``vae_channels``: the VAE's full-resolution channels;
-    ``captured``: configurations whose CUDA graphs each keep their own activations."""
+    ``captured``: configurations whose CUDA graphs each keep their own activations;
+    ``controlnets``: ControlNets run beside the UNet (their weights are in ``weight_params``)."""
     latent = (config.height // 8, config.width // 8)
     call_rows, bank_rows = unet_rows(config)
     attention = layout.self_attention(latent)
@@ -174,7 +179,7 @@ def estimate_memory(
         (t * c for t, c in attention),
         default=max(t * c for t, c in zip(layout.levels(latent), layout.block_out_channels)),
     )
-    per_row = layout.skip_elements(latent) + _BLOCK_WORKING_SET * block
+    per_row = (layout.skip_elements(latent) + _BLOCK_WORKING_SET * block) * (1 + controlnets)
     activations = per_row * call_rows * dtype_bytes * max(1, captured)
     vae = _VAE_MAPS * vae_channels * config.width * config.height * dtype_bytes
     return MemoryNeed(weight_params * dtype_bytes, activations, bank, vae)

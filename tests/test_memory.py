@@ -71,6 +71,23 @@ def test_the_estimate_is_what_the_engine_allocates_for_weights_and_bank(tiny_mod
         assert need.bank == engine.stats()["bank_bytes"] > 0, cfg
 
 
+def test_a_controlnet_counts_its_weights_and_a_down_path_of_activations():
+    from daemon.models.registry import tiny_canny_dir, tiny_styles_dir
+    from streamv2v.config import ControlSpec
+
+    tiny_model = tiny_styles_dir()  # the shipped model, for which tiny-canny was trained
+
+    plain = CONFIGS[0]
+    spec = ControlSpec(model=str(tiny_canny_dir()), preprocess="canny")
+    with_control = plain.model_copy(update={"control": [spec]})
+    engine = StreamV2V.from_pretrained(tiny_model, config=with_control, device="cpu")
+    net = sum(p.numel() for n in engine.control.nets for p in n.parameters())
+    a, b = estimate_for(str(tiny_model), plain, 4), estimate_for(str(tiny_model), with_control, 4)
+    assert a is not None and b is not None
+    assert b.weights - a.weights == net * 4 > 0
+    assert b.activations == 2 * a.activations and b.bank == a.bank
+
+
 def test_sd15_figures_and_the_ladder():
     layout = UNetLayout.from_config(SD15_UNET)
     attention = layout.self_attention((64, 64))

@@ -77,6 +77,10 @@ def estimate_for(
     if vae is not None and (vae / "config.json").is_file():
         params += safetensors_params(vae)
         vae_channels = _full_resolution_channels(_json(vae / "config.json"))
+    for spec in config.control:  # (a ControlNet not on disk yet counts as nothing)
+        for name in (spec.model, spec.depth_model):
+            folder = folder_of(name, "config.json") if name else None
+            params += safetensors_params(folder) if folder is not None else 0
     return estimate_memory(
         config,
         layout,
@@ -84,6 +88,7 @@ def estimate_for(
         dtype_bytes=dtype_bytes,
         vae_channels=vae_channels,
         captured=captured,
+        controlnets=len(config.control),
     )
 
 
