@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import collections
 import os
-import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from streamv2v.adapters import AdapterLibrary
 from streamv2v.attention import install_bank, self_attention_shapes
@@ -35,6 +33,7 @@ from streamv2v.config import EngineConfig
 from streamv2v.control import ControlStream, load_control
 from streamv2v.hostio import HostIO, frame_to_image
 from streamv2v.loading import default_device, default_dtype, load_components
+from streamv2v.similar import SimilarFilter
 from streamv2v.stream import (
     denoise,
     guide,
@@ -50,7 +49,7 @@ _LOAD_FIELDS = ("vae", "loras", "compile")
 #: returning to one reuses its tensors and processors: a compiled UNet finds its graph again.
 _PREPARED = (
     "_schedule", "_calls", "_guidance", "_x", "_noise", "_beta_noise", "_next_noise", "_stock",
-    "_stock_next", "_filter_pool", "_filter_ref", "bank", "fusion_layers", "_processors",
+    "_stock_next", "_filter", "bank", "fusion_layers", "_processors",
 )  # fmt: skip
 _KEPT_CONFIGS = 16
 
@@ -231,10 +230,7 @@ class StreamV2V:
         self._next_noise = torch.empty_like(self._noise)
         self._stock = torch.empty_like(self._noise)
         self._stock_next = torch.empty_like(self._noise)
-        # The similar-image filter compares downsampled images (at most 64 px a side).
-        self._filter_pool = max(1, max(cfg.height, cfg.width) // 64)
-        small = (cfg.height // self._filter_pool, cfg.width // self._filter_pool)
-        self._filter_ref = torch.zeros((1, 3, *small), device=dev, dtype=dt)
+        self._filter = SimilarFilter(cfg, dev, dt)
         rows = self._calls[-1].bank_rows.stop
         self.bank = FeatureBank(cfg.bank, rows, cfg.seed, dev) if cfg.bank.enabled else None
         if self.bank is not None:
@@ -320,14 +316,15 @@ class StreamV2V:
         self._cond = cond.to(device=self.device, dtype=self.dtype)
         self._uncond = self._cond if uncond is None else uncond.to(self._cond)
         self._write_embeds()
-        self._recompute = True  # the similar-image filter must not repeat an old-prompt frame
+        self._filter.recompute = True  # the similar-image filter must not repeat an old frame
 
     def set_loras(self, scales: Mapping[str, float]) -> int:
         """Use the loaded LoRAs ``scales`` (name -> scale; absent: off) from the next frame on,
         rewritten into the UNet's weights in place (no recompile; see streamv2v.adapters).
         Returns how many layers were rewritten."""
         rewritten = self.adapters.set_loras(scales)
-        self._recompute = self._recompute or rewritten > 0  # the filter must not repeat a frame
+        if rewritten:  # the similar-image filter must not repeat a frame of the old weights
+            self._filter.recompute = True
         return rewritten
 
     @property
@@ -368,9 +365,7 @@ class StreamV2V:
             self.bank.reset()
         self._frames = 0  # UNet-processed frames since reset
         self._refill_bank = False  # reset_bank() was called: the next frame fills every slot
-        self._recompute = False  # set_prompt_embeds() was called: skip no frame
-        self._skipped = 0  # consecutive frames skipped by the similar-image filter
-        self._filter_rng = random.Random(self.config.seed)  # its skip draws: reproducible
+        self._filter.reset()
         self._last_output: Any = None
         self._tags: collections.deque = collections.deque(maxlen=self.latency_frames + 1)
         self.output_tag: Any = None
@@ -395,7 +390,7 @@ class StreamV2V:
         if self.compiled:
             frame_begin(self.device)
         image = self._to_model_input(frame)
-        if self._similar_to_last(image):
+        if self._filter.skip(image, self._last_output is not None):
             return self._last_output
         latent = self._encode_fn(image)
         if self.control is not None:  # once per frame: the rows move on with their frames
@@ -506,39 +501,6 @@ class StreamV2V:
         # [-1, 1] -> [0, 255], rounded (+0.5 before the truncating cast), in two fused passes.
         image = (image[0] * 127.5 + 128.0).clamp_(0, 255)
         return image.to(torch.uint8).permute(1, 2, 0).contiguous()
-
-    def _similar_to_last(self, image: torch.Tensor) -> bool:
-        """Similar-image filter: skip the model when the input barely changed since the last
-        frame that was *processed* (so slow motion adds up to a change), for a bounded run.
-
-        The cosine similarity is taken on the image average-pooled to at most 64 px a side, in
-        the model's dtype: a few thousand numbers instead of the full frame. Its one ``.item()``
-        waits only for this frame's upload and pooling, the queue's whole content at this point.
-        "probabilistic" (the reference's rule) skips with probability
-        ``max(0, 1 - (1 - cos) / (1 - threshold))``, drawn from a generator seeded by the
-        engine's seed; "threshold" skips whenever ``cos > threshold``.
-        """
-        cfg = self.config
-        if not cfg.similar_filter:
-            return False
-        small = F.avg_pool2d(image, self._filter_pool) if self._filter_pool > 1 else image
-        recompute, self._recompute = self._recompute, False
-        if not recompute and self._last_output is not None and self._skipped < cfg.similar_max_skip:
-            cos = F.cosine_similarity(
-                small.flatten().float(), self._filter_ref.flatten().float(), 0
-            )
-            cos = cos.item()
-            if cfg.similar_skip == "threshold":
-                skip = cos > cfg.similar_threshold
-            else:
-                p_skip = 1.0 - (1.0 - cos) / (1.0 - cfg.similar_threshold)
-                skip = self._filter_rng.random() < p_skip
-            if skip:
-                self._skipped += 1
-                return True
-        self._filter_ref.copy_(small)
-        self._skipped = 0
-        return False
 
     def stats(self) -> dict[str, Any]:
         """Counters of the current stream (since the last reset) and of the feature bank."""
