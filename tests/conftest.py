@@ -44,16 +44,33 @@ def _group_of(item: pytest.Item) -> str | None:
     return None
 
 
+def _suffix_group(item: pytest.Item, group: str) -> None:
+    """xdist's loadgroup scheduler groups by an ``@group`` suffix of the node id, which
+    pytest-xdist 3.8 writes into ``item._nodeid``; pytest 9.2 derives ``nodeid`` from ``_id``
+    instead, so the suffix is lost and a group's tests (and their module fixtures: a compiled
+    engine built twice, ~5 min of both cores) spread over the workers. Set it where pytest reads
+    it (xdist's own write then changes nothing). Older pytest: xdist's write works, no-op here."""
+    if "_id" not in getattr(type(item), "__slots__", ()) and not hasattr(item, "_id"):
+        return
+    from _pytest.nodeid import coerce_node_id
+
+    if "@" not in item.nodeid.rpartition("]")[2]:
+        item._id = coerce_node_id(f"{item.nodeid}@{group}")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The xdist groups of :func:`_group_of`, and the slow units first (so the workers of
     ``-n 2 --dist loadgroup`` finish together instead of one starting a long test at the end).
     A group stays contiguous, so its module fixtures are built once in a plain run too."""
     units: dict[str, list[pytest.Item]] = {}
+    on_worker = bool(config.getvalue("loadgroup"))  # an xdist worker under --dist loadgroup
     for item in items:
         group = _group_of(item)
         if group is not None and item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(group))
+        if group is not None and on_worker:
+            _suffix_group(item, group)
         units.setdefault(group or item.nodeid, []).append(item)
     ordered = sorted(
         units.values(),
