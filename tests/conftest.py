@@ -64,7 +64,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ``-n 2 --dist loadgroup`` finish together instead of one starting a long test at the end).
     A group stays contiguous, so its module fixtures are built once in a plain run too."""
     units: dict[str, list[pytest.Item]] = {}
-    on_worker = bool(config.getvalue("loadgroup"))  # an xdist worker under --dist loadgroup
+    on_worker = bool(config.getoption("loadgroup", default=False))  # xdist worker, loadgroup
     for item in items:
         group = _group_of(item)
         if group is not None and item.get_closest_marker("xdist_group") is None:

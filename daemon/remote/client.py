@@ -126,6 +126,11 @@ class RemoteEngineWorker:
         self._last_done: float | None = None
         self._latency_ms: float | None = None  # capture to arrival of the last styled frame
         self.reconnects = 0
+        #: Presets with a mask: the frames sent are segmented here meanwhile, and the output
+        #: thread composites each styled frame that comes back with its own frame's mask (the
+        #: capture time travels with the frame both ways). Set by the Daemon.
+        self.masks: Any = None
+        self._restarted = True  # nothing styled yet to blend a mask from (a new connection)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -173,12 +178,17 @@ class RemoteEngineWorker:
                     }
                 )
             if frame.kind != "unavailable" and linked and not wanted.passthrough:
+                if self.masks is not None:
+                    self.masks.offer(frame, wanted, restart=self._restarted)
+                    self._restarted = False
                 image = fit_to(frame.image, self.base.width, self.base.height)
                 video = VideoFrame.from_ndarray(image, format="rgb24")
                 video.opaque = (frame.captured_at, frame.seq)
                 self._call_soon(self._put_uplink, video)
                 if time.monotonic() - self._last_styled < self._stale_s():
                     continue  # styled frames are flowing: they are published as they arrive
+            else:
+                self._restarted = True
             self._pass(frame)
 
     def _stale_s(self) -> float:
@@ -271,6 +281,7 @@ class RemoteEngineWorker:
             await pc.setRemoteDescription(RTCSessionDescription(body["sdp"], body["type"]))
             await asyncio.wait_for(opened.wait(), _CONNECT_TIMEOUT_S)
             self._origin, self._last_done, self.applied = None, None, None
+            self._restarted = True
             self._last_heard = time.monotonic()
             self._track, self._channel = track, channel  # the engine thread starts sending
             self._set_remote("connected")
