@@ -3,6 +3,9 @@ by `serve` sessions on shared weights, on the tiny random model with real LoRA f
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -100,6 +103,56 @@ def test_a_broken_lora_marks_only_its_preset(tiny_model, files, tmp_path):
     assert list(errors) == ["bad"] and "could not read LoRA" in errors["bad"]
     assert loras.scales(good) == {files["ink"]: 1.0} and loras.scales(bad) == {}
     assert loras.sync([good, bad]) == errors  # not retried until the file changes
+
+
+def test_files_read_ahead_in_another_thread_leave_the_engine_thread_no_reading(
+    tiny_model, files, tmp_path, monkeypatch
+):
+    """The daemon reads a changed library's LoRA files in a thread of its own; the engine thread's
+    sync() then only adds them (and marks a bad one broken) without touching the disk."""
+    import threading
+
+    import daemon.styles.loras as loras_module
+    import streamv2v.adapters as adapters_module
+
+    reads: list[str] = []
+    real = adapters_module.load_lora
+
+    def counted(source, *args, **kwargs):
+        reads.append(threading.current_thread().name)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(loras_module, "load_lora", counted)
+    monkeypatch.setattr(adapters_module, "load_lora", counted)
+    engine = StreamV2V.from_pretrained(tiny_model, config=CFG, device="cpu")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 16)
+    loras = StyleLoras(engine, ())
+    good = preset("good", "x", [(files["ink"], 1.0)])
+    bad = preset("bad", "y", [(str(junk), 1.0)])
+    reader = threading.Thread(target=loras.read_ahead, args=([good, bad],), name="lora-read")
+    reader.start()
+    reader.join()
+    assert sorted(reads) == ["lora-read", "lora-read"] and not engine.adapters.names
+    errors = loras.sync([good, bad])  # this thread: no read
+    assert len(reads) == 2
+    assert list(errors) == ["bad"] and "could not read LoRA" in errors["bad"]
+    assert engine.adapters.names == [files["ink"]] and loras.scales(good) == {files["ink"]: 1.0}
+    # The same as a LoRA read on this thread: the rewrite gives identical weights.
+    direct = StreamV2V.from_pretrained(tiny_model, config=CFG, device="cpu")
+    direct.adapters.load(files["ink"], files["ink"])
+    engine.set_loras({files["ink"]: 1.0})
+    direct.set_loras({files["ink"]: 1.0})
+    for (name, a), (_, b) in zip(engine.unet.named_parameters(), direct.unet.named_parameters()):
+        assert torch.equal(a, b), name
+    # Read ahead for nothing new: no read; an edited file is read again, ahead, not by sync.
+    reads.clear()
+    assert loras.read_ahead([good, bad]) == 0
+    time.sleep(0.01)
+    Path(files["ink"]).touch()
+    assert loras.read_ahead([good]) == 1 and reads == ["MainThread"]
+    loras.sync([good])
+    assert reads == ["MainThread"] and engine.adapters.names == [files["ink"]]
 
 
 def test_serve_sessions_on_shared_weights_each_get_their_own_loras(tiny_model, files):

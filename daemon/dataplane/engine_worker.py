@@ -78,6 +78,7 @@ class EngineWorker:
         self.readiness = Readiness()
         self.masks: MaskWorker | None = None  # segments each frame the engine takes (if set)
         self._restarted = True  # the stream restarted: a mask starts at once, with no blend
+        self._reader: tuple[int, threading.Thread] | None = None  # LoRA files of a library
 
     def start(self) -> None:
         self._thread.start()
@@ -190,12 +191,29 @@ class EngineWorker:
         assert self.switcher is not None
         library = self.presets.library
         if library.version != self._library_version:
+            if not self._read_ahead(library.version):
+                return  # (a switch to a preset of the new library waits for its LoRA files)
             self._library_version = library.version
-            self._encode(self.switcher)  # (LoRA files are read here, never at a switch)
+            self._encode(self.switcher)  # (prompts encoded here, never at a switch)
         wanted = self.presets.current()
         if wanted == self.applied or library.broken(wanted.name) is not None:
             return  # (a broken preset: the current style runs on)
         self._apply(wanted)
+
+    def _read_ahead(self, version: int) -> bool:
+        """True once the LoRA files of library ``version`` were read, in a thread of its own
+        (this thread keeps styling frames meanwhile; it then only adds what was read)."""
+        reader = self._reader
+        if reader is not None and reader[0] == version:
+            return not reader[1].is_alive()
+        assert self.switcher is not None
+        presets = list(self.presets.library.presets.values())
+        thread = threading.Thread(
+            target=self.switcher.loras.read_ahead, args=(presets,), name="lora-read", daemon=True
+        )
+        thread.start()
+        self._reader = (version, thread)
+        return False
 
     def _follow_budget(self) -> None:
         """Between frames: let the latency controller pick the steps (not while a preset

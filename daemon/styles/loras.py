@@ -5,19 +5,23 @@
 (:mod:`streamv2v.adapters`): a LoRA listed in both uses the preset's scale (the difference is
 what is switched). Every LoRA a preset names is loaded once, when the preset library changes
 (as prompts are pre-encoded), never at a switch; a LoRA no preset names any more is freed; a
-LoRA that fails to load marks only the presets that name it broken.
+LoRA that fails to load marks only the presets that name it broken. The files are read ahead in
+a thread of their own (:meth:`StyleLoras.read_ahead`), so the engine thread only adds what was
+read (copies of the touched base weights) and never waits for a disk.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from daemon.styles.presets import Preset
 from streamv2v import LoraSpec
+from streamv2v.adapters import load_lora
 
 log = logging.getLogger("streamv2v.presets")
 
@@ -62,6 +66,9 @@ class StyleLoras:
         self._failed: dict[str, tuple[tuple[int, int] | None, str]] = {}  # name -> (sig, error)
         #: preset name -> why it is broken (a LoRA of it failed to load)
         self.errors: dict[str, str] = {}
+        self._lock = threading.Lock()
+        #: name -> (file signature, what read_ahead() read: the factors, or the error)
+        self._read: dict[str, tuple[tuple[int, int] | None, Any]] = {}
 
     @property
     def adapters(self) -> Any:
@@ -76,13 +83,12 @@ class StyleLoras:
         ones no preset names (unless ``free`` is False: ``serve``, whose sessions each send
         their own presets); returns the broken presets (name -> error)."""
         presets = list(presets)
-        wanted: dict[str, LoraSpec] = {}
-        for preset in presets:
-            for spec in preset.loras or ():
-                if lora_name(spec) in switched_loras(preset, self.fused):
-                    wanted.setdefault(lora_name(spec), spec)
+        wanted = self._wanted(presets)
         for name, spec in wanted.items():
             self._load(name, spec)
+        with self._lock:  # read ahead for a library that changed again since
+            for name in [n for n in self._read if n not in wanted]:
+                del self._read[name]
         if free:
             self.adapters.retain({n for n in wanted if n in self.adapters})
         for name in [n for n in self._signatures if n not in self.adapters]:
@@ -98,17 +104,59 @@ class StyleLoras:
         self.errors = errors
         return errors
 
+    def _wanted(self, presets: Iterable[Preset]) -> dict[str, LoraSpec]:
+        wanted: dict[str, LoraSpec] = {}
+        for preset in presets:
+            for spec in preset.loras or ():
+                if lora_name(spec) in switched_loras(preset, self.fused):
+                    wanted.setdefault(lora_name(spec), spec)
+        return wanted
+
+    def _current(self, name: str, signature: tuple[int, int] | None) -> bool:
+        """``name`` is loaded from this file, or failed on it already (retried when it changes)."""
+        if name in self.adapters and self._signatures.get(name) == signature:
+            return True
+        failed = self._failed.get(name)
+        return failed is not None and failed[0] == signature
+
+    def read_ahead(self, presets: Iterable[Preset]) -> int:
+        """Read the files :meth:`sync` will load for ``presets`` (any thread: the adapter library
+        is not changed here); returns how many were read."""
+        read = 0
+        for name, spec in self._wanted(presets).items():
+            signature = _signature(spec)
+            if self._current(name, signature):
+                continue
+            try:
+                weights: Any = load_lora(
+                    spec.id,
+                    self.adapters.models,
+                    weight_name=spec.weight_name,
+                    allow_pickle=self.allow_pickle,
+                )
+            except Exception as err:  # any reader's failure: sync() marks the presets
+                weights = err
+            with self._lock:
+                self._read[name] = (signature, weights)
+            read += 1
+        return read
+
     def _load(self, name: str, spec: LoraSpec) -> None:
         signature = _signature(spec)
-        if name in self.adapters and self._signatures.get(name) == signature:
+        if self._current(name, signature):
             return
-        failed = self._failed.get(name)
-        if failed is not None and failed[0] == signature:
-            return  # tried already: again only when the file changes
+        with self._lock:
+            ahead = self._read.pop(name, None)
         try:
-            weights = self.adapters.load(
-                name, spec.id, weight_name=spec.weight_name, allow_pickle=self.allow_pickle
-            )
+            if ahead is not None and ahead[0] == signature:  # read by read_ahead(): add it
+                if isinstance(ahead[1], Exception):
+                    raise ahead[1]
+                weights = ahead[1]
+                self.adapters.add(name, weights)
+            else:
+                weights = self.adapters.load(
+                    name, spec.id, weight_name=spec.weight_name, allow_pickle=self.allow_pickle
+                )
         except Exception as err:  # any reader's failure: this LoRA only
             self._failed[name] = (signature, str(err))
             self.adapters.remove(name)
