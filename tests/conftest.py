@@ -66,8 +66,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     units: dict[str, list[pytest.Item]] = {}
     on_worker = bool(config.getoption("loadgroup", default=False))  # xdist worker, loadgroup
     for item in items:
-        group = _group_of(item)
-        if group is not None and item.get_closest_marker("xdist_group") is None:
+        mark = item.get_closest_marker("xdist_group")  # a module's own (the compile tests)
+        group = mark.args[0] if mark is not None and mark.args else _group_of(item)
+        if group is not None and mark is None:
             item.add_marker(pytest.mark.xdist_group(group))
         if group is not None and on_worker:
             _suffix_group(item, group)

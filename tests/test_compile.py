@@ -16,7 +16,9 @@ from torch._dynamo.utils import counters
 
 from streamv2v import BankConfig, EngineConfig, StreamV2V
 
-pytestmark = pytest.mark.slow
+# One worker runs the compile tests one after another, on the run's inductor cache
+# (tests/conftest.py): the graphs they share (encode, decode, the plain UNet) compile once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("compile")]
 
 #: Max |compiled - eager| on the x0 latents (float32). Inductor reorders float reductions (~1e-6
 #: per op); the bank carries state over frames, so allow a few ulps' growth, far below any
@@ -27,10 +29,8 @@ STEP_RANGE = (1, 2)
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_model, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:  # a cold cache of its own: compiles for real
-        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
-        yield build(tiny_model)
+def engines(tiny_model):
+    return build(tiny_model)
 
 
 def build(tiny_model):

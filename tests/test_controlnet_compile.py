@@ -16,7 +16,9 @@ from daemon.styles.switching import StyleSwitcher
 from streamv2v import EngineConfig, StreamV2V
 from streamv2v.testing import save_tiny_controlnet
 
-pytestmark = pytest.mark.slow
+# One worker runs the compile tests one after another, on the run's inductor cache
+# (tests/conftest.py): the graphs they share (encode, decode, the plain UNet) compile once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("compile")]
 
 #: As tests/test_compile.py: inductor reorders float reductions; the bank carries them on.
 TOLERANCE = 1e-4
@@ -33,14 +35,12 @@ def engines(tiny_model, tmp_path_factory):
     cfg = EngineConfig(
         vae="model", width=64, height=64, steps=2, bank={"interval": 2}, control=control
     )
-    with pytest.MonkeyPatch.context() as mp:  # a cold cache of its own: compiles for real
-        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
-        eager = StreamV2V.from_pretrained(tiny_model, config=cfg, device="cpu")
-        compiled = StreamV2V.from_pretrained(
-            tiny_model, config=cfg.model_copy(update={"compile": "on"}), device="cpu"
-        )
-        compiled.warmup([2], progress=False)
-        yield eager, compiled
+    eager = StreamV2V.from_pretrained(tiny_model, config=cfg, device="cpu")
+    compiled = StreamV2V.from_pretrained(
+        tiny_model, config=cfg.model_copy(update={"compile": "on"}), device="cpu"
+    )
+    compiled.warmup([2], progress=False)
+    return eager, compiled
 
 
 def test_compiled_equals_eager_with_control_over_100_frames_without_a_recompile(engines):

@@ -13,7 +13,9 @@ from test_compile import TOLERANCE
 from streamv2v import BankConfig, EngineConfig, StreamV2V
 from tests.lora_helpers import lora_factors, write_diffusers
 
-pytestmark = pytest.mark.slow
+# One worker runs the compile tests one after another, on the run's inductor cache
+# (tests/conftest.py): the graphs they share (encode, decode, the plain UNet) compile once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("compile")]
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +27,17 @@ def engines(tiny_model, tmp_path_factory):
     files = {n: write_diffusers(folder / f"{n}.safetensors", lora_factors(unet, seed=i))
              for i, n in enumerate(("a", "b", "c"), start=21)}  # fmt: skip
     cfg = EngineConfig(vae="model", width=64, height=64, steps=1, bank=BankConfig(interval=2))
-    with pytest.MonkeyPatch.context() as mp:  # a cold cache of its own: compiles for real
-        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
-        out = []
-        for mode in ("off", "on"):
-            engine = StreamV2V.from_pretrained(
-                tiny_model, config=cfg.model_copy(update={"compile": mode}), device="cpu"
-            )
-            for name, path in files.items():
-                engine.adapters.load(name, path)
-            engine.set_prompt("a cat")
-            out.append(engine)
-        out[1].warmup([1], progress=False)
-        yield out
+    out = []
+    for mode in ("off", "on"):
+        engine = StreamV2V.from_pretrained(
+            tiny_model, config=cfg.model_copy(update={"compile": mode}), device="cpu"
+        )
+        for name, path in files.items():
+            engine.adapters.load(name, path)
+        engine.set_prompt("a cat")
+        out.append(engine)
+    out[1].warmup([1], progress=False)
+    return out
 
 
 def test_switches_and_blends_for_200_frames_without_a_recompile(engines):
