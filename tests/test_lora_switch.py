@@ -92,13 +92,17 @@ def test_engine_loras_stay_fused_and_a_preset_listing_one_switches_the_differenc
     assert switched_loras(same, fused) == {}
 
 
-def test_a_broken_lora_marks_only_its_preset(tiny_model, files, tmp_path):
+def good_and_bad(tiny_model, files, tmp_path) -> tuple[StreamV2V, StyleLoras, Preset, Preset]:
+    """An engine, its StyleLoras, a preset with a real LoRA and one whose LoRA file is junk."""
     engine = StreamV2V.from_pretrained(tiny_model, config=CFG, device="cpu")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 16)
-    loras = StyleLoras(engine, ())
     good = preset("good", "x", [(files["ink"], 1.0)])
-    bad = preset("bad", "y", [(str(junk), 1.0)])
+    return engine, StyleLoras(engine, ()), good, preset("bad", "y", [(str(junk), 1.0)])
+
+
+def test_a_broken_lora_marks_only_its_preset(tiny_model, files, tmp_path):
+    _, loras, good, bad = good_and_bad(tiny_model, files, tmp_path)
     errors = loras.sync([good, bad])
     assert list(errors) == ["bad"] and "could not read LoRA" in errors["bad"]
     assert loras.scales(good) == {files["ink"]: 1.0} and loras.scales(bad) == {}
@@ -124,12 +128,7 @@ def test_files_read_ahead_in_another_thread_leave_the_engine_thread_no_reading(
 
     monkeypatch.setattr(loras_module, "load_lora", counted)
     monkeypatch.setattr(adapters_module, "load_lora", counted)
-    engine = StreamV2V.from_pretrained(tiny_model, config=CFG, device="cpu")
-    junk = tmp_path / "junk.safetensors"
-    junk.write_bytes(b"\x00" * 16)
-    loras = StyleLoras(engine, ())
-    good = preset("good", "x", [(files["ink"], 1.0)])
-    bad = preset("bad", "y", [(str(junk), 1.0)])
+    engine, loras, good, bad = good_and_bad(tiny_model, files, tmp_path)
     reader = threading.Thread(target=loras.read_ahead, args=([good, bad],), name="lora-read")
     reader.start()
     reader.join()
