@@ -82,9 +82,11 @@ def main() -> None:
     data = cfg.model_dump()
     data["engine"]["model"] = str(model)
     data["engine"]["loras"] = []
+    # (no ControlNet: the demo's tiny-canny fits the tiny style model, not this random one)
     data["engine"]["settings"].update(
-        {"width": args.size, "height": args.size, "steps": args.steps, "vae": "model", "loras": ()}
-    )
+        {"width": args.size, "height": args.size, "steps": args.steps, "vae": "model", "loras": (),
+         "control": ()}
+    )  # fmt: skip
     data["output"]["fps"] = args.output_fps
     data["output"]["preview"]["port"] = 0
     data["output"]["virtual_camera"]["enabled"] = False  # no v4l2loopback device here

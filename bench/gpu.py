@@ -182,9 +182,11 @@ def daemon_g2g(folder: Path, args, fps: int, compiled: bool) -> dict:
     cfg, _ = apply_demo(DaemonConfig())
     data = cfg.model_dump()
     data["engine"].update({"model": str(folder), "loras": [], "device": args.device})
+    # (no ControlNet: the demo's tiny-canny fits the tiny style model, not this one)
     data["engine"]["settings"].update(
-        {"width": args.size, "height": args.size, "steps": 1, "vae": "model", "loras": ()}
-    )
+        {"width": args.size, "height": args.size, "steps": 1, "vae": "model", "loras": (),
+         "control": ()}
+    )  # fmt: skip
     data["engine"]["settings"]["compile"] = "on" if compiled else "off"
     data["output"]["fps"] = fps
     data["output"]["preview"]["port"] = 0

@@ -37,7 +37,10 @@ def daemon_config(
     cfg, _ = apply_demo(DaemonConfig())
     data = cfg.model_dump()
     data["engine"].update({"model": str(model), "loras": []})
-    data["engine"]["settings"].update({"width": size, "height": size, "vae": "model", "loras": ()})
+    # (no ControlNet: the demo's tiny-canny fits the tiny style model, not this random one)
+    data["engine"]["settings"].update(
+        {"width": size, "height": size, "vae": "model", "loras": (), "control": ()}
+    )
     data["camera"]["fps"] = 30
     data["output"]["fps"] = 30
     data["output"]["preview"]["enabled"] = False
