@@ -17,6 +17,12 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # OpenMP threads that sleep instead of spinning while waiting: with spinning threads, any other
 # process on these 2 cores slows each torch op by a scheduler tick (tests 30x slower).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under xdist the two workers share the two cores: one intra-op thread each (before torch is
+# imported), or torch's two threads per worker oversubscribe them and the timing-bound tests
+# (output rate, remote switch) see the other worker's load as scheduling delays. The tiny
+# models' ops are too small to gain from a second thread anyway (see one_torch_thread).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_configure(config: pytest.Config) -> None:

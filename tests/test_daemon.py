@@ -79,6 +79,42 @@ def test_styled_frames_reach_the_virtual_camera_at_its_size_and_rate(tiny_model,
     assert cam.closed
 
 
+def test_the_output_rate_holds_when_publishing_is_late_and_a_stall_makes_no_burst(
+    tiny_model, memory_vcam
+):
+    """Each publish takes 30 ms of a 50 ms slot (a slow sink, or a busy machine waking the
+    output thread late): the next slot goes out on time, so the rate stays the configured one;
+    one 300 ms stall is not made up by a burst of frames."""
+    from daemon.dataplane.output_worker import OutputWorker
+    from daemon.dataplane.slots import LatestSlot
+
+    config = demo_config(tiny_model)
+    worker = OutputWorker(config, LatestSlot(), (64, 64))
+    worker.open_sinks()
+    send, calls = worker.vcam.send, [0]
+
+    def slow_send(image):
+        calls[0] += 1
+        time.sleep(0.3 if calls[0] == 30 else 0.03)
+        send(image)
+
+    worker.vcam.send = slow_send
+    cam = memory_vcam.instances[-1]
+    worker.start()
+    try:
+        assert wait_for(lambda: calls[0] > 60, 10)
+        start = len(cam.times)
+        time.sleep(2.0)
+        times = cam.times[start:]
+    finally:
+        worker.stop()
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    assert 19 <= rate <= 21, rate  # 20 fps (it was 18 and less: each late slot moved the next)
+    gaps = [b - a for a, b in zip(cam.times, cam.times[1:])]
+    assert max(gaps) > 0.3  # the stall happened...
+    assert sum(g < 0.02 for g in gaps) <= 1, gaps  # ...and no burst of frames followed it
+
+
 def test_a_broken_model_falls_back_to_passthrough_and_keeps_publishing(tmp_path, memory_vcam):
     cfg = demo_config(tmp_path / "no-model")
     daemon = Daemon(cfg)

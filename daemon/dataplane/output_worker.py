@@ -122,8 +122,12 @@ class OutputWorker:
             elif self._src.closed:
                 break
             self._publish(image)
-            # The next slot; after a stall, start again from now rather than burst to catch up.
-            due = max(due + period, time.monotonic() + period / 2)
+            # The next slot. A slot published late (a busy machine wakes this thread late, a
+            # sink is slow) is made up by the next one going out at once, so the rate holds;
+            # after a stall of more than a slot, start again from now rather than burst.
+            due += period
+            if due < time.monotonic() - period:
+                due = time.monotonic() + period / 2
 
     def _publish(self, image: np.ndarray) -> None:
         # A sink that fails (a virtual camera device removed, a full disk) is dropped with one
