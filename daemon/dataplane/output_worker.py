@@ -23,6 +23,9 @@ from daemon.masking.worker import MaskWorker
 
 log = logging.getLogger("streamv2v")
 
+#: Output slots a late output thread makes up at once (at 30 fps: up to 100 ms of hiccups).
+_CATCH_UP = 3
+
 
 class OutputWorker:
     """The output thread: every 1/fps publishes the newest frame to every sink, repeating the
@@ -122,11 +125,11 @@ class OutputWorker:
             elif self._src.closed:
                 break
             self._publish(image)
-            # The next slot. A slot published late (a busy machine wakes this thread late, a
-            # sink is slow) is made up by the next one going out at once, so the rate holds;
-            # after a stall of more than a slot, start again from now rather than burst.
+            # The next slot. Slots published late (a busy machine wakes this thread late, a
+            # sink is slow) are made up by the next ones going out at once, so the rate holds;
+            # after a stall of more than _CATCH_UP slots, start again from now (no burst).
             due += period
-            if due < time.monotonic() - period:
+            if due < time.monotonic() - _CATCH_UP * period:
                 due = time.monotonic() + period / 2
 
     def _publish(self, image: np.ndarray) -> None:
