@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from streamv2v.config import EngineConfig
@@ -94,3 +95,22 @@ def warmup_configs(
             if variant not in wanted:
                 wanted.append(variant)
     return wanted
+
+
+def run_warmup(engine: Any, configs: list[EngineConfig], *, progress: bool = True) -> None:
+    """Run ``engine`` (a :class:`~streamv2v.StreamV2V`) a few frames in each of ``configs``, so
+    each is compiled (and on CUDA captured) now; then its configuration is set back (its stream
+    reset). Without compilation each is only prepared."""
+    from tqdm.auto import tqdm
+
+    base = engine.config
+    frame = np.random.default_rng(0).integers(0, 256, (base.height, base.width, 3), np.uint8)
+    desc = "compiling" if engine.compiled else "preparing"
+    bar = tqdm(configs, desc=desc, disable=not progress)
+    for cfg in bar:
+        bar.set_postfix_str(f"{cfg.steps} steps, bank {'on' if cfg.bank.enabled else 'off'}")
+        engine.set_config(cfg)
+        # Enough frames for the stream to output, then one capture and one replay.
+        for i in range(engine.latency_frames + 3 if engine.compiled else 0):
+            engine(np.roll(frame, i, axis=1), output_type="np")
+    engine.set_config(base)

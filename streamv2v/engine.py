@@ -27,6 +27,7 @@ from streamv2v.compiled import (
     compile_fn,
     frame_begin,
     mark_static,
+    run_warmup,
     warmup_configs,
 )
 from streamv2v.config import EngineConfig
@@ -176,20 +177,8 @@ class StreamV2V:
         ``(steps, stream_batch)``) runs a few frames with the current settings, and with the bank
         off too when ``bank_off``. The current configuration is restored (its stream reset).
         Returns the configurations warmed. Without compilation it only prepares them."""
-        base = self.config
-        wanted = warmup_configs(base, step_counts, bank_off=bank_off)
-        from tqdm.auto import tqdm
-
-        rng = np.random.default_rng(0)
-        frame = rng.integers(0, 256, (base.height, base.width, 3), dtype=np.uint8)
-        bar = tqdm(wanted, desc="compiling" if self.compiled else "preparing", disable=not progress)
-        for cfg in bar:
-            bar.set_postfix_str(f"{cfg.steps} steps, bank {'on' if cfg.bank.enabled else 'off'}")
-            self.set_config(cfg)
-            # Enough frames for the stream to output, then one capture and one replay.
-            for i in range(self.latency_frames + 3 if self.compiled else 0):
-                self(np.roll(frame, i, axis=1), output_type="np")
-        self.set_config(base)
+        wanted = warmup_configs(self.config, step_counts, bank_off=bank_off)
+        run_warmup(self, wanted, progress=progress)
         return wanted
 
     def release_memory(self) -> None:
