@@ -6,7 +6,7 @@ and on, the feature bank off and stable, at three strengths: the README's Contro
 
 Three clips of the model's world, 128x128: the two witness clips (STATIC with camera noise,
 MOVING; streamv2v.scenes.witness_clips, as `streamv2v eval`'s tests use them) and a held-aside
-moving scene the ControlNet never saw (streamv2v.tiny_control.held_aside_clip). Each run goes
+moving scene the ControlNet never saw (streamv2v.tiny.control.held_aside_clip). Each run goes
 through the engine one frame at a time, as the daemon feeds it; the figures are
 daemon/offline/quality.py's, the first 4 frames (warm-up) left out:
 
@@ -34,7 +34,7 @@ from daemon.models.registry import tiny_canny_dir, tiny_styles_dir
 from daemon.offline.quality import measure, source_edges, source_motion
 from streamv2v import BankConfig, ControlSpec, EngineConfig, StreamV2V
 from streamv2v.scenes import SIZE, STYLES, moving_scene, random_scene, render, witness_clips
-from streamv2v.tiny_control import held_aside_clip
+from streamv2v.tiny.control import held_aside_clip
 
 SKIP = 4
 BANKS = {"off": BankConfig(enabled=False), "stable": BankConfig(mode="stable")}

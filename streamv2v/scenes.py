@@ -1,5 +1,5 @@
 """Synthetic scenes (a few shapes on a background) rendered in four styles: the world of the tiny
-trained style model (:mod:`streamv2v.tiny_styles`), and a moving camera stand-in for its demo.
+trained style model (:mod:`streamv2v.tiny.styles`), and a moving camera stand-in for its demo.
 
 numpy only: the daemon's generated camera imports it without torch.
 """

@@ -23,7 +23,7 @@ import pytest
 from test_daemon import wait_for
 
 from daemon.control.api import call
-from streamv2v.tiny_lora import sepia_error
+from streamv2v.tiny.lora import sepia_error
 
 pytestmark = pytest.mark.slow
 

@@ -193,7 +193,7 @@ def test_the_demo_lora_training_script_runs_reproducibly_on_a_few_steps(tmp_path
     from safetensors.torch import load_file
 
     from daemon.models.registry import tiny_styles_dir
-    from streamv2v.tiny_lora import LoraRecipe, sepia, sepia_error, train
+    from streamv2v.tiny.lora import LoraRecipe, sepia, sepia_error, train
 
     recipe = LoraRecipe(steps=2, scenes=4, batch=2, threads=1)
     a = train(tiny_styles_dir(), tmp_path / "a" / "s.safetensors", recipe, log=lambda _: None)

@@ -18,7 +18,7 @@ from daemon.models.registry import tiny_styles_dir
 from daemon.offline.quality import measure, source_edges
 from streamv2v import EngineConfig, StreamV2V
 from streamv2v.scenes import SIZE, STYLES, random_scene, render
-from streamv2v.tiny_control import Recipe, canny_condition, held_aside_clip, train
+from streamv2v.tiny.control import Recipe, canny_condition, held_aside_clip, train
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -16,7 +16,7 @@ from daemon.styles.switching import StyleSwitcher
 from streamv2v import BankConfig, EngineConfig, StreamV2V
 from streamv2v.scenes import SIZE, STYLES, moving_scene, random_scene, render
 from streamv2v.temporal import temporal_figures
-from streamv2v.tiny_styles import Recipe, train
+from streamv2v.tiny.styles import Recipe, train
 
 MODEL = tiny_styles_dir()
 OFF = BankConfig(enabled=False)

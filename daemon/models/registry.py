@@ -3,8 +3,8 @@ offline pipeline and the benches share.
 
 ``tiny`` is a random-weight model built into the user cache on first use (it shows the pipeline,
 not a style); ``tiny-styles`` is a tiny model trained on synthetic scenes in four styles, shipped
-inside the package (see streamv2v/tiny_styles.py). ``tiny-canny`` is a canny ControlNet trained
-for it (streamv2v/tiny_control.py), a control model name. Any other name is a hub id or a folder.
+inside the package (see streamv2v/tiny/styles.py). ``tiny-canny`` is a canny ControlNet trained
+for it (streamv2v/tiny/control.py), a control model name. Any other name is a hub id or a folder.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from daemon.errors import PROG, UserError
 #: The special model name for the embedded random-weight model (works offline, makes noise).
 TINY_MODEL = "tiny"
 #: The tiny model TRAINED on synthetic scenes in four styles, shipped with the package: the
-#: embedded default where no real model is at hand (see streamv2v/tiny_styles.py).
+#: embedded default where no real model is at hand (see streamv2v/tiny/styles.py).
 TINY_STYLES = "tiny-styles"
 BUILTIN_MODELS = (TINY_MODEL, TINY_STYLES)
 #: The tiny canny ControlNet TRAINED for the style model, shipped with the package (see
-#: streamv2v/tiny_control.py): a control model name, resolved like the built-in models.
+#: streamv2v/tiny/control.py): a control model name, resolved like the built-in models.
 TINY_CANNY = "tiny-canny"
 #: The size the built-in style model was trained at (its default working size).
 TINY_STYLES_SIZE = 128
@@ -97,7 +97,7 @@ def control_location(model: str) -> str:
     if not tiny_canny_available():
         raise UserError(
             f"the built-in ControlNet is missing from this installation ({tiny_canny_dir()}): "
-            "reinstall streamv2v, or train one with `python -m streamv2v.tiny_control --out "
+            "reinstall streamv2v, or train one with `python -m streamv2v.tiny.control --out "
             "DIR` and pass that folder as the control model"
         )
     return str(tiny_canny_dir())
@@ -109,7 +109,7 @@ def model_location(model: str) -> str:
         if not tiny_styles_available():
             raise UserError(
                 f"the built-in style model is missing from this installation ({tiny_styles_dir()}):"
-                " reinstall streamv2v, or train one with `python -m streamv2v.tiny_styles --out "
+                " reinstall streamv2v, or train one with `python -m streamv2v.tiny.styles --out "
                 "DIR` and pass that folder as the model"
             )
         return str(tiny_styles_dir())

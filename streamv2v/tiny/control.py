@@ -1,7 +1,7 @@
-"""A tiny TRAINED canny ControlNet for the tiny style model (:mod:`streamv2v.tiny_styles`): it
+"""A tiny TRAINED canny ControlNet for the tiny style model (:mod:`streamv2v.tiny.styles`): it
 keeps a scene's shapes when the style model restyles it at high strength.
 
-    python -m streamv2v.tiny_control --out streamv2v/models/tiny-canny     # ~15 min on 1 core
+    python -m streamv2v.tiny.control --out streamv2v/models/tiny-canny     # ~15 min on 1 core
 
 The ControlNet starts as diffusers' ``ControlNetModel.from_unet`` of the shipped style model's
 UNet, which stays frozen (as do its text encoder and autoencoder). Its condition is the Canny
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from streamv2v.scenes import STYLES, moving_scene, random_scene, render
-from streamv2v.tiny_styles import to_tensor
+from streamv2v.tiny.styles import to_tensor
 
 #: Canny thresholds on gradient magnitude of the image in [0, 1] (kornia's defaults): the ones
 #: the ControlNet was trained with and the engine's canny preprocessor's defaults.
@@ -334,7 +334,7 @@ def model_card(figures: dict) -> str:
     return f"""# streamv2v tiny canny ControlNet (trained)
 
 A diffusers `ControlNetModel` for the tiny style model (`../tiny-styles`), float16 safetensors,
-trained by `python -m streamv2v.tiny_control --out DIR` (seeded: the same recipe on the same
+trained by `python -m streamv2v.tiny.control --out DIR` (seeded: the same recipe on the same
 machine gives the same weights). It keeps a scene's shapes when the style model restyles it at
 high strength (0.6-0.9), where the style model alone paints blobs that ignore the camera.
 

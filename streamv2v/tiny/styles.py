@@ -1,7 +1,7 @@
 """A tiny TRAINED style model: synthetic scenes in four styles, and the recipe that trains a tiny
 autoencoder, text encoder and UNet on a CPU to restyle one into another.
 
-    python -m streamv2v.tiny_styles --out streamv2v/models/tiny-styles     # ~1 h on 2 cores
+    python -m streamv2v.tiny.styles --out streamv2v/models/tiny-styles     # ~1 h on 2 cores
 
 The scenes are a few shapes on a background; every scene can be rendered in every style, so a
 style is the only thing that differs between two renders of one scene, and a prompt names it.
@@ -244,7 +244,7 @@ def _model_card(figures: dict) -> str:
 
 A tiny SD-family model (UNet {SIZE // 8}x{SIZE // 8} latents, tiny autoencoder, tiny CLIP text
 encoder; fp16 safetensors) trained on this project's synthetic scenes by
-`python -m streamv2v.tiny_styles`. It restyles a scene into one of four styles:
+`python -m streamv2v.tiny.styles`. It restyles a scene into one of four styles:
 
 {styles}
 

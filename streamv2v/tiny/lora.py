@@ -1,6 +1,6 @@
 """A style LoRA for the tiny style model: "sepia", a style the model was never shown.
 
-    python -m streamv2v.tiny_lora --out streamv2v/models/tiny-styles-loras/sepia.safetensors
+    python -m streamv2v.tiny.lora --out streamv2v/models/tiny-styles-loras/sepia.safetensors
 
 The sepia render of a scene is its plain render through the classic sepia toning matrix
 (:func:`sepia`). A rank-4 LoRA (peft) on the UNet's attention projections, feed-forward layers
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from streamv2v.scenes import STYLES, random_scene, render
-from streamv2v.tiny_styles import _lr, to_tensor
+from streamv2v.tiny.styles import _lr, to_tensor
 
 #: The trigger prompt of the demo LoRA (the tiny text encoder reads bytes: any text encodes).
 SEPIA_PROMPT = "a sepia scene"
