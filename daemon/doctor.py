@@ -262,6 +262,12 @@ def check_remote(config: DaemonConfig) -> Iterable[Check]:
     engine = config.engine
     if not engine.remote:
         return
+    from daemon.extras import install_command, message, missing_modules
+
+    if missing_modules("remote"):
+        fix = f"{install_command('remote')}, or unset engine.remote to run the engine here"
+        yield Check(FAIL, "remote engine", message("remote", "[engine] remote"), fix)
+        return
     from daemon.remote.client import probe
 
     try:
@@ -298,18 +304,34 @@ def check_presets(config: DaemonConfig) -> Iterable[Check]:
     yield Check(OK, "presets", f"{len(presets)} valid ({', '.join(presets)})")
 
 
+def check_extras(_: DaemonConfig) -> Iterable[Check]:
+    """Each optional extra but ``mask`` (check_mask's): installed, or what its absence costs."""
+    from daemon.extras import EXTRAS, install_command, missing_modules, versions
+
+    for extra in EXTRAS.values():
+        if extra.name == "mask":
+            continue
+        name = f"{extra.name} extra"
+        if missing_modules(extra.name):
+            detail = f"not installed: {extra.features} unavailable"
+            yield Check(WARN, name, detail, install_command(extra.name))
+        else:
+            yield Check(OK, name, versions(extra.name))
+
+
 def check_mask(_: DaemonConfig) -> Iterable[Check]:
     """The person mask's runtime (extra ``mask``) and the shipped model file."""
+    from daemon.extras import missing_modules
     from daemon.masking.runtime import EXTRA_HINT, runtime_problem, runtime_version
 
     problem = runtime_problem()
     if problem is None:
         yield Check(OK, "person mask", f"ai-edge-litert {runtime_version()}, model file intact")
-    elif "not installed" in problem:
+    elif missing_modules("mask"):
         yield Check(
             WARN,
             "person mask",
-            "ai-edge-litert not installed: presets with a mask are refused",
+            "ai-edge-litert not installed (the 'mask' extra): presets with a mask are refused",
             EXTRA_HINT,
         )
     else:
@@ -373,6 +395,7 @@ CHECKS: tuple[Callable[[DaemonConfig], Iterable[Check]], ...] = (
     check_camera,
     check_obs,
     check_presets,
+    check_extras,
     check_mask,
     check_ports,
     check_log,

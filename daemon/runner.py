@@ -21,6 +21,7 @@ from daemon.config import DaemonConfig
 from daemon.config_camera import missing_source
 from daemon.dataplane.camera import describe_source
 from daemon.errors import UserError
+from daemon.extras import require
 from daemon.logs import setup_logging
 from daemon.models.registry import (
     TINY_CANNY,
@@ -90,6 +91,8 @@ def read_usable(read_config: ConfigReader) -> tuple[DaemonConfig, list[str]]:
     problem = missing_source(config.camera.source)
     if problem is not None:
         raise UserError(problem)
+    if config.engine.remote:
+        require("remote", "[engine] remote")
     return config, notes
 
 

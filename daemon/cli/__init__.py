@@ -343,6 +343,9 @@ def serve_command(args: argparse.Namespace) -> int:
     """Serve the engine to daemons on other machines (WebRTC; run it on the GPU box)."""
     import logging
 
+    from daemon.extras import require
+
+    require("remote", "`streamv2v serve`")  # one line, not aiortc's ImportError
     from daemon.remote.server import ServeOptions, serve
 
     logging.basicConfig(

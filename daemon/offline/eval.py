@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from daemon.dataplane.video import VideoReader
 from daemon.errors import UserError
+from daemon.extras import require
 from daemon.models.engine_config import engine_config
 from daemon.offline.pipeline import load_engine, stream_frames
 from daemon.offline.quality import (
@@ -78,6 +79,7 @@ def check_report_path(path: Path | None) -> None:
     """Fail before any work when the report cannot be written where it was asked for."""
     if path is None:
         return
+    require("eval", "`streamv2v eval --report`")
     if path.suffix.lower() not in REPORT_SUFFIXES:
         raise UserError(
             f"cannot write the report to {path}: use a .html (one self-contained page) or .md "

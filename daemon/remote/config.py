@@ -13,8 +13,6 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 
-from daemon.remote.protocol import read_token_file
-
 
 class RemoteEngineFields(BaseModel):
     """``remote = "http://HOST:PORT"`` sends the camera to that server's engine; the token comes
@@ -61,6 +59,10 @@ class RemoteEngineFields(BaseModel):
                 )
             return value.strip()
         if self.token_file is not None:
+            # Here, not at the top: the protocol module needs the `remote` extra (aiortc), and
+            # this config is read with or without it.
+            from daemon.remote.protocol import read_token_file
+
             try:
                 return read_token_file(self.token_file)
             except OSError as exc:
