@@ -34,6 +34,13 @@ class Loop:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(cancel_all())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
@@ -96,9 +103,11 @@ async def _post(url: str, sdp: str, token: str | None) -> tuple[int, dict, str]:
     headers = {"Content-Type": "application/sdp"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    async with aiohttp.ClientSession() as http:
-        async with http.post(url, data=sdp, headers=headers) as reply:
-            return reply.status, dict(reply.headers), await reply.text()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(url, data=sdp, headers=headers) as reply,
+    ):
+        return reply.status, reply.headers.copy(), await reply.text()  # case-insensitive
 
 
 class Publisher:

@@ -190,6 +190,7 @@ class WhipSession(PeerSession):
             "viewers": len(self.viewers),
             "engine": self.engine.figures(),
             "encoded": {c: r.frames_encoded for c, r in self.relays.items()},
+            "listeners": {c: len(r.listeners) for c, r in self.relays.items()},
         }
 
 
