@@ -69,9 +69,9 @@ class Serve:
             conn.close()
 
     def stop(self) -> str:
-        self.proc.terminate()
+        self.proc.terminate()  # a clean exit takes seconds on a loaded machine: not waited for
         try:
-            self.proc.wait(10)
+            self.proc.wait(3)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)

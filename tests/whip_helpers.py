@@ -7,6 +7,7 @@ the tiny model's world painted in that colour); a viewer keeps the newest frame 
 from __future__ import annotations
 
 import asyncio
+import collections
 import fractions
 import threading
 import time
@@ -81,6 +82,7 @@ class Receiver:
         self.frames = 0
         self.ended = False
         self.history: list[tuple[float, float]] = []  # (arrival, warmth) of every frame
+        self.levels: collections.deque[tuple[float, float]] = collections.deque(maxlen=300)
 
     async def read(self, track: Any) -> None:
         try:
@@ -90,6 +92,7 @@ class Receiver:
                 self.latest, self.arrived = image, time.monotonic()
                 self.frames += 1
                 self.history.append((self.arrived, warmth(image)))
+                self.levels.append((self.arrived, float(image.mean())))
         except MediaStreamError:
             self.ended = True
 

@@ -191,6 +191,11 @@ class WhipSession(PeerSession):
             "engine": self.engine.figures(),
             "encoded": {c: r.frames_encoded for c, r in self.relays.items()},
             "listeners": {c: len(r.listeners) for c, r in self.relays.items()},
+            "encode_ms": {
+                c: round(1000 * r.encode_s / r.frames_encoded, 2)
+                for c, r in self.relays.items()
+                if r.frames_encoded
+            },
         }
 
 
