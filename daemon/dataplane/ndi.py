@@ -34,6 +34,8 @@ INSTALL_HINT = "pip install 'streamv2v[ndi]' (cyndilib, which bundles the NDI ru
 FIND_TIMEOUT_S = 2.0
 #: Without a frame for this long a connected source counts as lost (the capture reopens it).
 READ_TIMEOUT_S = 1.5
+_POLL_S = 0.004
+_WAIT_MS = 2
 
 
 def ndi_problem() -> str | None:
@@ -133,8 +135,12 @@ class NdiCapture:
 
         deadline = time.monotonic() + READ_TIMEOUT_S
         while time.monotonic() < deadline:
-            got = self._receiver.receive(ReceiveFrameType.recv_video, 100)
+            # cyndilib 0.1 holds the GIL while NDI waits for a frame: wait briefly (NDI hands
+            # out nothing with no wait at all) and sleep in Python between asks, or the engine
+            # thread starves.
+            got = self._receiver.receive(ReceiveFrameType.recv_video, _WAIT_MS)
             if not got & ReceiveFrameType.recv_video:
+                time.sleep(_POLL_S)
                 continue
             frame = self._frame
             size = frame.get_data_size()
@@ -176,8 +182,10 @@ def open_ndi(source: str, timeout_s: float = FIND_TIMEOUT_S) -> NdiCapture | Non
     deadline = time.monotonic() + timeout_s
     found = None
     while found is None and time.monotonic() < deadline:
-        finder.wait_for_sources(min(0.25, max(0.0, deadline - time.monotonic())))
+        finder.update_sources()  # no waiting inside cyndilib (it would hold the GIL)
         found = next((n for n in finder.get_source_names() if _matches(n, wanted)), None)
+        if found is None:
+            time.sleep(0.05)
     if found is None:
         finder.close()
         return None
