@@ -6,8 +6,8 @@ for 0, 1, 2, 4 WHEP viewers of one session (the relay encodes each frame once).
 
 Round trip: the publisher's frames turn from dark to light (and back); the time until the frame
 that comes back has moved by a clear step, median over ``--runs`` changes, with the passthrough
-preset (transport, codec and the server's loop only) and with a style (``light-touch``, strength
-0.4: the engine's frame time added).
+preset: transport, both codecs and the server's loop (a style adds the engine's frame time; the
+tiny model's styles do not follow the camera's brightness closely enough to time them this way).
 """
 
 from __future__ import annotations
@@ -40,14 +40,10 @@ def main() -> None:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
     (tmp / "token").write_text(TOKEN)
-    (tmp / "presets").mkdir()
-    # A style that still follows the camera's brightness (the demo presets' 0.8 barely does).
-    (tmp / "presets" / "light-touch.toml").write_text('prompt = "a warm scene"\nstrength = 0.4\n')
     code = "import sys; from daemon.cli import main; sys.exit(main(sys.argv[1:]))"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-c", code, "serve", "--port", str(args.port)]
     cmd += ["--token-file", str(tmp / "token"), "--log-level", "WARNING"]
-    cmd += ["--presets", str(tmp / "presets")]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
     base = f"http://127.0.0.1:{args.port}"
 
@@ -68,7 +64,7 @@ def main() -> None:
                 time.sleep(0.2)
         pub = Publisher(loop, base, TOKEN, (30, 30, 30))
         assert pub.start("?preset=passthrough") == 201
-        for preset in ("passthrough", "light-touch"):
+        for preset in ("passthrough",):
             call("PUT", f"{pub.location}/preset", {"name": preset})
             trips = []
             for i in range(args.runs * 2):

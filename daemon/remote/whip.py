@@ -96,7 +96,8 @@ class Gate:
             return None
         if self.auth.session_ok(session_cookie(headers.get("Cookie"))):
             origin, host = headers.get("Origin"), headers.get("Host")
-            if request.method in ("GET", "HEAD") or (origin and origin == f"http://{host}"):
+            # http: or, behind a TLS proxy (what a camera page on another machine needs), https:
+            if request.method in ("GET", "HEAD") or origin in (f"http://{host}", f"https://{host}"):
                 return None
             return problem(403, "a browser call must come from this server's page; reload it")
         return problem(
