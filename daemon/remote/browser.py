@@ -4,6 +4,7 @@ needs no import of them. One session type (server.py's PeerSession) whatever the
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from daemon.errors import UserError
@@ -15,6 +16,8 @@ from daemon.remote.whip import WhipEndpoints
 if TYPE_CHECKING:
     from daemon.remote.server import RemoteServer, ServeOptions
 
+log = logging.getLogger("streamv2v.serve")
+
 
 def add_browser_ways(server: RemoteServer, options: ServeOptions) -> WhipEndpoints:
     """Add the WHIP/WHEP routes, the preset library and the page to ``server``."""
@@ -25,4 +28,12 @@ def add_browser_ways(server: RemoteServer, options: ServeOptions) -> WhipEndpoin
     whip = WhipEndpoints(server, presets, options.ice_servers)
     WhepEndpoints(whip)
     add_page(server.app, whip.gate)
+    for where, why in presets.errors.items():
+        log.error("preset %s: %s", where, why)
+    log.info(
+        "serve: WHIP at /whip (presets %s; default %s), WHEP at /whep/ID, the page at / "
+        "(its login link: POST /login-code with the token)",
+        ", ".join(presets.names()),
+        presets.default.name,
+    )
     return whip
