@@ -257,3 +257,24 @@ def test_publish_style_switch_view_and_delete(serve, loop, capsys):
         for viewer in viewers:
             viewer.close()
         pub.close()
+
+
+@pytest.mark.slow
+def test_an_h264_sendonly_publisher_as_obs_sends_and_an_h264_viewer(serve, loop):
+    """OBS's WHIP output offers H264 only and sendonly: nothing comes back on its connection;
+    a viewer that takes H264 only gets the styled stream encoded in H264."""
+    assert wait_for(
+        lambda: serve.request("POST", "/whep", offer_of(loop, "recvonly"), SDP)[0] == 404, 10
+    )  # the last test's session is gone
+    pub = Publisher(loop, serve.base, TOKEN, GREY, back=False, codec="H264")
+    viewer = Viewer(loop, serve.base, TOKEN, codec="H264")
+    try:
+        assert pub.start("?preset=warm") == 201
+        assert viewer.start("/whep") == 201
+        assert wait_warmth([viewer.received], +1, 0.0, 60), viewer.received.frames
+        figures = json.loads(serve.request("GET", pub.location)[2])
+        assert figures["listeners"] == {"H264": 1}  # no return track: nobody wants VP8
+        assert serve.request("DELETE", pub.location)[0] == 200
+    finally:
+        viewer.close()
+        pub.close()

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 
@@ -102,6 +102,13 @@ def warmth(image: np.ndarray) -> float:
     return float(image[..., 0].mean()) - float(image[..., 2].mean())
 
 
+def prefer(transceiver: Any, codec: str) -> None:
+    """Offer only ``codec`` (e.g. "H264", as OBS does), or aiortc's default list for ""."""
+    if codec:
+        codecs = RTCRtpSender.getCapabilities("video").codecs
+        transceiver.setCodecPreferences([c for c in codecs if c.mimeType == f"video/{codec}"])
+
+
 async def _post(url: str, sdp: str, token: str | None) -> tuple[int, dict, str]:
     headers = {"Content-Type": "application/sdp"}
     if token:
@@ -117,8 +124,10 @@ class Publisher:
     """A WHIP client: sends ``colour`` frames; with ``back`` its offer is sendrecv and the styled
     frames that come back on the same connection land in ``self.back``."""
 
-    def __init__(self, loop: Loop, base: str, token: str, colour, *, back: bool = True) -> None:
-        self.loop, self.base, self.token = loop, base, token
+    def __init__(
+        self, loop: Loop, base: str, token: str, colour, *, back: bool = True, codec: str = ""
+    ) -> None:
+        self.loop, self.base, self.token, self.codec = loop, base, token, codec
         self.track = ColourTrack(colour)
         self.back = Receiver() if back else None
         self.location: str | None = None
@@ -130,7 +139,10 @@ class Publisher:
 
     async def _start(self, query: str) -> int:
         self.pc = pc = RTCPeerConnection()
-        pc.addTransceiver(self.track, direction="sendrecv" if self.back else "sendonly")
+        transceiver = pc.addTransceiver(
+            self.track, direction="sendrecv" if self.back else "sendonly"
+        )
+        prefer(transceiver, self.codec)
         if self.back is not None:
             pc.on("track", lambda t: asyncio.ensure_future(self.back.read(t)))
         await pc.setLocalDescription(await pc.createOffer())
@@ -161,8 +173,8 @@ class Publisher:
 class Viewer:
     """A WHEP client: a recvonly offer to ``path`` (/whep or /whep/ID)."""
 
-    def __init__(self, loop: Loop, base: str, token: str) -> None:
-        self.loop, self.base, self.token = loop, base, token
+    def __init__(self, loop: Loop, base: str, token: str, codec: str = "") -> None:
+        self.loop, self.base, self.token, self.codec = loop, base, token, codec
         self.received = Receiver()
         self.location: str | None = None
         self.pc: RTCPeerConnection | None = None
@@ -173,7 +185,7 @@ class Viewer:
 
     async def _start(self, path: str) -> int:
         self.pc = pc = RTCPeerConnection()
-        pc.addTransceiver("video", direction="recvonly")
+        prefer(pc.addTransceiver("video", direction="recvonly"), self.codec)
         pc.on("track", lambda t: asyncio.ensure_future(self.received.read(t)))
 
         @pc.on("connectionstatechange")
