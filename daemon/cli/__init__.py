@@ -346,6 +346,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from daemon.extras import require
 
     require("remote", "`streamv2v serve`")  # one line, not aiortc's ImportError
+    from daemon.remote.browser import add_browser_ways
     from daemon.remote.server import ServeOptions, serve
 
     logging.basicConfig(
@@ -361,8 +362,10 @@ def serve_command(args: argparse.Namespace) -> int:
         vae=args.vae,
         loras=tuple(args.lora),
         allow_pickle=args.allow_pickle,
+        presets=args.presets,
+        ice_servers=tuple(args.ice_server),
     )
-    serve(options)
+    serve(options, extend=add_browser_ways)
     return EXIT_OK
 
 
