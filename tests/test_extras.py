@@ -23,6 +23,12 @@ NEEDS_REMOTE = {
     "daemon.remote.client",
     "daemon.remote.server",
     "daemon.remote.session",
+    # `serve`'s browser ways (WHIP/WHEP, the encoded-packet relay, the page): serve imports them
+    "daemon.remote.browser",
+    "daemon.remote.page",
+    "daemon.remote.relay",
+    "daemon.remote.whep",
+    "daemon.remote.whip",
 }
 
 CHILD = r"""
