@@ -1,0 +1,73 @@
+"""`serve`'s shelf of ControlNets and LoRA users, on the shipped tiny style model's real UNet and
+the shipped tiny canny ControlNet: one load per distinct model however many sessions name it,
+freed with the last; each session its own scales."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from daemon.models.registry import tiny_canny_dir, tiny_styles_dir
+from daemon.remote.shelf import ControlShelf, LoraUsers, module_bytes
+from streamv2v import ControlSpec
+
+
+@pytest.fixture(scope="module")
+def unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_styles_dir() / "unet")
+
+
+def test_a_controlnet_loads_once_for_all_sessions_and_goes_with_the_last(unet, tmp_path):
+    other = tmp_path / "other-net"
+    shutil.copytree(tiny_canny_dir(), other)
+    canny = ControlSpec(model=str(tiny_canny_dir()), preprocess="canny", scale=1.0)
+    shelf = ControlShelf(unet)
+    first = shelf.acquire(1, [canny])
+    second = shelf.acquire(2, [canny.model_copy(update={"scale": 0.5})])
+    third = shelf.acquire(3, [ControlSpec(model=str(other), preprocess="image")])
+    # One net for the two sessions naming it (its weights once), another for the third.
+    assert first.nets[0] is second.nets[0] and third.nets[0] is not first.nets[0]
+    assert first.preprocessors[0] is second.preprocessors[0]
+    # Each session its own scales (a live tensor write of one does not touch the other).
+    first.set_scales([0.25])
+    assert second.scales.tolist() == [0.5] and first.scales.tolist() == [0.25]
+    figures = shelf.figures()["controlnets"]
+    assert figures[canny.model]["sessions"] == 2 and figures[str(other)]["sessions"] == 1
+    assert figures[canny.model]["bytes"] == module_bytes(first.nets[0]) > 1e6
+    assert shelf.release(3) == [str(other)]
+    assert shelf.release(1) == [] and canny.model in shelf.figures()["controlnets"]
+    assert shelf.release(2) == [canny.model]
+    assert shelf.figures() == {"controlnets": {}, "preprocessors": {}}
+
+
+def test_a_controlnet_that_does_not_load_holds_nothing(unet, tmp_path):
+    shelf = ControlShelf(unet)
+    shelf.acquire(1, [ControlSpec(model=str(tiny_canny_dir()), preprocess="canny")])
+    with pytest.raises(Exception, match="missing"):
+        shelf.acquire(
+            2,
+            [
+                ControlSpec(model=str(tiny_canny_dir()), preprocess="canny"),
+                ControlSpec(model=str(tmp_path / "missing"), preprocess="image", name="x"),
+            ],
+        )
+    assert shelf.figures()["controlnets"][str(tiny_canny_dir())]["sessions"] == 1
+
+
+def test_lora_users_free_a_lora_with_the_last_session_naming_it():
+    users = LoraUsers()
+    users.add(1, ["sepia", "ink"])
+    users.add(2, ["sepia"])
+    assert users.release(1) == {"ink"}
+    assert users.named() == {"sepia"}
+    assert users.release(2) == {"sepia"} and users.named() == set()
+
+
+def test_module_bytes_counts_parameters_and_buffers():
+    module = torch.nn.BatchNorm1d(4)  # 8 parameters, 9 buffer values (float32, long)
+    assert module_bytes(module) == 8 * 4 + 8 * 4 + 8
+    assert module_bytes(object()) == 0
