@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from daemon.models.registry import tiny_canny_dir, tiny_styles_dir
+from daemon.remote.metrics import serve_metrics_text
 from daemon.remote.shelf import ControlShelf, LoraUsers, module_bytes
 from streamv2v import ControlSpec
 
@@ -71,3 +72,39 @@ def test_module_bytes_counts_parameters_and_buffers():
     module = torch.nn.BatchNorm1d(4)  # 8 parameters, 9 buffer values (float32, long)
     assert module_bytes(module) == 8 * 4 + 8 * 4 + 8
     assert module_bytes(object()) == 0
+
+
+def test_a_depth_model_is_shared_by_the_depth_controlnets_and_goes_with_the_last(unet, tmp_path):
+    from streamv2v.testing import save_tiny_depth_model
+
+    depth = str(save_tiny_depth_model(tmp_path / "depth"))
+    other = tmp_path / "other-net"
+    shutil.copytree(tiny_canny_dir(), other)
+    shelf = ControlShelf(unet)
+    specs = [
+        ControlSpec(model=str(tiny_canny_dir()), preprocess="depth", depth_model=depth),
+        ControlSpec(model=str(other), preprocess="depth", depth_model=depth),
+    ]
+    a, b = shelf.acquire(1, specs[:1]), shelf.acquire(2, specs[1:])
+    assert a.preprocessors[0] is b.preprocessors[0]  # one depth model for both ControlNets
+    (held,) = shelf.figures()["preprocessors"].values()
+    assert held["sessions"] == 2 and held["bytes"] == module_bytes(a.preprocessors[0].model) > 0
+    # /metrics names the depth model and its bytes, once.
+    loaded = {"model_bytes": 1, "loras": {}, "lora_base_bytes": 0, **shelf.figures()}
+    figures = {
+        "sessions": 2,
+        "max_sessions": 4,
+        "free_sessions": 2,
+        "engines": [],
+        "loaded": loaded,
+    }
+    lines = serve_metrics_text(figures).splitlines()
+    depth_lines = [line for line in lines if line.startswith("streamv2v_serve_depth_model_bytes{")]
+    assert depth_lines == [
+        f'streamv2v_serve_depth_model_bytes{{model="{depth}"}} {held["bytes"]:.1f}'
+    ]
+    assert not any("gpu_memory" in line for line in lines)  # (CUDA only)
+    shelf.release(1)
+    assert len(shelf.figures()["preprocessors"]) == 1
+    shelf.release(2)
+    assert shelf.figures()["preprocessors"] == {}
