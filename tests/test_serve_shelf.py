@@ -108,3 +108,46 @@ def test_a_depth_model_is_shared_by_the_depth_controlnets_and_goes_with_the_last
     assert len(shelf.figures()["preprocessors"]) == 1
     shelf.release(2)
     assert shelf.figures()["preprocessors"] == {}
+
+
+@pytest.mark.slow
+def test_a_session_moving_to_other_controlnets_gets_a_new_engine_and_keeps_its_lora(tmp_path):
+    """In process (the engine thread's calls, without the network): a session whose daemon
+    now lists another ControlNet runs a new engine with it; the old one is freed, the LoRA its
+    preset names is not; the session's end frees both."""
+    import numpy as np
+
+    from daemon.remote.session import EngineSession, SharedModel
+    from daemon.styles.presets import Preset
+    from streamv2v import EngineConfig, LoraSpec
+
+    sepia = tiny_canny_dir().parent / "tiny-styles-loras" / "sepia.safetensors"
+    shared = SharedModel.load(str(tiny_styles_dir()), EngineConfig(vae="model"), "cpu", None, False)
+    session = EngineSession(shared, 1)
+    canny = ControlSpec(model="tiny-canny", preprocess="canny")  # found in this installation
+    base = EngineConfig(width=64, height=64, steps=1, vae="model", control=(canny,))
+    preset = Preset(
+        name="s", prompt="a sepia scene", loras=(LoraSpec(id=str(sepia)),), control_scales=[0.5]
+    )
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    try:
+        session.apply(base, preset)
+        assert all(session.process(image, i)[0] is not None for i in range(2))
+        assert session.engine.control.scales.tolist() == [0.5]
+        first = session.engine
+        other = tmp_path / "other-net"
+        shutil.copytree(tiny_canny_dir(), other)
+        moved = base.model_copy(
+            update={"control": (ControlSpec(model=str(other), preprocess="image"),)}
+        )
+        session.apply(moved, preset)
+        assert session.engine is not first
+        assert all(session.process(image, i)[0] is not None for i in range(2, 4))
+        loaded = shared.figures()
+        assert set(loaded["controlnets"]) == {str(other)}
+        assert [v["sessions"] for v in loaded["loras"].values()] == [1]
+    finally:
+        session.close()
+        shared.close()
+    loaded = shared.figures()
+    assert loaded["controlnets"] == {} and loaded["loras"] == {} and loaded["lora_base_bytes"] == 0

@@ -94,12 +94,16 @@ class SharedModel:
         self._active = engine  # its constructor installed its bank on the UNet
         return engine
 
-    def release(self, owner: int, engine: StreamV2V | None) -> None:
-        """``owner``'s session ended (or rebuilds its engine): its ControlNets, and the LoRAs
-        no other session named, are freed."""
+    def drop_engine(self, owner: int, engine: StreamV2V | None) -> None:
+        """``owner``'s engine is gone: the ControlNets only it used are freed."""
         self.controls.release(owner)
         if self._active is engine:
             self._active = None  # (its bank's processors stay on the UNet until the next runs)
+
+    def release(self, owner: int, engine: StreamV2V | None) -> None:
+        """``owner``'s session ended: its ControlNets, and the LoRAs no other session named,
+        are freed."""
+        self.drop_engine(owner, engine)
         unused = self.lora_users.release(owner)
         if not unused:
             return
@@ -213,7 +217,9 @@ class EngineSession:
             and self.base is not None
             and base.control_load_key() != self.base.control_load_key()
         ):
-            self.close()  # other ControlNets: a new engine with them (the old ones released)
+            # Other ControlNets: a new engine with them (the old ones released; its LoRAs kept).
+            shared.drop_engine(self.owner, self.engine)
+            self.engine, self.switcher, self.base = None, None, None
         if self.engine is None or base != self.base:
             if self.engine is None:
                 self.engine = shared.new_engine(preset.engine_config(base), self.owner)
