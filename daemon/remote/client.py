@@ -363,8 +363,12 @@ class RemoteEngineWorker:
             self.rtt_ms.add((time.monotonic() - message["id"]) * 1000)
         elif kind == "error":
             log.warning("remote engine %s: %s", self.url, message.get("error"))
-        elif kind == "failed":  # its engine failed on a frame (said once per distinct reason)
-            self._set_remote("failing", str(message.get("error"))[:300])
+        elif kind == "failed":  # its engine failed on a frame: said once while it fails
+            error = str(message.get("error"))[:300]
+            if self.remote_state == "failing":
+                self.remote_error = error  # (the newest reason on the status, no new log line)
+            else:
+                self._set_remote("failing", error)
         elif kind == "done":
             if self.remote_state == "failing":  # a frame went through again
                 self._set_remote("connected")
