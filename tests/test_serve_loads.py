@@ -81,9 +81,18 @@ def serve(tmp_path_factory):
         proc.stop()
 
 
-def daemon_with(tmp_path: Path, serve: LoggedServe, name: str, control: list, startup: str):
+def daemon_with(
+    tmp_path: Path,
+    serve: LoggedServe,
+    name: str,
+    control: list,
+    startup: str,
+    presets: Path | None = None,
+):
     cfg = remote_config(tmp_path, serve.url, serve.token_file, startup)
     cfg["engine"]["settings"]["control"] = control
+    if presets is not None:  # (beside the bundled demo presets)
+        cfg["presets"]["dir"] = str(presets)
     cfg["control"]["token_file"] = tmp_path / f"control-{name}.json"
     return Daemon(DaemonConfig.model_validate(cfg))
 
@@ -92,16 +101,31 @@ def switch(daemon: Daemon, name: str) -> None:
     call("POST", "/preset", {"name": name}, control_file=daemon.config.control.token_file)
 
 
-def test_controlnets_and_loras_load_with_their_sessions_and_go_with_the_last(tmp_path, serve):
+def test_controlnets_and_loras_load_with_their_sessions_and_go_with_the_last(
+    tmp_path, serve, caplog
+):
     # Two distinct ControlNets: the shipped canny one, and a copy of it fed the frame itself.
     other = tmp_path / "tile-net"
     shutil.copytree(tiny_canny_dir(), other)
+    # A preset whose LoRA the server cannot read: it runs without it, and the daemon hears why.
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    (presets / "unreadable.toml").write_text(
+        f'prompt = "a warm scene"\nloras = [{{ id = "{tmp_path / "bad.safetensors"}" }}]\n'
+    )
     canny = daemon_with(
-        tmp_path, serve, "canny", [{"model": "tiny-canny", "preprocess": "canny"}], "warm"
+        tmp_path,
+        serve,
+        "canny",
+        [{"model": "tiny-canny", "preprocess": "canny"}],
+        "warm",
+        presets,
     )
     tile = daemon_with(
         tmp_path, serve, "tile", [{"model": str(other), "preprocess": "image"}], "sepia"
     )
+    caplog.set_level(logging.INFO, logger="streamv2v")
     canny.start()
     tile.start()
     try:
@@ -118,6 +142,13 @@ def test_controlnets_and_loras_load_with_their_sessions_and_go_with_the_last(tmp
         (sepia,) = loaded["loras"]
         assert "sepia" in sepia and loaded["loras"][sepia]["sessions"] == 1
         assert loaded["loras"][sepia]["bytes"] > 1e5 and loaded["model_bytes"] > 1e6
+        switch(canny, "unreadable")
+
+        def said() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "runs without it" in r.getMessage()]
+
+        assert wait_for(said, 10), serve.log_text()[-2000:]
+        assert "unreadable" in said()[0] and "bad.safetensors" in said()[0], said()
         # The canny daemon blends its scales: to the LoRA preset, then to another ControlNet
         # preset (control_scales [1.0]), each switch a blend; no frame fails.
         switch(canny, "sepia")

@@ -216,6 +216,11 @@ class PeerSession:
         except Exception as err:  # a preset the engine cannot run: said to the daemon
             log.warning("session %d: %s failed (%s)", self.number, kind, err)
             self.send({"t": "error", "error": f"{kind} failed: {err}"})
+            return
+        notice = self.engine.notice
+        if kind == "preset" and notice:  # it runs, without what the server could not load
+            log.warning("session %d: %s", self.number, notice)
+            self.send({"t": "error", "error": notice})
 
     def _control_call(self, kind: str, message: dict[str, Any]) -> Any:
         """The engine-thread call a control message asks for (validated here, on the loop)."""

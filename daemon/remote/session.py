@@ -190,6 +190,8 @@ class EngineSession:
         self.frames = 0
         #: Why the last preset could not run (its frames fail with it until one can).
         self.failure: str | None = None
+        #: What the last preset runs without (a LoRA the server could not load), or "".
+        self.notice = ""
         self.frame_ms = Rolling(120)
         self._done_at: collections.deque[float] = collections.deque(maxlen=60)
 
@@ -197,6 +199,7 @@ class EngineSession:
         """Run ``preset`` (on the daemon's ``base`` settings): blended in as the daemon's own
         engine would (StyleSwitcher), or a fresh stream when the base settings changed. When it
         cannot run, :attr:`failure` says why and its frames fail with that reason."""
+        self.notice = ""
         try:
             self._apply(base, preset)
         except Exception as err:
@@ -210,6 +213,8 @@ class EngineSession:
             self.preset = preset
             return
         shared.encode(preset, self.owner)
+        broken = shared.loras.errors.get(preset.name)
+        self.notice = f"preset {preset.name!r} runs without it: {broken}" if broken else ""
         w = shared.weights.config  # the weights decide the VAE and the fused LoRAs
         base = _located(base).model_copy(update={"vae": w.vae, "loras": w.loras})
         if (
