@@ -105,14 +105,18 @@ class SharedModel:
         are freed."""
         self.drop_engine(owner, engine)
         unused = self.lora_users.release(owner)
-        if not unused:
-            return
-        freed = set(self.weights.adapters.retain(self.lora_users.named()))
+        freed = set(self.weights.adapters.retain(self.lora_users.named())) if unused else set()
         if freed:
             log.info("LoRA freed (no session names it): %s", ", ".join(sorted(freed)))
             # Prompts encoded with a freed text-encoder LoRA: stale once it is gone.
             for key in [k for k in self.prompts if any(n in freed for n, _ in k[2])]:
                 del self.prompts[key]
+        device = self.weights.device
+        if device.type == "cuda":  # what was freed goes back to the device, not torch's cache
+            import torch
+
+            with torch.cuda.device(device):
+                torch.cuda.empty_cache()
 
     def activate(self, engine: StreamV2V) -> None:
         """Put ``engine``'s feature-bank processors on the shared UNet (if another ran last)."""
