@@ -129,7 +129,7 @@ def test_every_combination_of_lora_controlnet_and_mask(
 ):
     started = time.monotonic()
     if where == "remote":
-        assert wait_for(lambda: serve.health() is not None, 60, 0.1), serve.log_text()
+        assert wait_for(lambda: serve.health() is not None, 120, 0.1), serve.log_text()
     else:
         serve = None
     daemon = matrix_daemon(world, steps, serve, f"{where}-{steps}")

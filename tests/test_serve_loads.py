@@ -75,7 +75,7 @@ class LoggedServe:
 def serve(tmp_path_factory):
     proc = LoggedServe(tmp_path_factory.mktemp("serve"))
     try:
-        assert wait_for(lambda: proc.health() is not None, 60, 0.1), proc.log_text()
+        assert wait_for(lambda: proc.health() is not None, 120, 0.1), proc.log_text()
         yield proc
     finally:
         proc.stop()
