@@ -107,6 +107,8 @@ def status_table(s: dict[str, Any]) -> str:
     remote = s.get("remote")
     if remote:
         error = f" ({remote['error']})" if remote["error"] else ""
+        if remote.get("problem"):  # e.g. "the engine on http://... fails: ..."
+            rows.append(("problem", remote["problem"]))
         rows.append(
             (
                 "remote",

@@ -28,6 +28,21 @@ class Frame:
     kind: str  # one of FRAME_KINDS
 
 
+def crop_to_aspect(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The centre of ``image`` with the aspect of ``width`` x ``height`` (a view: no copy)."""
+    h, w = image.shape[:2]
+    # Compare aspects with integers (w / h vs width / height) so equal aspects never crop a pixel.
+    if w * height > width * h:
+        crop_w = max(1, round(h * width / height))
+        x0 = (w - crop_w) // 2
+        return image[:, x0 : x0 + crop_w]
+    if w * height < width * h:
+        crop_h = max(1, round(w * height / width))
+        y0 = (h - crop_h) // 2
+        return image[y0 : y0 + crop_h]
+    return image
+
+
 def fit_to(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """``image`` center-cropped to the aspect of ``width`` x ``height``, then resized to it.
 
@@ -37,15 +52,7 @@ def fit_to(image: np.ndarray, width: int, height: int) -> np.ndarray:
     h, w = image.shape[:2]
     if (w, h) == (width, height):
         return image
-    # Compare aspects with integers (w / h vs width / height) so equal aspects never crop a pixel.
-    if w * height > width * h:
-        crop_w = max(1, round(h * width / height))
-        x0 = (w - crop_w) // 2
-        image = image[:, x0 : x0 + crop_w]
-    elif w * height < width * h:
-        crop_h = max(1, round(w * height / width))
-        y0 = (h - crop_h) // 2
-        image = image[y0 : y0 + crop_h]
+    image = crop_to_aspect(image, width, height)
     h, w = image.shape[:2]
     if (w, h) == (width, height):
         return np.ascontiguousarray(image)

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from daemon.control.metrics import Rolling
-from daemon.dataplane.frames import Frame, fit_to
+from daemon.dataplane.frames import Frame, crop_to_aspect, fit_to
 from daemon.masking.composite import Compositor
 from daemon.masking.runtime import MaskUnavailable
-from daemon.masking.segmenter import SIDE, PersonSegmenter
+from daemon.masking.segmenter import PersonSegmenter
 
 if TYPE_CHECKING:
     from daemon.styles.presets import Preset
@@ -40,7 +40,10 @@ MODES = {"none": (1.0, 0.0), "person": (0.0, 1.0), "background": (1.0, -1.0)}
 
 @dataclass(frozen=True, slots=True)
 class Masked:
-    """A camera frame in the engine's geometry and the style's weight over it (SIDE x SIDE)."""
+    """The camera frame an output came from, cropped as the engine's input is but at the
+    output's size (never through the engine's size: the kept region stays as sharp as the
+    camera), and the style's weight over it (the mask's own resolution, upsampled at the
+    composite)."""
 
     tag: float
     camera: np.ndarray
@@ -138,8 +141,10 @@ class MaskWorker:
                 self._failed = True
                 return None
         t0 = time.perf_counter()
-        camera = fit_to(frame.image, *self.engine_size)  # the geometry the engine styles
-        person = self._segmenter(camera)
+        # The part of the frame the engine styles (a view), segmented (the segmenter resizes
+        # it once to its input) and kept at the output's size (one resize from the camera).
+        region = crop_to_aspect(frame.image, *self.engine_size)
+        person = self._segmenter(region)
         smoothing = preset.mask_smoothing
         if self._smooth is None or smoothing == 0.0:
             self._smooth = person
@@ -153,12 +158,27 @@ class MaskWorker:
             keep *= smoothing
             self._smooth += (1.0 - keep) * change
         weight = self._smooth * np.float32(b) + np.float32(a)
-        if preset.mask_feather > 0:  # feather pixels are output pixels: scale to the mask
-            sigma = preset.mask_feather * SIDE / max(self.output_size)
-            cv2.GaussianBlur(weight, (0, 0), sigma, dst=weight)
+        weight = self._output_part(weight)
+        if preset.mask_feather > 0:  # feather pixels are output pixels: scaled per axis
+            (mh, mw), (ow, oh) = weight.shape, self.output_size
+            sx, sy = preset.mask_feather * mw / ow, preset.mask_feather * mh / oh
+            weight = cv2.GaussianBlur(weight, (0, 0), sigmaX=sx, sigmaY=sy)
         np.clip(weight, 0.0, 1.0, out=weight)
+        camera = fit_to(region, *self.output_size)
         self.segment_ms.add((time.perf_counter() - t0) * 1000)
         return Masked(frame.captured_at, camera, weight)
+
+    def _output_part(self, weight: np.ndarray) -> np.ndarray:
+        """The part of the mask (over the engine's frame) that the output shows: the output
+        crops the engine's frame to its own aspect, the mask is cropped alike (a view)."""
+        (ew, eh), (ow, oh) = self.engine_size, self.output_size
+        if ew * oh == ow * eh:
+            return weight
+        ch, cw = crop_to_aspect(np.empty((eh, ew, 0), np.uint8), ow, oh).shape[:2]
+        mh, mw = weight.shape
+        keep_h, keep_w = max(1, round(mh * ch / eh)), max(1, round(mw * cw / ew))
+        y0, x0 = (mh - keep_h) // 2, (mw - keep_w) // 2
+        return weight[y0 : y0 + keep_h, x0 : x0 + keep_w]
 
     def _follow(self, preset: Preset, restart: bool) -> None:
         """Move (a, b) one frame on towards the preset's mask mode (at once on a restart)."""

@@ -49,7 +49,7 @@ LOST_S = 2.0
 _CONNECT_TIMEOUT_S = 5.0
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.5, 2.0
 _PING_S = 0.5
-_SERVER_MESSAGES = frozenset({"done", "origin", "pong", "error"})
+_SERVER_MESSAGES = frozenset({"done", "origin", "pong", "error", "failed"})
 
 
 class Refused(Exception):
@@ -98,12 +98,18 @@ class RemoteEngineWorker:
         section = config.engine
         self.url = section.remote
         self.base = engine_config(section.model, section.settings, loras=section.loras)
+        # What the server is told: ControlNets by the names configured (the server finds the
+        # built-in one in its own installation), the rest as run here.
+        self._wire_base = self.base.model_copy(
+            update={"control": section.settings.control}
+        ).model_dump(mode="json")
         self._in, self._out = inp, out
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._net = threading.Thread(target=self._network, name="engine-net", daemon=True)
         self.state = "loading"  # loading (connecting), running, failed, stopped
-        self.remote_state = "connecting"  # connecting, connected, unreachable, refused, lost
+        # connecting, connected, failing (its engine fails), unreachable, refused, lost
+        self.remote_state = "connecting"
         self.remote_error = ""
         self.engine: Any = None
         self.switching = False
@@ -153,12 +159,22 @@ class RemoteEngineWorker:
             "url": self.url,
             "state": self.remote_state,
             "error": self.remote_error,
+            "problem": self.problem(),
             "rtt_ms_p50": self.rtt_ms.pct(50),
             "server_ms_p50": self.server_ms.pct(50),
             "steps": self.steps.steps if self.steps else None,
             "stream_batch": self.steps.stream_batch if self.steps else None,
             "reconnects": self.reconnects,
         }
+
+    def problem(self) -> str:
+        """What is wrong with the remote engine, in one sentence ("" when nothing is)."""
+        state, error = self.remote_state, self.remote_error
+        if state == "failing":
+            return f"the engine on {self.url} fails: {error}"
+        if state in ("refused", "unreachable", "lost"):
+            return f"the engine on {self.url} {state}" + (f": {error}" if error else "")
+        return ""
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
@@ -173,7 +189,7 @@ class RemoteEngineWorker:
                 self._send_soon(
                     {
                         "t": "preset",
-                        "base": self.base.model_dump(mode="json"),
+                        "base": self._wire_base,
                         "preset": wanted.model_dump(mode="json"),
                     }
                 )
@@ -235,6 +251,8 @@ class RemoteEngineWorker:
             log.error("remote engine %s refused this daemon: %s; passthrough", self.url, error)
         elif state in ("unreachable", "lost"):
             log.error("remote engine %s %s (%s); passthrough, reconnecting", self.url, state, error)
+        elif state == "failing":
+            log.error("%s; passthrough until it styles again", self.problem())
         self.state = {"connected": "running", "connecting": "loading"}.get(state, "failed")
 
     async def _connect_forever(self) -> None:
@@ -345,7 +363,15 @@ class RemoteEngineWorker:
             self.rtt_ms.add((time.monotonic() - message["id"]) * 1000)
         elif kind == "error":
             log.warning("remote engine %s: %s", self.url, message.get("error"))
+        elif kind == "failed":  # its engine failed on a frame: said once while it fails
+            error = str(message.get("error"))[:300]
+            if self.remote_state == "failing":
+                self.remote_error = error  # (the newest reason on the status, no new log line)
+            else:
+                self._set_remote("failing", error)
         elif kind == "done":
+            if self.remote_state == "failing":  # a frame went through again
+                self._set_remote("connected")
             self._on_done(message)
 
     def _on_done(self, message: dict[str, Any]) -> None:

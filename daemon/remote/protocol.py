@@ -17,6 +17,7 @@ Messages (JSON objects with a type ``t``), daemon -> server:
 server -> daemon:
     {"t": "done", "pts": P, "ms": COST, "out": BOOL, "steps": N, "stream_batch": B}  per frame
     {"t": "origin", "pts": P}   {"t": "pong", "id": N}   {"t": "error", "error": TEXT}
+    {"t": "failed", "error": TEXT, "count": N}   a frame failed on the server's engine (why)
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
 """``streamv2v serve``: the engine on a GPU box, for daemons on other machines, over WebRTC.
 
-One aiohttp application: ``POST /offer`` (WebRTC signalling: an SDP offer in, the answer out) and
-``GET /health``. Both check the bearer token (constant time) before anything else, the offer's
-body is bounded and validated, and past ``max_sessions`` an offer is refused with 429 and the
-reason. Each accepted offer is a session: a video track up (camera frames), a video track back
-(styled frames) and a data channel of control messages (daemon/remote/protocol.py). Engine work
-runs on the shared engine thread (daemon/remote/session.py), never on the event loop.
+One aiohttp application: ``POST /offer`` (WebRTC signalling: an SDP offer in, the answer out),
+``GET /health`` (JSON) and ``GET /metrics`` (Prometheus text). All check the bearer token
+(constant time) before anything else, the offer's body is bounded and validated, and past
+``max_sessions`` an offer is refused with 429 and the reason. Each accepted offer is a session: a
+video track up (camera frames), a video track back (styled frames) and a data channel of control
+messages (daemon/remote/protocol.py). Engine work runs on the shared engine thread
+(daemon/remote/session.py), never on the event loop. A frame that fails is never silent: the
+first failure of a session is logged (then a count every :data:`FAILURE_LOG_S`) and every failure
+is told to the daemon (``{"t": "failed"}``), whose status, page and log say it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from daemon.config import is_loopback
 from daemon.errors import UserError
 from daemon.http_errors import JsonErrorRunner
 from daemon.models.registry import BUILTIN_MODELS, model_location
+from daemon.remote.metrics import PROMETHEUS_TYPE, serve_metrics_text
 from daemon.remote.protocol import (
     MAX_OFFER_BYTES,
     TIME_BASE,
@@ -51,6 +55,8 @@ log = logging.getLogger("streamv2v.serve")
 _CLIENT_MESSAGES = frozenset({"preset", "steps", "reset", "ping"})
 #: A session that sends nothing (no frame, no ping) for this long is closed (its daemon is gone).
 IDLE_CLOSE_S = 5.0
+#: While a session's frames fail, how often the log says how many failed.
+FAILURE_LOG_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,9 @@ class PeerSession:
         self.server = server
         self.number = number
         self.pc = RTCPeerConnection()
-        self.engine = EngineSession(server.model)
+        self.engine = EngineSession(server.model, number)
+        self.failures = 0  # frames that failed
+        self._failure_logged = 0.0  # when the log last counted them
         self.styled = StyledTrack(self)
         self.channel: Any = None
         self.latest_in: VideoFrame | None = None
@@ -141,7 +149,11 @@ class PeerSession:
             frame, self.latest_in = self.latest_in, None
             if frame is None:
                 continue
-            out, pts, cost_ms = await loop.run_in_executor(executor, self._process, frame)
+            try:
+                out, pts, cost_ms = await loop.run_in_executor(executor, self._process, frame)
+            except Exception as err:  # told to the daemon and logged (first, then counted)
+                self._failed(err)
+                continue
             cfg = self.engine.engine.config if self.engine.engine is not None else None
             self.send(
                 {
@@ -160,6 +172,26 @@ class PeerSession:
     def publish(self, frame: VideoFrame) -> None:
         """A styled frame for the client (WHIP sessions also feed their viewers: whip.py)."""
         self.styled.put(frame)
+
+    def _failed(self, err: Exception) -> None:
+        """A frame failed: the daemon hears why at once; the log says the first failure,
+        then how many failed every FAILURE_LOG_S."""
+        self.failures += 1
+        reason = (str(err).strip().splitlines() or [""])[0] or type(err).__name__
+        now = time.monotonic()
+        if self.failures == 1:
+            log.error(
+                "session %d: the engine fails: %s (the daemon is told; further failures are "
+                "counted)",
+                self.number,
+                reason,
+                exc_info=not isinstance(err, RuntimeError | ValueError),
+            )
+            self._failure_logged = now
+        elif now - self._failure_logged >= FAILURE_LOG_S:
+            log.error("session %d: %d frames failed (%s)", self.number, self.failures, reason)
+            self._failure_logged = now
+        self.send({"t": "failed", "error": reason, "count": self.failures})
 
     def _process(self, frame: VideoFrame) -> tuple[VideoFrame | None, int, float]:
         """Engine thread: decode to RGB, restyle, wrap for the encoder."""
@@ -188,6 +220,11 @@ class PeerSession:
         except Exception as err:  # a preset the engine cannot run: said to the daemon
             log.warning("session %d: %s failed (%s)", self.number, kind, err)
             self.send({"t": "error", "error": f"{kind} failed: {err}"})
+            return
+        notice = self.engine.notice
+        if kind == "preset" and notice:  # it runs, without what the server could not load
+            log.warning("session %d: %s", self.number, notice)
+            self.send({"t": "error", "error": notice})
 
     def _control_call(self, kind: str, message: dict[str, Any]) -> Any:
         """The engine-thread call a control message asks for (validated here, on the loop)."""
@@ -213,9 +250,15 @@ class PeerSession:
             task.cancel()
         self.styled.stop()
         self.server.sessions.pop(self.number, None)
-        log.info("session %d: ended (%d open)", self.number, len(self.server.sessions))
+        failed = f", {self.failures} frames failed" if self.failures else ""
+        log.info("session %d: ended (%d open%s)", self.number, len(self.server.sessions), failed)
         with contextlib.suppress(Exception):
             await self.pc.close()
+        # What only this session used (its ControlNets, the LoRAs no other session named) is
+        # freed on the engine thread, after the frame it may be running.
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(RuntimeError):  # (the executor is gone: the server stops)
+            await loop.run_in_executor(self.server.model.executor, self.engine.close)
 
 
 class RemoteServer:
@@ -229,6 +272,7 @@ class RemoteServer:
         self.app = web.Application(client_max_size=MAX_OFFER_BYTES)
         self.app.router.add_post("/offer", self.offer)
         self.app.router.add_get("/health", self.health)
+        self.app.router.add_get("/metrics", self.metrics)
         self.app.on_shutdown.append(self._close_all)
 
     def _authorized(self, request: web.Request) -> bool:
@@ -241,18 +285,32 @@ class RemoteServer:
         value_bytes = value.strip().encode("utf-8", "surrogateescape")
         return scheme.lower() == "bearer" and hmac.compare_digest(value_bytes, token.encode())
 
+    def figures(self) -> dict[str, Any]:
+        """The sessions, the free capacity, each session's figures and what is loaded."""
+        sessions = list(self.sessions.values())
+        return {
+            "ok": True,
+            "sessions": len(sessions),
+            "max_sessions": self.limits.max_sessions,
+            "free_sessions": max(0, self.limits.max_sessions - len(sessions)),
+            "device": str(self.model.weights.device),
+            "engines": [
+                {"session": s.number, "failed_frames": s.failures, **s.engine.figures()}
+                for s in sessions
+            ],
+            "loaded": self.model.figures(),
+        }
+
     async def health(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return _refuse(401, "missing or wrong token (Authorization: Bearer TOKEN)")
-        return web.json_response(
-            {
-                "ok": True,
-                "sessions": len(self.sessions),
-                "max_sessions": self.limits.max_sessions,
-                "device": str(self.model.weights.device),
-                "engines": [s.engine.figures() for s in self.sessions.values()],
-            }
-        )
+        return web.json_response(self.figures())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _refuse(401, "missing or wrong token (Authorization: Bearer TOKEN)")
+        text = serve_metrics_text(self.figures())
+        return web.Response(body=text.encode(), headers={"Content-Type": PROMETHEUS_TYPE})
 
     async def offer(self, request: web.Request) -> web.Response:
         # The token first, then the session limit: neither reads the body.

@@ -133,6 +133,9 @@ function renderBanner(status) {
     text = "Lost contact with the daemon: retrying...";
   } else if (camera !== "live") {
     text = `Camera ${camera}: the output shows a placeholder while the daemon reconnects.`;
+  } else if (status.remote && status.remote.state === "failing") {
+    text = `${status.remote.problem}: the camera passes through until it styles again.`;
+    text = text.charAt(0).toUpperCase() + text.slice(1);
   } else if (status.remote && status.remote.state !== "connected") {
     text = `Remote engine ${status.remote.state}` +
       (status.remote.error ? ` (${status.remote.error})` : "") +
