@@ -15,7 +15,13 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from streamv2v.adapters.formats import FOREIGN_PARTS, KOHYA_PARTS, AlphaRule, split_suffix
+from streamv2v.adapters.formats import (
+    FOREIGN_PARTS,
+    KOHYA_PARTS,
+    REFUSED,
+    AlphaRule,
+    split_suffix,
+)
 
 FAMILY = "kohya"
 
@@ -44,7 +50,7 @@ def group(
             continue
         module, _, suffix = key[len(prefix) :].partition(".")
         found = split_suffix(f"x.{suffix}")
-        if found is None or found[1] != suffix:
+        if found is None or found[1] != suffix or suffix in REFUSED:
             unknown[key] = suffix
             continue
         groups.setdefault((KOHYA_PARTS[prefix], module), {})[suffix] = value

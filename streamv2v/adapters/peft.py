@@ -19,7 +19,13 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from streamv2v.adapters.formats import FOREIGN_PARTS, PEFT_PARTS, AlphaRule, split_suffix
+from streamv2v.adapters.formats import (
+    FOREIGN_PARTS,
+    PEFT_PARTS,
+    REFUSED,
+    AlphaRule,
+    split_suffix,
+)
 
 FAMILY = "peft"
 _OLD = (".lora.down.weight", ".lora.up.weight", "_lora.down.weight", "_lora.up.weight")
@@ -67,6 +73,9 @@ def group(
             unknown[key] = ""
             continue
         module, suffix = found
+        if suffix in REFUSED:
+            unknown[key] = suffix
+            continue
         groups.setdefault((part, module), {})[suffix] = value
     return groups, unknown, foreign
 
