@@ -13,6 +13,7 @@ import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
+from torch import nn
 
 UNET_TARGETS = ["to_q", "to_k", "ff.net.2", "proj_in", "conv1", "conv_shortcut"]
 TE_TARGETS = ["q_proj", "v_proj", "fc1"]
@@ -141,3 +142,27 @@ def make_mixed(
             meta.update(got_meta)
             reference.update({(part, m): w for m, w in merged.items()})
     return save(path, tensors_out, meta), reference
+
+
+class _Attn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_q, self.to_k = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.ff = nn.Module()
+        self.ff.net = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+
+
+class TinyUNet(nn.Module):
+    """A few layers named as a UNet's (the targets of every format): cheap to rewrite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _Attn()
+        self.conv1, self.conv2 = nn.Conv2d(8, 8, 3), nn.Conv2d(8, 16, 3)
+        self.proj_in, self.conv_shortcut = nn.Conv2d(8, 8, 1), nn.Conv2d(4, 8, 1)
+
+
+class TinyEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.v_proj, self.fc1 = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 16)

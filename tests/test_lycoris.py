@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from streamv2v.adapters import AdapterLibrary, LoraError, fuse, load_lora
-from tests.lycoris_helpers import configs, make, make_mixed
+from tests.lycoris_helpers import TinyEncoder, TinyUNet, configs, make, make_mixed
 
 FORMATS = list(configs([]))
 
@@ -91,30 +90,6 @@ def test_a_file_mixing_formats_layer_by_layer(models, tmp_path):
         worst, _ = _worst(models, reference, lambda p, n: base[(p, n)])
     lib.retain(set())
     assert worst <= 1e-5, worst
-
-
-class _Attn(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.to_q, self.to_k = nn.Linear(16, 16), nn.Linear(16, 16)
-        self.ff = nn.Module()
-        self.ff.net = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
-
-
-class TinyUNet(nn.Module):
-    """A few layers named as a UNet's (the targets of every format): cheap to rewrite."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.block = _Attn()
-        self.conv1, self.conv2 = nn.Conv2d(8, 8, 3), nn.Conv2d(8, 16, 3)
-        self.proj_in, self.conv_shortcut = nn.Conv2d(8, 8, 1), nn.Conv2d(4, 8, 1)
-
-
-class TinyEncoder(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.q_proj, self.v_proj, self.fc1 = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 16)
 
 
 @pytest.fixture(scope="module")

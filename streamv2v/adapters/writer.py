@@ -111,6 +111,8 @@ class Patcher:
 
     @torch.no_grad()
     def _write(self, layer: str, terms: Sequence[Term]) -> None:
+        if self.before_write is not None:
+            self.before_write(layer)
         weight, base = self.params[layer], self.base[layer]
         if not terms:
             weight.copy_(base, non_blocking=True)  # exact: the base comes back bit for bit
@@ -126,8 +128,6 @@ class Patcher:
                 terms = tuple(wanted.get(layer, ()))
                 if _key(terms) == _key(self.held[layer]):
                     continue
-                if self.before_write is not None:
-                    self.before_write(layer)
                 previous = self.held[layer]
                 self._write(layer, terms)
                 self.held[layer] = terms
