@@ -359,3 +359,46 @@ def test_memory_reports_the_documented_rule(tiny, tmp_path, dtype):
     assert mem["lora_base_device_bytes"] == base and mem["loras_loaded"] == 2
     lib.retain(set())
     assert lib.memory()["lora_bytes"] == lib.memory()["lora_base_bytes"] == 0
+
+
+def test_a_preset_whose_switch_fails_is_marked_and_the_old_style_runs_on(tiny_model, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from daemon.styles.presets import Preset
+    from daemon.styles.switching import StyleSwitcher
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    ink = str(write_diffusers(tmp_path / "ink.safetensors", lora_factors(unet, seed=1)))
+    glow = str(write_diffusers(tmp_path / "glow.safetensors", lora_factors(unet, seed=2)))
+    engine = StreamV2V.from_pretrained(tiny_model, config=CFG, device="cpu")
+    a = Preset(name="a", prompt="ink", loras=(LoraSpec(id=ink),), transition_frames=3)
+    b = Preset(name="b", prompt="glow", loras=(LoraSpec(id=glow),), transition_frames=3)
+    switcher = StyleSwitcher(engine, CFG)
+    switcher.encode([a, b])
+    switcher.start(a)
+    weights = {n: w.clone() for n, w in engine.unet.named_parameters()}
+    embeds = engine.prompt_embeds[0].clone()
+    calls = []
+
+    def out_of_memory_at_the_fifth_layer(layer: str) -> None:
+        calls.append(layer)
+        if len(calls) == 5:
+            raise RuntimeError("CUDA out of memory (injected)")
+
+    engine.adapters._patch["unet"].before_write = out_of_memory_at_the_fifth_layer
+    switcher.switch(b)
+    for _ in range(3):
+        switcher.before_frame()
+    engine.adapters._patch["unet"].before_write = None
+    assert switcher.failed == "b" and not switcher.switching
+    assert "LoRA switch failed" in switcher.loras.errors["b"]
+    assert "out of memory" in switcher.loras.errors["b"]
+    assert engine.adapters.active == switcher.lora_scales == {ink: 1.0}
+    assert all(torch.equal(w, weights[n]) for n, w in engine.unet.named_parameters())
+    assert torch.equal(engine.prompt_embeds[0], embeds)
+    # The library changed (a new read): the preset may be tried again, and it works.
+    switcher.failed = None  # (its owner, the engine worker, reads and clears it)
+    switcher.encode([a, b])
+    assert "b" not in switcher.loras.errors
+    switcher.switch(b.model_copy(update={"transition_frames": 0}))
+    assert engine.adapters.active == {glow: 1.0} and switcher.failed is None
