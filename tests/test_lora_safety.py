@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from streamv2v import EngineConfig, LoraSpec, StreamV2V
+from streamv2v import EngineConfig, LoraSpec, StreamV2V, UnsafeWeightsError
 from streamv2v.adapters import (
     PICKLE_SUFFIXES,
     AdapterLibrary,
@@ -56,7 +56,9 @@ def test_a_pickle_file_is_refused_by_path_folder_and_hub_name(tiny, tmp_path, su
         (tmp_path, pickled.name),  # a folder and the file's name
         ("someone/style", f"style{suffix}"),  # a hub id: refused before any download
     ):
-        with pytest.raises(LoraError, match=rf"pickle file \({suffix}\), refused.*allow_pickle"):
+        with pytest.raises(
+            UnsafeWeightsError, match=rf"pickle file \({suffix}\), refused.*allow_pickle"
+        ):
             load_lora(source, models, weight_name=weight_name)
     # Opted in: read, and the same weights as the safetensors file.
     ours = load_lora(pickled, models, allow_pickle=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from streamv2v.errors import ModelLoadError
+from streamv2v.errors import ModelLoadError, UnsafeWeightsError
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 #: The file diffusers looks for first in a LoRA folder or repo (the LCM-LoRA's).
@@ -26,6 +26,10 @@ _NOT_WEIGHTS = ("optimizer", "scheduler", "checkpoint", "training_args")
 
 class LoraError(ModelLoadError):
     """A LoRA file that cannot be used with this model (the message says which and why)."""
+
+
+class UnsafeLoraError(LoraError, UnsafeWeightsError):
+    """A pickle LoRA file, and the user did not opt in to pickle."""
 
 
 @dataclass
@@ -46,7 +50,7 @@ def _offline() -> bool:
 
 def _refuse_pickle(name: str, file: str, allow_pickle: bool) -> None:
     if not allow_pickle and file.lower().endswith(PICKLE_SUFFIXES):
-        raise LoraError(
+        raise UnsafeLoraError(
             f"LoRA {name!r}: {Path(file).name} is a pickle file ({Path(file).suffix}), refused: "
             "loading a pickle can run code. Use a .safetensors version of it, or set "
             "allow_pickle = true (CLI: --allow-pickle) if you trust its source"

@@ -195,20 +195,26 @@ class AdapterLibrary:
 
     @contextmanager
     def text_encoder_loras(self, scales: Mapping[str, float]) -> Iterator[None]:
-        """The text encoder with these LoRAs' text-encoder weights applied (for encoding a
-        preset's prompt), restored to its base afterwards."""
+        """The text encoder(s) with these LoRAs' text-encoder weights applied (for encoding a
+        preset's prompt), restored to their base afterwards; every part but the UNet, together:
+        a failure restores the parts already rewritten."""
         self._known(scales)
-        active = {n: s for n, s in scales.items() if s and self._loras[n].part("text_encoder")}
+        parts = [p for p in self.models if p != "unet"]
+        done: list[str] = []
         try:
-            if active:
-                self._apply("text_encoder", active)
+            for part in parts:
+                active = {n: s for n, s in scales.items() if s and self._loras[n].part(part)}
+                if active:
+                    done.append(part)
+                    self._apply(part, active)
             yield
         finally:
-            if active:
-                self._apply("text_encoder", {})
+            for part in done:
+                self._apply(part, {})
 
     def has_text_encoder_weights(self, name: str) -> bool:
-        return bool(self.get(name).part("text_encoder"))
+        weights = self.get(name)
+        return any(weights.part(p) for p in self.models if p != "unet")
 
     # ------------------------------------------------------------------ memory
     def memory(self) -> dict[str, int]:
