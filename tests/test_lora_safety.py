@@ -359,6 +359,8 @@ def test_memory_reports_the_documented_rule(tiny, tmp_path, dtype):
     mem = lib.memory()
     assert mem["lora_bytes"] == factors and mem["lora_base_bytes"] == base
     assert mem["lora_base_device_bytes"] == base and mem["loras_loaded"] == 2
+    assert sum(lib.bytes_of(n)["factors"] for n in lib.names) == factors
+    assert max(lib.bytes_of(n)["base"] for n in lib.names) <= base
     lib.retain(set())
     assert lib.memory()["lora_bytes"] == lib.memory()["lora_base_bytes"] == 0
 

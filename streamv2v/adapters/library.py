@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Literal
 
@@ -76,7 +76,7 @@ class AdapterLibrary:
         self._known([name])
         return self._loras[name]
 
-    def _known(self, names) -> None:
+    def _known(self, names: Iterable[str]) -> None:
         unknown = [n for n in names if n not in self._loras]
         if unknown:
             raise UnknownLoraError(
@@ -241,13 +241,13 @@ class AdapterLibrary:
         """One LoRA's factor bytes and the bytes of the weights it touches (its share of the
         base copies, counted as if it were loaded alone)."""
         weights = self.get(name)
-        touched = sum(
-            (m := self.models[part]) is not None
-            and (w := m.get_submodule(layer).weight).numel() * w.element_size()
-            for part, layers in weights.parts.items()
-            for layer in layers
-        )
-        return {"factors": weights.nbytes, "base": int(touched)}
+        touched = 0
+        for part, layers in weights.parts.items():
+            model = self.models[part]
+            for layer in layers if model is not None else ():
+                weight = model.get_submodule(layer).weight
+                touched += weight.numel() * weight.element_size()
+        return {"factors": weights.nbytes, "base": touched}
 
 
 __all__ = ["AdapterLibrary", "LoraSwitchError", "UnknownLoraError", "choose_lora_base"]

@@ -48,6 +48,12 @@ class LoraWeights:
 
 def _module(model: nn.Module, part: str, layer: str | None, key: str, source: str) -> nn.Module:
     if layer is None:
+        if key.startswith(("input_blocks", "middle_block", "output_blocks")):
+            raise LoraError(
+                f"LoRA {source!r} names the UNet's layers the original-SD way ({key}); only "
+                "diffusers layer names (down_blocks_..., as kohya's sd-scripts writes) are "
+                "read: convert the file to diffusers or kohya names"
+            )
         raise LoraError(
             f"LoRA {source!r} does not fit this model: it has no layer {part}.{key} "
             "(a LoRA for another base model, e.g. SDXL?)"
