@@ -49,9 +49,17 @@ class _Delta:
         """The delta at strength 1, float32, shaped like the weight."""
         raise NotImplementedError
 
+    #: The term depends on the base weight (DoRA), not only on the factors.
+    needs_base = False
+
     def term(self, base: torch.Tensor, strength: float) -> torch.Tensor:
         """What the layer's float32 ``base`` weight gains at ``strength``."""
         return self.matrix(base.shape).mul_(strength)
+
+    def add_to(self, acc: torch.Tensor, base: torch.Tensor | None, strength: float) -> None:
+        """``acc += term(base, strength)`` (``acc``: float32, contiguous; ``base``: the float32
+        base, given when :attr:`needs_base`)."""
+        acc.add_(self.matrix(acc.shape), alpha=strength)
 
 
 def _f(t: torch.Tensor) -> torch.Tensor:
@@ -77,6 +85,13 @@ class LowRank(_Delta):
     @property
     def rank(self) -> int:
         return self.down.shape[0]
+
+    def add_to(self, acc: torch.Tensor, base: torch.Tensor | None, strength: float) -> None:
+        if self.mid is not None:
+            super().add_to(acc, base, strength)
+            return
+        up, down = _f(self.up).flatten(1), _f(self.down).flatten(1)
+        acc.view(acc.shape[0], -1).addmm_(up, down, alpha=self.scale * strength)  # one pass
 
     def matrix(self, shape: torch.Size) -> torch.Tensor:
         up, down = _f(self.up).flatten(1), _f(self.down).flatten(1)
@@ -153,6 +168,11 @@ class Dora(_Delta):
     magnitude: torch.Tensor
     side: Side = "out"
     scale: float = 1.0  #: (unused: the inner delta carries alpha / rank)
+    needs_base = True
+
+    def add_to(self, acc: torch.Tensor, base: torch.Tensor | None, strength: float) -> None:
+        assert base is not None
+        acc.add_(self.term(base, strength))
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.inner.tensors(), self.magnitude]

@@ -40,14 +40,13 @@ class LoraSwitchError(LoraError):
 
 
 def merged(base: torch.Tensor, terms: Sequence[Term], device: torch.device) -> torch.Tensor:
-    """``base + sum of terms`` in float32 on ``device`` (contiguous)."""
-    base32 = base.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
-    total: torch.Tensor | None = None
-    for _, strength, delta in terms:  # (each term a fresh tensor; base32 is never written)
-        term = delta.term(base32, strength)
-        total = term if total is None else total.add_(term)
-    assert total is not None
-    return total.add_(base32)
+    """``base + sum of terms`` in float32 on ``device`` (a new contiguous tensor)."""
+    acc = torch.empty(base.shape, dtype=torch.float32, device=device)
+    acc.copy_(base, non_blocking=True)  # (any stride in, contiguous float32 out)
+    base32 = acc.clone() if any(d.needs_base for _, _, d in terms) else None
+    for _, strength, delta in terms:  # (base32 is never written)
+        delta.add_to(acc, base32, strength)
+    return acc
 
 
 def _key(terms: Sequence[Term]) -> tuple:
