@@ -10,8 +10,6 @@ import json
 from pathlib import Path
 
 import torch
-from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from torch import nn
 
@@ -21,6 +19,8 @@ TE_TARGETS = ["q_proj", "v_proj", "fc1"]
 
 def configs(targets: list[str]) -> dict[str, tuple[object, str]]:
     """Format name -> (peft config, file layout)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
     kw = {"target_modules": targets}
     return {
         "locon": (LoraConfig(r=4, lora_alpha=8, **kw), "kohya"),
@@ -42,6 +42,9 @@ def configs(targets: list[str]) -> dict[str, tuple[object, str]]:
 def adapted(model: torch.nn.Module, config, seed: int) -> tuple[torch.nn.Module, dict, dict]:
     """A copy of ``model`` with the adapter, random factors; returns (copy, {module: {name:
     tensor}} of the adapter's tensors, {module: merged weight} as peft merges it)."""
+    from peft import inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     gen = torch.Generator().manual_seed(seed)
     tuned = inject_adapter_in_model(copy.deepcopy(config), copy.deepcopy(model))
     tensors: dict[str, dict[str, torch.Tensor]] = {}

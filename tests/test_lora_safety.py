@@ -406,3 +406,63 @@ def test_a_preset_whose_switch_fails_is_marked_and_the_old_style_runs_on(tiny_mo
     assert "b" not in switcher.loras.errors
     switcher.switch(b.model_copy(update={"transition_frames": 0}))
     assert engine.adapters.active == {glow: 1.0} and switcher.failed is None
+
+
+# ---------------------------------------------------------------------------- from a hub
+_FROM_HUB = """
+import sys, torch
+from streamv2v.adapters import LoraError, load_lora
+from tests.lycoris_helpers import TinyEncoder, TinyUNet
+torch.manual_seed(1)
+models = {"unet": TinyUNet(), "text_encoder": TinyEncoder()}
+local = load_lora(sys.argv[1], models)
+for repo in sys.argv[2:]:
+    try:
+        got = load_lora(repo, models)
+    except LoraError as err:
+        print("error", repo, err)
+        continue
+    same = all(
+        torch.equal(a, b)
+        for name, d in local.unet.items()
+        for a, b in zip(d.tensors(), got.unet[name].tensors())
+    )
+    print("read", repo, same, len(got.unet), len(got.text_encoder))
+"""
+
+
+@pytest.mark.slow  # (two interpreters: the hub's environment is read at import)
+def test_a_hub_lora_is_downloaded_then_read_from_the_cache_offline(tiny, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.hub_server import HubServer
+
+    _, _, files = tiny
+    repos = {"test-org/ink": tmp_path / "ink", "test-org/named": tmp_path / "named"}
+    for folder in repos.values():
+        folder.mkdir()
+    shutil.copy(files["loha-tucker"], repos["test-org/ink"] / "pytorch_lora_weights.safetensors")
+    shutil.copy(files["loha-tucker"], repos["test-org/named"] / "style.safetensors")
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), PYTHONPATH=root, HF_HUB_DISABLE_XET="1")
+    env.pop("HF_HUB_OFFLINE", None)
+    cmd = [sys.executable, "-c", _FROM_HUB, str(files["loha-tucker"]), *repos]
+
+    def run(**extra: str) -> list[str]:
+        out = subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.splitlines()
+
+    with HubServer(repos) as hub:
+        # The default file name, and a repo's one .safetensors file (asked from the hub's list).
+        lines = run(HF_ENDPOINT=hub.url)
+        assert lines == ["read test-org/ink True 6 3", "read test-org/named True 6 3"], lines
+    # Offline: the default name is read from the cache; the other repo's file name needs the
+    # hub's list, so it says what to do.
+    lines = run(HF_HUB_OFFLINE="1", HF_ENDPOINT=hub.url)
+    assert lines[0] == "read test-org/ink True 6 3", lines
+    assert lines[1].startswith("error test-org/named") and "HF_HUB_OFFLINE" in lines[1], lines

@@ -77,7 +77,7 @@ def _in_folder(name: str, folder: Path, allow_pickle: bool) -> Path:
 
 
 def _from_hub(name: str, weight_name: str | None) -> Path:
-    from huggingface_hub import hf_hub_download, list_repo_files
+    from huggingface_hub import hf_hub_download, model_info
 
     filename = weight_name or DEFAULT_FILE
     try:
@@ -85,10 +85,12 @@ def _from_hub(name: str, weight_name: str | None) -> Path:
     except Exception as exc:  # missing repo/file, offline without cache, no network
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if weight_name is None and not _offline():
-            try:
-                files = [f for f in list_repo_files(name) if f.endswith(".safetensors")]
+            try:  # (the repo's file list, as diffusers asks it)
+                siblings = model_info(name).siblings or []
+                files = [s.rfilename for s in siblings if s.rfilename.endswith(".safetensors")]
             except Exception:  # (the first error is the one to report)
                 files = []
+            files = [f for f in files if not any(w in f for w in _NOT_WEIGHTS)]
             if len(files) == 1:
                 return _from_hub(name, files[0])
         where = "HF_HUB_OFFLINE is set and it is not cached" if _offline() else first
