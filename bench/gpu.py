@@ -254,7 +254,9 @@ def markdown(rows: list[dict], daemon: list[dict]) -> str:
 
 
 def lora_case(args, tiny: Path, device, dtype) -> dict:
-    """bench/lora.py on the SD1.5 architecture (the tiny model with --quick), rank 64, eager."""
+    """bench/lora.py on the SD1.5 architecture (the tiny model with --quick), rank 64, eager:
+    the switch costs with base copies on the device and with ``lora_base = "host"`` (pinned
+    host memory, uploads per switch: ``*_host_ms``), and per file type (LoRA/LoHa/LoKr/DoRA)."""
     from lora import measure
 
     parts = parts_for("sd15", args.quick, tiny, device, dtype)

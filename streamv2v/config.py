@@ -150,6 +150,13 @@ class EngineConfig(_Strict):
     seed: int = Field(2, ge=0, lt=2**63)
     vae: str = Field(DEFAULT_VAE, description="Hub id or folder of a VAE, or 'model'.")
     loras: tuple[LoraSpec, ...] = ()
+    lora_base: Literal["device", "host", "auto"] = Field(
+        "auto",
+        description="Where the base copies of the layers a preset's LoRA touches are kept: "
+        "'device' (a switch is a device copy: fastest), 'host' (host memory, page-locked on "
+        "CUDA: a switch uploads from there; frees the device memory of the copies), 'auto' "
+        "(the device unless the memory estimate says it is short).",
+    )
     guidance: Literal["none", "self", "initialize", "full"] = "none"
     guidance_scale: float = Field(1.2, ge=1.0, le=20.0)
     guidance_delta: float = Field(1.0, ge=0.0, le=2.0, description="RCFG delta (self/initialize).")

@@ -89,7 +89,7 @@ class StreamV2V:
         self.config = config or EngineConfig()
         self._latent_scale = float(getattr(vae.config, "scaling_factor", 1.0))
         #: Style LoRAs, switched in place by set_loras() (streamv2v.adapters).
-        self.adapters = AdapterLibrary(unet, text_encoder)
+        self.adapters = AdapterLibrary(unet, text_encoder, lora_base=self.config.lora_base)
         self._cond = self.encode_prompt("")
         self._uncond = self._cond
         self._io = HostIO(self.device)
@@ -161,6 +161,8 @@ class StreamV2V:
             changed.append("control")
         if changed:
             raise ValueError(f"changing {', '.join(changed)} needs a reload (from_pretrained)")
+        if config.lora_base != self.config.lora_base:  # (base copies moved, weights untouched)
+            self.adapters.set_lora_base(config.lora_base, self.adapters.headroom_bytes)
         self.config = config
         self._prepare()
 

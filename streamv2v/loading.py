@@ -16,8 +16,6 @@ from streamv2v.errors import ModelLoadError, UnsafeWeightsError
 log = logging.getLogger(__name__)
 
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-#: The LoRA file name diffusers looks for first (the LCM-LoRA's).
-_LORA_FILE = "pytorch_lora_weights.safetensors"
 
 # diffusers passes huggingface_hub an argument it deprecated; the warning is noise to a user.
 warnings.filterwarnings("ignore", message=r"The `local_dir_use_symlinks` argument is deprecated")
@@ -50,15 +48,6 @@ def _fetch_hint(name: str) -> str:
         f"internet; `streamv2v models pull {name}` for this model alone), or pass a local "
         "diffusers folder"
     )
-
-
-def _cached(repo_id: str, filename: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(repo_id, filename), str)
-    except ValueError:  # not a hub id
-        return False
 
 
 def refuse_pickle_only(folder: Path, allow_pickle: bool) -> None:
@@ -167,7 +156,7 @@ def load_components(
         vae_model = _load("VAE", vae, vae_cls.from_pretrained, **diff_w)
 
     if loras:
-        fuse_loras(unet, loras, allow_pickle=allow_pickle)
+        fuse_loras({"unet": unet, "text_encoder": text_encoder}, loras, allow_pickle=allow_pickle)
 
     for m in (unet, text_encoder, vae_model):
         m.to(device=device)  # (already in dtype: loaded with it)
@@ -182,43 +171,17 @@ def load_components(
     }
 
 
-def fuse_loras(unet, loras: tuple[LoraSpec, ...], *, allow_pickle: bool = False) -> None:
-    """Load LoRA adapters into the UNet and fuse them into its weights at their scales.
+def fuse_loras(models: dict, loras: tuple[LoraSpec, ...], *, allow_pickle: bool = False) -> None:
+    """Fuse ``[engine] loras`` into the models' weights for good (UNet and text-encoder parts)
+    through the reader and the sum that switch presets' LoRAs (streamv2v.adapters), so a file
+    gives the same weights fused here as switched in. Fused, a LoRA costs nothing per frame."""
+    from streamv2v.adapters import fuse, load_lora
 
-    Fused, a LoRA costs nothing per frame (no extra matmuls); the adapters are then unloaded.
-    """
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
-
-    names, scales = [], []
-    for i, spec in enumerate(loras):
-        refuse_pickle_only(Path(spec.id).expanduser(), allow_pickle)
-        kwargs = {"use_safetensors": None if allow_pickle else True}
-        if spec.weight_name:
-            kwargs["weight_name"] = spec.weight_name
-        elif not Path(spec.id).expanduser().exists() and _cached(spec.id, _LORA_FILE):
-            # Without a name diffusers asks the hub which file to take, even when it is cached.
-            kwargs["weight_name"] = _LORA_FILE
-        if _offline():
-            kwargs["local_files_only"] = True
-        # (with its adapter metadata: a peft file's lora_alpha sets its scale, alpha / rank)
-        state, alphas, meta = _load(
-            "LoRA",
-            spec.id,
-            StableDiffusionLoraLoaderMixin.lora_state_dict,
-            return_lora_metadata=True,
-            **kwargs,
+    terms = []
+    for spec in loras:
+        weights = load_lora(
+            spec.id, models, weight_name=spec.weight_name, allow_pickle=allow_pickle
         )
-        if not any(k.startswith("unet.") for k in state):
-            raise ModelLoadError(f"LoRA {spec.id!r} has no UNet weights (only UNet LoRAs are used)")
-        name = f"lora{i}"
-        if meta and not any(k.endswith("target_modules") for k in meta):  # (as peft infers it)
-            layers = {k.split(".lora")[0][5:] for k in state if k.startswith("unet.")}
-            meta = {**meta, "unet.target_modules": sorted(layers)}
-        extra = {"metadata": meta} if meta and not alphas else {"network_alphas": alphas}
-        unet.load_lora_adapter(state, prefix="unet", adapter_name=name, **extra)
-        names.append(name)
-        scales.append(spec.scale)
+        terms.append((spec.id, spec.scale, weights))
         log.info("LoRA %s loaded (scale %s)", spec.id, spec.scale)
-    unet.set_adapters(names, weights=scales)
-    unet.fuse_lora(adapter_names=names)
-    unet.unload_lora()
+    fuse(models, terms)

@@ -62,6 +62,7 @@ class EngineWorker:
         self.engine: Any = None
         self.switcher: StyleSwitcher | None = None
         self.applied: Preset | None = None  # the preset the engine runs (None: not loaded)
+        self._previous: Preset | None = None  # the one before (kept when a switch fails)
         self._library_version = -1
         self._loader: threading.Thread | None = None
         self._loaded: Any = None
@@ -274,7 +275,18 @@ class EngineWorker:
         else:
             self.switcher.switch(preset)
         # Published last: whoever sees the new preset applied also sees its switch in flight.
-        self.applied = preset
+        self._previous, self.applied = previous, preset
+        self._after_failed_switch()
+
+    def _after_failed_switch(self) -> None:
+        """A switch whose LoRA rewrite failed kept the previous style: say so (the preset
+        marked broken) and run on as the previous preset."""
+        assert self.switcher is not None
+        if self.switcher.failed is None:
+            return
+        self.switcher.failed = None
+        self.presets.library.mark_broken(self.switcher.loras.errors)
+        self.applied = self._previous
 
     def _run(self) -> None:
         backoff, retry_at = _BACKOFF_MIN_S, 0.0
@@ -306,6 +318,7 @@ class EngineWorker:
                 choice = StepChoice(self.engine.config.steps, self.engine.config.stream_batch)
                 t0 = time.perf_counter()
                 self.switcher.before_frame()
+                self._after_failed_switch()
                 if self.masks is not None:  # the mask thread segments it meanwhile
                     self.masks.offer(frame, self.applied, restart=self._restarted)
                     self._restarted = False

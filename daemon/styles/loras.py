@@ -1,13 +1,16 @@
 """The presets' style LoRAs: which a preset switches in, loading them when the library is read.
 
-``[engine] loras`` (e.g. the LCM-LoRA) are fused into the base weights at load. A preset's
-``loras`` come on top of them, switched in place by the engine's adapter library
-(:mod:`streamv2v.adapters`): a LoRA listed in both uses the preset's scale (the difference is
-what is switched). Every LoRA a preset names is loaded once, when the preset library changes
-(as prompts are pre-encoded), never at a switch; a LoRA no preset names any more is freed; a
-LoRA that fails to load marks only the presets that name it broken. The files are read ahead in
-a thread of their own (:meth:`StyleLoras.read_ahead`), so the engine thread only adds what was
-read (copies of the touched base weights) and never waits for a disk.
+``[engine] loras`` (e.g. the LCM-LoRA) are fused into the base weights at load, their UNet and
+text-encoder parts, through the same reader and the same sum as a switch (one file, one set of
+weights). A preset's ``loras`` come on top of them, switched in place by the engine's adapter
+library (:mod:`streamv2v.adapters`): a LoRA listed in both uses the preset's scale (the
+difference is what is switched, in both parts). Every LoRA a preset names is loaded once, when
+the preset library changes (as prompts are pre-encoded), never at a switch; a LoRA no preset
+names any more is freed; a LoRA that fails to load marks only the presets that name it broken.
+The files are read ahead in a thread of their own (:meth:`StyleLoras.read_ahead`), so the
+engine thread only adds what was read (copies of the touched base weights) and never waits for
+a disk. A switch whose rewrite fails (out of memory) leaves the previous style in place and
+marks the preset (:meth:`StyleLoras.switch_failed`) until the library changes again.
 """
 
 from __future__ import annotations
@@ -64,8 +67,9 @@ class StyleLoras:
         self.allow_pickle = allow_pickle
         self._signatures: dict[str, tuple[int, int] | None] = {}
         self._failed: dict[str, tuple[tuple[int, int] | None, str]] = {}  # name -> (sig, error)
-        #: preset name -> why it is broken (a LoRA of it failed to load)
+        #: preset name -> why it is broken (a LoRA of it failed to load, or its switch failed)
         self.errors: dict[str, str] = {}
+        self._switch_failed: dict[str, str] = {}  # preset -> why (until the next sync)
         self._lock = threading.Lock()
         #: name -> (file signature, what read_ahead() read: the factors, or the error)
         self._read: dict[str, tuple[tuple[int, int] | None, Any]] = {}
@@ -101,8 +105,18 @@ class StyleLoras:
                 errors[preset.name] = f"LoRA {failed[0]!r} failed to load: {reason}"
         for name in sorted(set(errors) - set(self.errors)):
             log.error("preset %s is broken: %s", name, errors[name])
+        self._switch_failed.clear()  # (a changed library: a failed switch may be tried again)
         self.errors = errors
         return errors
+
+    def switch_failed(self, preset: str, err: Exception) -> None:
+        """A switch to ``preset`` failed part-way and the previous style was restored (the
+        adapter library says so in ``err``): mark the preset until the library changes."""
+        reason = f"its LoRA switch failed: {err}"
+        if self.errors.get(preset) != reason:
+            log.error("preset %s: %s", preset, reason)
+        self._switch_failed[preset] = reason
+        self.errors = {**self.errors, preset: reason}
 
     def _wanted(self, presets: Iterable[Preset]) -> dict[str, LoraSpec]:
         wanted: dict[str, LoraSpec] = {}

@@ -11,6 +11,7 @@ guidance, bank settings) is applied when the blend ends, and the engine's warm-u
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 from daemon.styles.loras import StyleLoras
 from daemon.styles.presets import Preset
 from streamv2v import EngineConfig, StreamV2V
+from streamv2v.adapters import LoraSwitchError
 
 log = logging.getLogger("streamv2v.presets")
 
@@ -70,6 +72,9 @@ class StyleSwitcher:
         self._blend: _Blend | None = None
         self._after: Preset | None = None  # what to apply once the blend ends
         self._flush = 0  # frames until no output carries the previous prompt
+        #: The preset whose switch failed (its LoRA rewrite; the previous style kept), until
+        #: the owner reads it and sets it back to None.
+        self.failed: str | None = None
 
     @property
     def switching(self) -> bool:
@@ -114,8 +119,22 @@ class StyleSwitcher:
     def _set_loras(self, scales: dict[str, float]) -> None:
         loaded = self.engine.adapters  # (a LoRA freed by a library change mid-blend: left out)
         scales = {n: s for n, s in scales.items() if n in loaded}
+        self.engine.set_loras(scales)  # (LoraSwitchError: the previous set is back)
         self.lora_scales = scales
-        self.engine.set_loras(scales)
+
+    def _switch_failed(self, preset: Preset, err: LoraSwitchError) -> None:
+        """A LoRA rewrite of the switch to ``preset`` failed and the library put the previous
+        set back: keep the previous style (embeddings, LoRAs) and mark the preset."""
+        blend, self._blend, self._after = self._blend, None, None
+        if blend is not None:
+            self.engine.set_prompt_embeds(*blend.start)
+            if err.restored == "previous" and self.lora_scales != blend.loras_start:
+                with contextlib.suppress(LoraSwitchError):  # (else the last good step stays)
+                    self._set_loras(dict(blend.loras_start))
+        if err.restored == "base":
+            self.lora_scales = {}
+        self.loras.switch_failed(preset.name, err)
+        self.failed = preset.name
 
     def config_for(self, preset: Preset) -> EngineConfig:
         """The engine configuration of ``preset`` at the engine's current step count and stream
@@ -149,7 +168,11 @@ class StyleSwitcher:
         scales = self._control_scales(preset)
         if preset.transition_frames == 0:
             self._blend = None
-            self._set_loras(loras)  # one rewrite
+            try:
+                self._set_loras(loras)  # one rewrite
+            except LoraSwitchError as err:
+                self._switch_failed(preset, err)
+                return
             self.engine.set_prompt_embeds(*target)
             if scales is not None:
                 self.engine.set_control_scales(scales[1])
@@ -188,7 +211,12 @@ class StyleSwitcher:
             torch.lerp(a, b, weight, out=out)
         self.engine.set_prompt_embeds(*blend.out)
         if blend.loras_start or blend.loras_target:  # one in-place rewrite of the touched layers
-            self._set_loras({n: s for n, s in blend.loras_at(weight).items() if s != 0.0})
+            try:
+                self._set_loras({n: s for n, s in blend.loras_at(weight).items() if s != 0.0})
+            except LoraSwitchError as err:
+                assert self._after is not None
+                self._switch_failed(self._after, err)
+                return
         if blend.scales is not None:  # a tensor write: the ControlNets fade with the prompt
             a, b = blend.scales
             last = blend.done >= blend.frames  # exactly the target: no config mismatch after
@@ -196,8 +224,13 @@ class StyleSwitcher:
                 b if last else [x + (y - x) * weight for x, y in zip(a, b)]
             )
         if blend.done >= blend.frames:
+            try:
+                self._set_loras(dict(blend.loras_target))
+            except LoraSwitchError as err:
+                assert self._after is not None
+                self._switch_failed(self._after, err)
+                return
             self._blend = None
-            self._set_loras(dict(blend.loras_target))
             self.engine.set_prompt_embeds(*blend.target)
             self._finish()
 
