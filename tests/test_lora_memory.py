@@ -125,3 +125,53 @@ def test_the_model_layers_come_from_headers_alone(tiny_model, tmp_path):
     junk.write_bytes(b"\xff" * 16)
     with pytest.raises(ValueError, match="not a safetensors file"):
         read_header(junk)
+
+
+def test_the_preflight_refuses_a_locon_preset_that_does_not_fit_before_reading_it(
+    tiny_model, files, monkeypatch
+):
+    """A card with room for the model and an attention LoRA, not for a LoCon's base copies: the
+    preflight says so (naming the LoRA) from the headers alone; with the base copies in host
+    memory ("host", or "auto" when short) the LoCon fits."""
+    import streamv2v.adapters as adapters
+
+    from daemon.models.preflight import estimate_for, lora_memory, shortage
+    from streamv2v import EngineConfig
+    from streamv2v.memory import OVERHEAD
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a LoRA file was read")
+
+    monkeypatch.setattr(adapters, "load_lora", no_reading)
+    monkeypatch.setattr(adapters, "read_lora_state", no_reading)
+    model = str(tiny_model)
+    floor = EngineConfig(vae="model", width=64, height=64, steps=1, bank={"enabled": False})
+    base = estimate_for(model, floor, 2)
+    attn = lora_memory(model, {"attn": LoraSpec(id=str(files["attn"]))}, 2)
+    locon = lora_memory(model, {"locon": LoraSpec(id=str(files["locon"]))}, 2)
+    assert attn.total < locon.base_bytes / 2
+    free = base.total + int(OVERHEAD * (sum(locon.factor_bytes.values()) + locon.base_bytes / 2))
+    card = {"dtype_bytes": 2, "free": free, "total": 8 * 2**30, "device": "cuda:0"}
+    assert shortage(model, floor, **card) is None
+    assert shortage(model, floor, loras=attn, **card) is None
+    refused = shortage(model, floor, loras=locon, **card)
+    assert refused is not None and "LoRAs hold" in refused and "largest: locon" in refused
+    assert "LoRA base copies" in refused  # the need by part names them
+    assert shortage(model, floor, loras=locon, lora_base="host", **card) is None
+    assert shortage(model, floor, loras=locon, lora_base="auto", **card) is None
+    assert shortage(model, floor, loras=locon, lora_base="auto", **{**card, "free": base.total})
+
+
+def test_the_preflight_prices_only_the_loras_the_presets_switch(files):
+    from daemon.dataplane.engine_worker import switched_specs
+    from daemon.styles.presets import Preset
+
+    attn, locon = (LoraSpec(id=str(files[n])) for n in ("attn", "locon"))
+    presets = [
+        Preset(name="a", prompt="x", loras=(attn,)),
+        Preset(name="b", prompt="y", loras=(locon, attn)),
+        Preset(name="c", prompt="z"),
+    ]
+    assert switched_specs(presets, ()) == {attn.id: attn, locon.id: locon}
+    # A LoRA fused at load at the preset's own scale is not switched: nothing more to hold.
+    assert switched_specs(presets, (attn,)) == {locon.id: locon}
