@@ -134,7 +134,6 @@ def test_the_preflight_refuses_a_locon_preset_that_does_not_fit_before_reading_i
     preflight says so (naming the LoRA) from the headers alone; with the base copies in host
     memory ("host", or "auto" when short) the LoCon fits."""
     import streamv2v.adapters as adapters
-
     from daemon.models.preflight import estimate_for, lora_memory, shortage
     from streamv2v import EngineConfig
     from streamv2v.memory import OVERHEAD
@@ -175,3 +174,32 @@ def test_the_preflight_prices_only_the_loras_the_presets_switch(files):
     assert switched_specs(presets, ()) == {attn.id: attn, locon.id: locon}
     # A LoRA fused at load at the preset's own scale is not switched: nothing more to hold.
     assert switched_specs(presets, (attn,)) == {locon.id: locon}
+
+
+def test_streamv2v_presets_and_the_page_listing_show_each_loras_bytes(tmp_path, capsys):
+    """The demo presets without a daemon: the sepia LoRA's bytes are what the adapter library
+    holds for it on the float16 model (the dtype an accelerator runs), said per LoRA."""
+    from daemon.app import local_preset_listing
+    from daemon.config import DaemonConfig
+    from daemon.control.tables import preset_table
+    from daemon.models.registry import tiny_styles_dir
+
+    config = DaemonConfig.model_validate(
+        {"engine": {"model": "tiny-styles"}, "presets": {"bundled": "demo", "dir": str(tmp_path)}}
+    )
+    listing = local_preset_listing(config)
+    (sepia,) = [r for r in listing["presets"] if r["name"] == "sepia"]
+    (lora,) = sepia["loras"]
+    root, f16 = tiny_styles_dir(), torch.float16
+    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=f16)
+    te = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=f16)
+    library = AdapterLibrary(unet, te)
+    library.load("sepia", lora["id"])
+    assert lora["bytes"] == library.get("sepia").nbytes > 0
+    assert listing["lora_base_bytes"] >= library.memory()["lora_base_bytes"] > 0
+    lines, _ = preset_table(listing, running=False)
+    (line,) = [line for line in lines if line.split()[0] == "sepia"]
+    assert f"[LoRA sepia.safetensors {lora['bytes'] / 2**20:.1f} MiB]" in line
+    assert any("LoRA base copies" in line for line in lines)
+    plain = [r for r in listing["presets"] if r["name"] == "plain"]
+    assert plain and plain[0]["loras"] == []

@@ -151,5 +151,14 @@ def with_lora_bytes(
     return listing
 
 
+def listing_dtype_bytes(engine: Any, dtype: str | None) -> int:
+    """Bytes per element the LoRAs take: the running engine's dtype, else the configured one,
+    else float16 (the accelerators' default)."""
+    itemsize = getattr(getattr(engine, "dtype", None), "itemsize", None)
+    if isinstance(itemsize, int):
+        return itemsize
+    return {"float32": 4}.get(dtype or "", 2)
+
+
 def _key(spec: LoraSpec) -> str:
     return f"{spec.id}#{spec.weight_name}" if spec.weight_name else spec.id

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon.models.lora_sizes import LoraSizer, read_header
+from daemon.models.lora_sizes import LoraSizer, read_header, with_lora_bytes
 from streamv2v import EngineConfig, LoraSpec
 from streamv2v.lora_memory import LoraMemory
 from streamv2v.memory import MemoryNeed, UNetLayout, config_changes, estimate_memory, fitting, gib
@@ -108,7 +108,30 @@ def lora_memory(model: str, loras: Mapping[str, LoraSpec], dtype_bytes: int) -> 
     root = folder_of(model, "unet/config.json")
     if root is None or not loras:
         return None
-    return LoraSizer(root).memory(loras, dtype_bytes)
+    return _sizer(root).memory(loras, dtype_bytes)
+
+
+_SIZERS: dict[Path, LoraSizer] = {}  # model folder -> its sizer (headers read once)
+
+
+def listing_with_lora_bytes(
+    listing: dict[str, Any], model: str, dtype_bytes: int
+) -> dict[str, Any]:
+    """A preset listing with each LoRA's bytes on ``model`` (a folder or a cached hub id; see
+    :func:`~daemon.models.lora_sizes.with_lora_bytes`); None bytes when it is not on disk."""
+    root = folder_of(model, "unet/config.json")
+    try:
+        sizer = _sizer(root) if root is not None else None
+    except (OSError, ValueError):  # a model folder with unreadable weights: the loader says
+        sizer = None
+    return with_lora_bytes(listing, sizer, dtype_bytes)
+
+
+def _sizer(root: Path) -> LoraSizer:
+    sizer = _SIZERS.get(root)
+    if sizer is None:
+        sizer = _SIZERS[root] = LoraSizer(root)
+    return sizer
 
 
 def _on_host(loras: LoraMemory | None) -> LoraMemory | None:
