@@ -1,0 +1,121 @@
+"""The demo LyCORIS file: a LoHa style ("cyanotype") for the tiny style model, in the key form
+LyCORIS/kohya write (``lora_unet_<path>.hada_w1_a`` ... ``.alpha``), read here by peft's own LoHa
+layers (their ``merge()`` writes each delta into the base weight): it turns the picture blue
+as trained. (The engine's in-place LoHa reader is tested against the same peft merge.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from daemon.models.registry import tiny_styles_dir
+from daemon.styles.presets import bundled_presets_dir, load_preset_file
+from streamv2v import EngineConfig, StreamV2V
+from streamv2v.scenes import STYLES, random_scene, render
+from streamv2v.tiny.loha import (
+    CYANOTYPE_PROMPT,
+    HADA,
+    LohaRecipe,
+    cyanotype,
+    cyanotype_error,
+    loha_config,
+    peft_state,
+    train,
+)
+from streamv2v.tiny.lora import sepia, sepia_error
+
+SHIPPED = tiny_styles_dir().parent / "tiny-styles-loras" / "cyanotype.safetensors"
+
+
+def test_the_statistic_tells_a_cyanotype_from_the_known_styles_and_sepia():
+    scene = random_scene(np.random.default_rng(3))
+    plain = render(scene, "plain")
+    assert cyanotype_error(cyanotype(plain)) < 1.0
+    for style in STYLES:  # ("cool", bluish already, is the nearest: ~12)
+        assert cyanotype_error(render(scene, style)) > 10.0
+    assert cyanotype_error(sepia(plain)) > 40.0 and sepia_error(cyanotype(plain)) > 40.0
+
+
+@pytest.mark.slow
+def test_the_loha_training_script_writes_a_lycoris_file_reproducibly(tmp_path):
+    recipe = LohaRecipe(steps=2, scenes=4, batch=2, threads=1)
+    a = train(tiny_styles_dir(), tmp_path / "a" / "c.safetensors", recipe, log=lambda _: None)
+    train(tiny_styles_dir(), tmp_path / "b" / "c.safetensors", recipe, log=lambda _: None)
+    ta, tb = (load_file(tmp_path / d / "c.safetensors") for d in ("a", "b"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    # LyCORIS's key form: four Hadamard factors and an alpha per module, nothing else.
+    stems = {k.rsplit(".", 1)[0] for k in ta}
+    assert all(s.startswith("lora_unet_") for s in stems)
+    assert set(ta) == {f"{s}.{f}" for s in stems for f in (*HADA, "alpha")}
+    assert "lora_unet_down_blocks_0_resnets_0_conv1" in stems  # convs adapted too
+    assert all(ta[f"{s}.alpha"].item() == recipe.rank for s in stems)
+    assert a["bytes"] < 300_000
+    # The shipped file is the same recipe at full length: the same modules, the same form.
+    shipped = load_file(SHIPPED)
+    assert shipped.keys() == ta.keys() and SHIPPED.stat().st_size < 300_000
+    with safe_open(SHIPPED, "pt") as f:
+        assert f.metadata()["ss_network_module"] == "lycoris.kohya"
+
+
+def merged_by_peft(engine: StreamV2V, state: dict[str, torch.Tensor]) -> int:
+    """The LoHa file merged into ``engine``'s UNet by peft's own LoHa layers; the rank."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.loha import LoHaLayer
+
+    rank = next(v.shape[1] for k, v in state.items() if k.endswith(".hada_w1_a"))
+    assert all(v.item() == rank for k, v in state.items() if k.endswith(".alpha"))
+    unet = engine.unet
+    inject_adapter_in_model(loha_config(rank), unet)
+    result = set_peft_model_state_dict(unet, peft_state(state, unet))
+    assert not result.unexpected_keys
+    layers = [m for m in unet.modules() if isinstance(m, LoHaLayer)]
+    assert len(layers) == len(state) // 5
+    for layer in layers:
+        layer.merge()
+    return rank
+
+
+@pytest.mark.slow
+def test_the_shipped_loha_turns_the_picture_cyanotype(one_torch_thread):
+    """The demo preset's settings on rendered scenes of every style, the same prompt, with and
+    without the LoHa merged (by peft): with it, the frames lie near the cyanotype tone line."""
+    preset = load_preset_file(bundled_presets_dir("demo") / "cyanotype.toml")
+    assert preset.prompt == CYANOTYPE_PROMPT
+    assert Path(preset.loras[0].id).resolve() == SHIPPED.resolve()
+    config = EngineConfig(
+        vae="model", width=128, height=128, steps=2, strength=preset.strength, stream_batch=False
+    )
+    rng = np.random.default_rng(11)
+    frames = [render(random_scene(rng), s) for s in STYLES for _ in range(2)]
+
+    def outputs(with_loha: bool) -> list[np.ndarray]:
+        engine = StreamV2V.from_pretrained(tiny_styles_dir(), config=config, device="cpu")
+        if with_loha:
+            state = load_file(SHIPPED)
+            rank = merged_by_peft(engine, state)
+            # peft's merge is LyCORIS's formula: (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / r.
+            stem, layer = "lora_unet_mid_block_attentions_0_proj_in", "mid_block.attentions.0"
+            w = {f: state[f"{stem}.{f}"].float() for f in HADA}
+            delta = (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"])
+            base = StreamV2V.from_pretrained(tiny_styles_dir(), config=config, device="cpu")
+            got = engine.unet.get_submodule(f"{layer}.proj_in").base_layer.weight
+            want = base.unet.get_submodule(f"{layer}.proj_in").weight
+            alpha = state[f"{stem}.alpha"].item()
+            torch.testing.assert_close(got, want + delta.view_as(want) * alpha / rank)
+        engine.set_prompt(CYANOTYPE_PROMPT)
+        out = []
+        for frame in frames:
+            engine.reset_bank()
+            engine(frame)
+            out.append(engine(frame))
+        return out
+
+    plain = np.mean([cyanotype_error(o) for o in outputs(False)])
+    styled = np.mean([cyanotype_error(o) for o in outputs(True)])
+    assert styled < 0.5 * plain, (styled, plain)
+    assert styled < 12.0, styled
