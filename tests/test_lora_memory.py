@@ -203,3 +203,27 @@ def test_streamv2v_presets_and_the_page_listing_show_each_loras_bytes(tmp_path, 
     assert any("LoRA base copies" in line for line in lines)
     plain = [r for r in listing["presets"] if r["name"] == "plain"]
     assert plain and plain[0]["loras"] == []
+
+
+def test_check_memory_on_a_cuda_card_counts_the_presets_loras(tiny_model, files, monkeypatch):
+    """The preflight's entry point as the engine worker calls it, on a CUDA card this machine
+    lacks (its free-memory query is the one fake): the LoCon's base copies tip it over; the
+    shortfall an engine with lora_base = "auto" asks for says by how much."""
+    from daemon.models.preflight import MemoryShortage, check_memory, estimate_for, lora_memory
+    from streamv2v import EngineConfig
+    from streamv2v.lora_memory import device_shortfall
+    from streamv2v.memory import OVERHEAD
+
+    model = str(tiny_model)
+    floor = EngineConfig(vae="model", width=64, height=64, steps=1, bank={"enabled": False})
+    specs = {"locon": LoraSpec(id=str(files["locon"]))}
+    locon = lora_memory(model, specs, 2)
+    free = estimate_for(model, floor, 2).total + int(OVERHEAD * locon.total / 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 8 * 2**30))
+    check_memory(model, floor, "cuda", "float16")  # without the LoRAs: fits
+    with pytest.raises(MemoryShortage, match="LoRA base copies"):
+        check_memory(model, floor, "cuda", "float16", loras=specs)
+    check_memory(model, floor, "cuda", "float16", loras=specs, lora_base="host")
+    assert device_shortfall(free + 123, "cuda:0") == 123
+    assert device_shortfall(free, "cuda:0") == 0
+    assert device_shortfall(10**15, "cpu") == 0  # the CPU's (and MPS's) memory is the system's
