@@ -1,7 +1,7 @@
-"""The demo LyCORIS file: a LoHa style ("cyanotype") for the tiny style model, in the key form
+"""The demo LyCORIS file: a LoHa style ("phosphor") for the tiny style model, in the key form
 LyCORIS/kohya write (``lora_unet_<path>.hada_w1_a`` ... ``.alpha``), read here by peft's own LoHa
-layers (their ``merge()`` writes each delta into the base weight): it turns the picture blue
-as trained. (The engine's in-place LoHa reader is tested against the same peft merge.)"""
+layers (their ``merge()`` writes each delta into the base weight): it turns the picture green,
+its shapes kept, as trained."""
 
 from __future__ import annotations
 
@@ -18,32 +18,32 @@ from daemon.styles.presets import bundled_presets_dir, load_preset_file
 from streamv2v import EngineConfig, StreamV2V
 from streamv2v.scenes import STYLES, random_scene, render
 from streamv2v.tiny.loha import (
-    CYANOTYPE_PROMPT,
     HADA,
+    PHOSPHOR_PROMPT,
     LohaRecipe,
-    cyanotype,
-    cyanotype_error,
     loha_config,
     peft_state,
+    phosphor,
+    phosphor_error,
     train,
 )
 from streamv2v.tiny.lora import sepia, sepia_error
 
-SHIPPED = tiny_styles_dir().parent / "tiny-styles-loras" / "cyanotype.safetensors"
+SHIPPED = tiny_styles_dir().parent / "tiny-styles-loras" / "phosphor.safetensors"
 
 
-def test_the_statistic_tells_a_cyanotype_from_the_known_styles_and_sepia():
+def test_the_statistic_tells_a_phosphor_from_the_known_styles_and_sepia():
     scene = random_scene(np.random.default_rng(3))
     plain = render(scene, "plain")
-    assert cyanotype_error(cyanotype(plain)) < 1.0
-    for style in STYLES:  # ("cool", bluish already, is the nearest: ~12)
-        assert cyanotype_error(render(scene, style)) > 10.0
-    assert cyanotype_error(sepia(plain)) > 40.0 and sepia_error(cyanotype(plain)) > 40.0
+    assert phosphor_error(phosphor(plain)) < 1.0
+    for style in STYLES:
+        assert phosphor_error(render(scene, style)) > 30.0
+    assert phosphor_error(sepia(plain)) > 40.0 and sepia_error(phosphor(plain)) > 40.0
 
 
 @pytest.mark.slow
 def test_the_loha_training_script_writes_a_lycoris_file_reproducibly(tmp_path):
-    recipe = LohaRecipe(steps=2, scenes=4, batch=2, threads=1)
+    recipe = LohaRecipe(steps=2, scenes=4, batch=2, size=64)
     a = train(tiny_styles_dir(), tmp_path / "a" / "c.safetensors", recipe, log=lambda _: None)
     train(tiny_styles_dir(), tmp_path / "b" / "c.safetensors", recipe, log=lambda _: None)
     ta, tb = (load_file(tmp_path / d / "c.safetensors") for d in ("a", "b"))
@@ -81,17 +81,19 @@ def merged_by_peft(engine: StreamV2V, state: dict[str, torch.Tensor]) -> int:
 
 
 @pytest.mark.slow
-def test_the_shipped_loha_turns_the_picture_cyanotype(one_torch_thread):
+def test_the_shipped_loha_turns_the_picture_phosphor(one_torch_thread):
     """The demo preset's settings on rendered scenes of every style, the same prompt, with and
-    without the LoHa merged (by peft): with it, the frames lie near the cyanotype tone line."""
-    preset = load_preset_file(bundled_presets_dir("demo") / "cyanotype.toml")
-    assert preset.prompt == CYANOTYPE_PROMPT
+    without the LoHa merged (by peft): with it, the frames lie near the phosphor tone line."""
+    preset = load_preset_file(bundled_presets_dir("demo") / "phosphor.toml")
+    assert preset.prompt == PHOSPHOR_PROMPT
     assert Path(preset.loras[0].id).resolve() == SHIPPED.resolve()
     config = EngineConfig(
         vae="model", width=128, height=128, steps=2, strength=preset.strength, stream_batch=False
     )
     rng = np.random.default_rng(11)
-    frames = [render(random_scene(rng), s) for s in STYLES for _ in range(2)]
+    scenes = [random_scene(rng) for _ in range(2)]
+    frames = [render(scene, s) for s in STYLES for scene in scenes]
+    targets = [phosphor(render(scene, "plain")) for _ in STYLES for scene in scenes]
 
     def outputs(with_loha: bool) -> list[np.ndarray]:
         engine = StreamV2V.from_pretrained(tiny_styles_dir(), config=config, device="cpu")
@@ -107,7 +109,7 @@ def test_the_shipped_loha_turns_the_picture_cyanotype(one_torch_thread):
             want = base.unet.get_submodule(f"{layer}.proj_in").weight
             alpha = state[f"{stem}.alpha"].item()
             torch.testing.assert_close(got, want + delta.view_as(want) * alpha / rank)
-        engine.set_prompt(CYANOTYPE_PROMPT)
+        engine.set_prompt(PHOSPHOR_PROMPT)
         out = []
         for frame in frames:
             engine.reset_bank()
@@ -115,7 +117,13 @@ def test_the_shipped_loha_turns_the_picture_cyanotype(one_torch_thread):
             out.append(engine(frame))
         return out
 
-    plain = np.mean([cyanotype_error(o) for o in outputs(False)])
-    styled = np.mean([cyanotype_error(o) for o in outputs(True)])
+    plain = np.mean([phosphor_error(o) for o in outputs(False)])
+    loha = outputs(True)
+    styled = np.mean([phosphor_error(o) for o in loha])
     assert styled < 0.5 * plain, (styled, plain)
-    assert styled < 12.0, styled
+    # ...and the shapes stay: the output's brightness follows the scene's phosphor render.
+    kept = [
+        np.corrcoef(o.max(axis=-1).ravel(), t.max(axis=-1).ravel())[0, 1]
+        for o, t in zip(loha, targets)
+    ]
+    assert np.mean(kept) > 0.5, kept
