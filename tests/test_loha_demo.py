@@ -1,7 +1,7 @@
-"""The demo LyCORIS file: a LoHa style ("phosphor") for the tiny style model, in the key form
+"""The demo LyCORIS file: a LoHa style ("noir") for the tiny style model, in the key form
 LyCORIS/kohya write (``lora_unet_<path>.hada_w1_a`` ... ``.alpha``), read here by peft's own LoHa
-layers (their ``merge()`` writes each delta into the base weight): it turns the picture green,
-its shapes kept, as trained."""
+layers (their ``merge()`` writes each delta into the base weight): it turns the picture black
+and white, its shapes kept, as trained."""
 
 from __future__ import annotations
 
@@ -19,26 +19,28 @@ from streamv2v import EngineConfig, StreamV2V
 from streamv2v.scenes import STYLES, random_scene, render
 from streamv2v.tiny.loha import (
     HADA,
-    PHOSPHOR_PROMPT,
+    NOIR_PROMPT,
     LohaRecipe,
     loha_config,
+    noir,
+    noir_error,
     peft_state,
-    phosphor,
-    phosphor_error,
     train,
 )
 from streamv2v.tiny.lora import sepia, sepia_error
 
-SHIPPED = tiny_styles_dir().parent / "tiny-styles-loras" / "phosphor.safetensors"
+SHIPPED = tiny_styles_dir().parent / "tiny-styles-loras" / "noir.safetensors"
 
 
-def test_the_statistic_tells_a_phosphor_from_the_known_styles_and_sepia():
+def test_the_statistic_tells_black_and_white_from_the_colourful_styles_and_sepia():
     scene = random_scene(np.random.default_rng(3))
     plain = render(scene, "plain")
-    assert phosphor_error(phosphor(plain)) < 1.0
-    for style in STYLES:
-        assert phosphor_error(render(scene, style)) > 30.0
-    assert phosphor_error(sepia(plain)) > 40.0 and sepia_error(phosphor(plain)) > 40.0
+    assert noir_error(noir(plain)) < 1.0
+    for style in ("plain", "warm", "cool"):
+        assert noir_error(render(scene, style)) > 30.0
+    assert noir_error(render(scene, "outline")) < 1.0  # (black lines on white: the LoHa test
+    # compares the same prompt with and without the LoHa, and the shapes kept)
+    assert noir_error(sepia(plain)) > 10.0 and sepia_error(noir(plain)) > 10.0
 
 
 @pytest.mark.slow
@@ -81,11 +83,11 @@ def merged_by_peft(engine: StreamV2V, state: dict[str, torch.Tensor]) -> int:
 
 
 @pytest.mark.slow
-def test_the_shipped_loha_turns_the_picture_phosphor(one_torch_thread):
+def test_the_shipped_loha_turns_the_picture_noir(one_torch_thread):
     """The demo preset's settings on rendered scenes of every style, the same prompt, with and
-    without the LoHa merged (by peft): with it, the frames lie near the phosphor tone line."""
-    preset = load_preset_file(bundled_presets_dir("demo") / "phosphor.toml")
-    assert preset.prompt == PHOSPHOR_PROMPT
+    without the LoHa merged (by peft): with it, the frames lie near the noir tone line."""
+    preset = load_preset_file(bundled_presets_dir("demo") / "noir.toml")
+    assert preset.prompt == NOIR_PROMPT
     assert Path(preset.loras[0].id).resolve() == SHIPPED.resolve()
     config = EngineConfig(
         vae="model", width=128, height=128, steps=2, strength=preset.strength, stream_batch=False
@@ -93,7 +95,7 @@ def test_the_shipped_loha_turns_the_picture_phosphor(one_torch_thread):
     rng = np.random.default_rng(11)
     scenes = [random_scene(rng) for _ in range(2)]
     frames = [render(scene, s) for s in STYLES for scene in scenes]
-    targets = [phosphor(render(scene, "plain")) for _ in STYLES for scene in scenes]
+    targets = [noir(render(scene, "plain")) for _ in STYLES for scene in scenes]
 
     def outputs(with_loha: bool) -> list[np.ndarray]:
         engine = StreamV2V.from_pretrained(tiny_styles_dir(), config=config, device="cpu")
@@ -109,7 +111,7 @@ def test_the_shipped_loha_turns_the_picture_phosphor(one_torch_thread):
             want = base.unet.get_submodule(f"{layer}.proj_in").weight
             alpha = state[f"{stem}.alpha"].item()
             torch.testing.assert_close(got, want + delta.view_as(want) * alpha / rank)
-        engine.set_prompt(PHOSPHOR_PROMPT)
+        engine.set_prompt(NOIR_PROMPT)
         out = []
         for frame in frames:
             engine.reset_bank()
@@ -117,11 +119,11 @@ def test_the_shipped_loha_turns_the_picture_phosphor(one_torch_thread):
             out.append(engine(frame))
         return out
 
-    plain = np.mean([phosphor_error(o) for o in outputs(False)])
+    plain = np.mean([noir_error(o) for o in outputs(False)])
     loha = outputs(True)
-    styled = np.mean([phosphor_error(o) for o in loha])
+    styled = np.mean([noir_error(o) for o in loha])
     assert styled < 0.5 * plain, (styled, plain)
-    # ...and the shapes stay: the output's brightness follows the scene's phosphor render.
+    # ...and the shapes stay: the output's brightness follows the scene's noir render.
     kept = [
         np.corrcoef(o.max(axis=-1).ravel(), t.max(axis=-1).ravel())[0, 1]
         for o, t in zip(loha, targets)

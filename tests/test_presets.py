@@ -60,10 +60,10 @@ def test_demo_presets_use_the_style_models_prompts():
     styles = {p.prompt for p in presets if not p.passthrough and not p.loras}
     assert styles == set(STYLES.values())
     assert any(p.passthrough for p in presets)
-    # The LoRA presets (phosphor: a LyCORIS LoHa, and sepia) name the demo style files shipped
+    # The LoRA presets (noir: a LyCORIS LoHa, and sepia) name the demo style files shipped
     # in the package, by a relative path.
     lora_presets = [p for p in presets if p.loras]
-    assert [p.name for p in lora_presets] == ["phosphor", "sepia"]
+    assert [p.name for p in lora_presets] == ["noir", "sepia"]
     assert all(Path(spec.id).is_file() for p in lora_presets for spec in p.loras)
 
 

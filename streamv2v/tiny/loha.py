@@ -1,15 +1,17 @@
-"""A LyCORIS LoHa style for the tiny style model: "phosphor", a green monochrome it never saw.
+"""A LyCORIS LoHa style for the tiny style model: "noir", black and white, which it never saw.
 
-    python -m streamv2v.tiny.loha --out streamv2v/models/tiny-styles-loras/phosphor.safetensors
+    python -m streamv2v.tiny.loha --out streamv2v/models/tiny-styles-loras/noir.safetensors
 
-The demo of a style file that is not a plain LoRA. A phosphor render of a scene is its plain
-render's brightness shown in the green of an old monochrome screen (:func:`phosphor`): no
-colour of the scene is left, and every pixel lies on one green tone line, far from sepia's
-brown one and from the blues and oranges the model knows. A LoHa (peft's
+The demo of a style file that is not a plain LoRA. A noir render of a scene is its plain
+render's brightness, contrast lifted, in black and white (:func:`noir`): no colour is left,
+every pixel is grey, far from sepia's brown tone and from the colours of the shaded styles the
+model knows. (A strong colour was tried first: the tiny model's autoencoder, trained on the
+four styles, cannot show a saturated green; a round trip of a green monochrome loses most of
+it, of a grey one almost nothing.) A LoHa (peft's
 ``LoHaConfig``: each layer's delta is the Hadamard product of two low-rank products,
 ``(w1_a @ w1_b) * (w2_a @ w2_b) * alpha / r``) on the UNet's attention, feed-forward,
 projection and resnet layers learns to translate any known style into it under the prompt
-"a phosphor scene", the base weights frozen, exactly as :mod:`streamv2v.tiny.lora` trains
+"a noir scene", the base weights frozen, exactly as :mod:`streamv2v.tiny.lora` trains
 sepia. The file is written the way LyCORIS and kohya's scripts write LoHa files
 (``lora_unet_<module path with _>.hada_w1_a`` ... ``.hada_w2_b`` and ``.alpha``, float16), the
 form the files people download have. Seeded: a re-run on the same machine gives the same file.
@@ -31,27 +33,28 @@ from streamv2v.tiny.lora import TARGETS
 from streamv2v.tiny.styles import _lr, to_tensor
 
 #: The trigger prompt of the demo LoHa.
-PHOSPHOR_PROMPT = "a phosphor scene"
-#: The colour of a phosphor pixel, brightest channel 1 (a P1 phosphor's green).
-PHOSPHOR_TONE = np.array([0.25, 1.0, 0.35], np.float32)
+NOIR_PROMPT = "a black-and-white scene"
+#: The colour of a noir pixel, brightest channel 1: grey.
+NOIR_TONE = np.array([1.0, 1.0, 1.0], np.float32)
 #: LoHa factor names, as LyCORIS writes them.
 HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
 
-def phosphor(image: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 RGB on a phosphor screen: its brightness (lifted 20%) along the green tone."""
+def noir(image: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 RGB in black and white: its brightness, lifted 20%."""
     luma = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     level = np.clip(luma * 1.2, 0, 255)[..., None]
-    return np.clip(level * PHOSPHOR_TONE + 0.5, 0, 255).astype(np.uint8)
+    return np.clip(level * NOIR_TONE + 0.5, 0, 255).astype(np.uint8)
 
 
-def phosphor_error(image: np.ndarray) -> float:
-    """How far an image is from phosphor toning, in 0..255: the mean distance of each pixel
-    from the green tone of its own brightness (0 for a phosphor picture, ~40-90 for the
-    styles the model knows and for sepia). The named statistic the tests judge the LoHa by."""
+def noir_error(image: np.ndarray) -> float:
+    """How far an image is from black and white, in 0..255: the mean distance of each pixel
+    from the grey of its own brightness (0 for a noir picture, ~35-50 for the colourful styles
+    the model knows, ~15-25 for sepia; its outline drawings are black and white too, so the
+    tests compare with and without the LoHa). The named statistic the tests judge it by."""
     rgb = image.astype(np.float32)
     level = rgb.max(axis=-1, keepdims=True)
-    return float(np.abs(rgb - level * PHOSPHOR_TONE).mean())
+    return float(np.abs(rgb - level * NOIR_TONE).mean())
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ def loha_config(rank: int):
 
 
 def train(model: Path, out: Path, recipe: LohaRecipe, log=print) -> dict:
-    """Train the phosphor LoHa on the tiny style model at ``model``; write it to ``out``."""
+    """Train the noir LoHa on the tiny style model at ``model``; write it to ``out``."""
     from diffusers import AutoencoderTiny, LCMScheduler, UNet2DConditionModel
     from peft import inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
@@ -124,7 +127,7 @@ def train(model: Path, out: Path, recipe: LohaRecipe, log=print) -> dict:
 
     with torch.no_grad():
         ids = tokenizer(
-            PHOSPHOR_PROMPT,
+            NOIR_PROMPT,
             padding="max_length",
             max_length=77,
             truncation=True,
@@ -140,10 +143,10 @@ def train(model: Path, out: Path, recipe: LohaRecipe, log=print) -> dict:
             images = []
             for s in chunk:
                 plain = render(s, "plain", recipe.size)
-                images += [render(s, st, recipe.size) for st in styles] + [phosphor(plain)]
+                images += [render(s, st, recipe.size) for st in styles] + [noir(plain)]
             z = vae.encode(to_tensor(images)).latents * scale
             lat.append(z.view(len(chunk), len(styles) + 1, *z.shape[1:]))
-        latents = torch.cat(lat)  # [scenes, 5 (4 styles + phosphor), 4, h, w]
+        latents = torch.cat(lat)  # [scenes, 5 (4 styles + noir), 4, h, w]
 
     inject_adapter_in_model(loha_config(recipe.rank), unet)
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -153,14 +156,14 @@ def train(model: Path, out: Path, recipe: LohaRecipe, log=print) -> dict:
     n, b, losses = latents.shape[0], recipe.batch, []
     for step in range(recipe.steps):
         scene = torch.from_numpy(rng.integers(0, n, b))
-        source = torch.from_numpy(rng.integers(0, 5, b))  # any style, phosphor itself included
+        source = torch.from_numpy(rng.integers(0, 5, b))  # any style, noir itself included
         lo, hi = recipe.translate_t
         t = torch.from_numpy(rng.integers(lo, hi, b))
         z_src, z_tgt = latents[scene, source], latents[scene, 4]
         noise = torch.from_numpy(rng.standard_normal(z_src.shape).astype(np.float32))
         ab = alphas[t].view(-1, 1, 1, 1)
         x_t = ab.sqrt() * z_src + (1 - ab).sqrt() * noise
-        eps = (x_t - ab.sqrt() * z_tgt) / (1 - ab).sqrt()  # its x0 estimate: the phosphor
+        eps = (x_t - ab.sqrt() * z_tgt) / (1 - ab).sqrt()  # its x0 estimate: the noir
         pred = unet(x_t, t, encoder_hidden_states=hidden.expand(b, -1, -1)).sample
         snr = ab / (1 - ab)
         weight = torch.clamp(snr, max=5.0) / snr
@@ -181,7 +184,7 @@ def train(model: Path, out: Path, recipe: LohaRecipe, log=print) -> dict:
     save_file(state, str(out), metadata=metadata)
     figures = {
         "recipe": recipe.__dict__ | {"translate_t": list(recipe.translate_t)},
-        "prompt": PHOSPHOR_PROMPT,
+        "prompt": NOIR_PROMPT,
         "final_loss": float(np.mean(losses[-50:])),
         "bytes": out.stat().st_size,
     }
