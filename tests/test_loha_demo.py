@@ -119,13 +119,21 @@ def test_the_shipped_loha_turns_the_picture_noir(one_torch_thread):
             out.append(engine(frame))
         return out
 
-    plain = np.mean([noir_error(o) for o in outputs(False)])
-    loha = outputs(True)
+    def kept(outs: list[np.ndarray]) -> float:
+        """How well the output's brightness follows the scene's (its noir render)."""
+        return float(
+            np.mean(
+                [
+                    np.corrcoef(o.max(axis=-1).ravel(), t.max(axis=-1).ravel())[0, 1]
+                    for o, t in zip(outs, targets)
+                ]
+            )
+        )
+
+    base, loha = outputs(False), outputs(True)
+    plain = np.mean([noir_error(o) for o in base])
     styled = np.mean([noir_error(o) for o in loha])
-    assert styled < 0.5 * plain, (styled, plain)
-    # ...and the shapes stay: the output's brightness follows the scene's noir render.
-    kept = [
-        np.corrcoef(o.max(axis=-1).ravel(), t.max(axis=-1).ravel())[0, 1]
-        for o, t in zip(loha, targets)
-    ]
-    assert np.mean(kept) > 0.5, kept
+    assert styled < 0.3 * plain, (styled, plain)
+    # ...and the shapes stay as well as the model keeps them without it (at strength 0.3 the
+    # tiny model redraws a scene in its style: the brightness follows it only in part).
+    assert kept(loha) > 0.2 and kept(loha) > kept(base) - 0.15, (kept(loha), kept(base))
