@@ -35,6 +35,9 @@ from daemon.dataplane.output_worker import OutputWorker
 from daemon.dataplane.slots import LatestSlot
 from daemon.masking.worker import MaskWorker
 from daemon.models.engine_config import engine_config
+from daemon.models.lora_sizes import listing_dtype_bytes
+from daemon.models.preflight import listing_with_lora_bytes
+from daemon.models.registry import model_location
 from daemon.styles.presets import (
     PresetLibrary,
     PresetManager,
@@ -224,11 +227,14 @@ class Daemon:
         }
 
     def preset_listing(self) -> dict[str, Any]:
-        return {
+        listing = {
             "active": self.presets.active,
             "presets": self.presets.listing(),
             "errors": self.library.errors,
         }
+        cfg = self.config.engine
+        size = listing_dtype_bytes(self.engine.engine, cfg.dtype)
+        return listing_with_lora_bytes(listing, model_location(cfg.model), size)
 
     # ------------------------------------------------------------------ figures
     def status(self) -> dict[str, Any]:
@@ -350,7 +356,9 @@ def local_preset_listing(config: DaemonConfig) -> dict[str, Any]:
     library.scan()
     startup = config.presets.startup if config.presets.startup in library.presets else "config"
     manager = PresetManager(library, startup)
-    return {"active": startup, "presets": manager.listing(), "errors": library.errors}
+    listing = {"active": startup, "presets": manager.listing(), "errors": library.errors}
+    size = listing_dtype_bytes(None, config.engine.dtype)
+    return listing_with_lora_bytes(listing, model_location(config.engine.model), size)
 
 
 def default_presets_dir() -> Path:

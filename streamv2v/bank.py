@@ -86,10 +86,11 @@ def merge_pairs(
     Precision. Keys are normalised in float32 (a float16 norm overflows past |k| ~ 256), then
     matched in the model's precision on accelerators (a half matmul: the similarity is the
     merge's whole cost) and in float32 on the CPU (whose half matmul is slower, not faster).
-    The means are summed in float32, as one deterministic segmented reduction over the tokens
-    sorted by destination: no atomics, so the result is the same bit for bit on every run and
-    device, counts are exact, and thousands of tokens landing on one destination (flat image
-    regions) cannot overflow float16.
+    The means are summed in float32 by one accumulating ``index_put_`` (each token added to its
+    destination's row): thousands of tokens landing on one destination (flat image regions)
+    cannot overflow float16, and counts (integers in float32) are exact. The op has kernels on
+    CPU, CUDA and MPS (``segment_reduce``, used before, has none on MPS); on the CPU it adds in
+    token order, on CUDA it sorts the indices first (no atomics): the same bits on every run.
     """
     g, _, t, c = kvo.shape
     m = dst_idx.shape[-1]
@@ -107,17 +108,16 @@ def merge_pairs(
     target = torch.empty((g, t), dtype=torch.long, device=dev)
     target.scatter_(1, dst_idx, torch.arange(m, device=dev).expand(g, m))
     target.scatter_(1, src_idx, match)
-    # Every destination counts itself, so no destination segment is empty and the segments, in
-    # destination order, tile the sorted tokens exactly.
+    # Sums and counts per destination (and the dropped sources' extra row). Every destination
+    # counts itself, so no count is zero.
     segments = m + 1
-    counts = torch.zeros((g, segments), dtype=torch.long, device=dev)
-    counts.scatter_add_(1, target, torch.ones_like(target))
-    by_target = target.sort(dim=1, stable=True).indices
-    tokens = kvo.transpose(1, 2).gather(1, by_target[..., None, None].expand(-1, -1, 3, c))
-    mean = torch.segment_reduce(
-        tokens.reshape(g * t, 3 * c).float(), "mean", lengths=counts.flatten(), axis=0
-    )
-    return mean.view(g, segments, 3, c)[:, :m].transpose(1, 2).to(kvo.dtype)
+    rows = torch.arange(g, device=dev)[:, None].expand(g, t)
+    sums = torch.zeros((g, segments, 3, c), dtype=torch.float32, device=dev)
+    sums.index_put_((rows, target), kvo.transpose(1, 2).float(), accumulate=True)
+    counts = torch.zeros((g, segments), dtype=torch.float32, device=dev)
+    counts.scatter_add_(1, target, torch.ones((), dtype=torch.float32, device=dev).expand(g, t))
+    mean = sums[:, :m] / counts[:, :m, None, None]
+    return mean.transpose(1, 2).to(kvo.dtype)
 
 
 def fuse_features(

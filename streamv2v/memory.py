@@ -19,6 +19,8 @@ The parts, in bytes at the run dtype:
   runs a copy of the down path on the same rows, and its residuals are held for the UNet: one
   more skip set and working set per row;
 - VAE: encoding and decoding one frame at full resolution (a few full-size feature maps);
+- the presets' style LoRAs, when given: their factors and the base copies of the layers they
+  touch (:mod:`streamv2v.lora_memory`, from the files' headers);
 
 times ``captured`` for activations when CUDA graphs keep one memory pool per warmed
 configuration, plus ``OVERHEAD`` for the allocator's fragmentation and cuBLAS workspaces.
@@ -120,12 +122,22 @@ class MemoryNeed:
     activations: int
     bank: int
     vae: int
+    #: the presets' style LoRAs (streamv2v.lora_memory): their factors, and the base copies
+    #: of the layers they touch (0 when those are kept in host memory)
+    lora_factors: int = 0
+    lora_base: int = 0
 
     @property
     def total(self) -> int:
-        return int((self.weights + self.activations + self.bank + self.vae) * OVERHEAD)
+        parts = self.weights + self.activations + self.bank + self.vae
+        return int((parts + self.lora_factors + self.lora_base) * OVERHEAD)
 
     def describe(self) -> str:
+        loras = (
+            [("LoRAs", self.lora_factors), ("LoRA base copies", self.lora_base)]
+            if self.lora_factors or self.lora_base
+            else []
+        )
         parts = ", ".join(
             f"{name} {gib(value)}"
             for name, value in (
@@ -133,6 +145,7 @@ class MemoryNeed:
                 ("activations", self.activations),
                 ("bank", self.bank),
                 ("VAE", self.vae),
+                *loras,
             )
         )
         return f"{gib(self.total)} ({parts}, +{round((OVERHEAD - 1) * 100)}% slack)"

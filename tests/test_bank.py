@@ -398,3 +398,56 @@ def test_memory_stays_flat_over_a_thousand_frames(tiny_model, frames):
             rss[i] = proc.memory_info().rss
     assert len(sizes) == 1 and sizes.pop() > 0
     assert abs(rss[1000] - rss[100]) <= 0.02 * rss[100], rss
+
+
+# --------------------------------------------------------------------------- every device
+def merge_by_segment_reduce(kvo, src_idx, dst_idx, threshold=None):
+    """The merge as it was written before (sorted tokens, ``torch.segment_reduce``: CPU and
+    CUDA kernels only), kept as the reference the device-neutral merge must equal bit for bit."""
+    g, _, t, c = kvo.shape
+    m = dst_idx.shape[-1]
+    keys = F.normalize(kvo[:, 0].float(), dim=-1)
+    src_keys = keys.gather(1, src_idx[..., None].expand(-1, -1, c))
+    dst_keys = keys.gather(1, dst_idx[..., None].expand(-1, -1, c))
+    best, match = (src_keys @ dst_keys.transpose(1, 2)).max(dim=-1)
+    if threshold is not None:
+        match = torch.where(best >= threshold, match, m)
+    target = torch.empty((g, t), dtype=torch.long)
+    target.scatter_(1, dst_idx, torch.arange(m).expand(g, m))
+    target.scatter_(1, src_idx, match)
+    counts = torch.zeros((g, m + 1), dtype=torch.long).scatter_add_(
+        1, target, torch.ones_like(target)
+    )
+    by_target = target.sort(dim=1, stable=True).indices
+    tokens = kvo.transpose(1, 2).gather(1, by_target[..., None, None].expand(-1, -1, 3, c))
+    mean = torch.segment_reduce(
+        tokens.reshape(g * t, 3 * c).float(), "mean", lengths=counts.flatten(), axis=0
+    )
+    return mean.view(g, m + 1, 3, c)[:, :m].transpose(1, 2).to(kvo.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_merge_equals_the_segment_reduce_merge_bit_for_bit(dtype):
+    """The merge runs on MPS now (no segment_reduce) and gives the very same bits on the CPU:
+    random splits, the stable split with and without a threshold, and a flat region where
+    hundreds of sources land on one destination (float16 sums that would overflow)."""
+    torch.manual_seed(3)
+    cases = []
+    kvo = (torch.randn(6, 3, 96, 16) * 4).to(dtype)
+    cases.append((kvo, *merge_split(6, 96, 48), None))
+    src, dst = oldest_frame_split(96, 32, 1, torch.device("cpu"))
+    cases.append((kvo, src.expand(6, -1), dst.expand(6, -1), None))
+    cases.append((kvo, src.expand(6, -1), dst.expand(6, -1), 0.2))
+    flat = torch.full((2, 3, 600, 8), 200.0).to(dtype)  # one key everywhere: one destination wins
+    flat[:, :, :, 0] += torch.linspace(0, 1, 600).to(dtype)
+    cases.append((flat, *merge_split(2, 600, 500), None))
+    for kvo, src, dst, threshold in cases:
+        got = merge_pairs(kvo, src, dst, threshold)
+        want = merge_by_segment_reduce(kvo, src, dst, threshold)
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        assert torch.equal(got, want)
+
+
+def merge_split(groups: int, total: int, num_src: int):
+    order = torch.rand((groups, total), generator=gen(7)).argsort(dim=-1)
+    return order[:, :num_src], order[:, num_src:]

@@ -60,9 +60,10 @@ def test_demo_presets_use_the_style_models_prompts():
     styles = {p.prompt for p in presets if not p.passthrough and not p.loras}
     assert styles == set(STYLES.values())
     assert any(p.passthrough for p in presets)
-    # The LoRA preset (sepia) names the demo LoRA shipped in the package, by a relative path.
+    # The LoRA presets (noir: a LyCORIS LoHa, and sepia) name the demo style files shipped
+    # in the package, by a relative path.
     lora_presets = [p for p in presets if p.loras]
-    assert [p.name for p in lora_presets] == ["sepia"]
+    assert [p.name for p in lora_presets] == ["noir", "sepia"]
     assert all(Path(spec.id).is_file() for p in lora_presets for spec in p.loras)
 
 
@@ -300,7 +301,7 @@ def test_bundled_presets_ship_in_a_non_editable_install(tmp_path):
     bundled = sorted(load_preset_file(f).name for f in bundled_presets_dir().glob("*.toml"))
     assert found["names"] == bundled and len(bundled) >= 7
     demo = sorted(load_preset_file(f).name for f in bundled_presets_dir("demo").glob("*.toml"))
-    assert found["demo"] == demo and len(demo) == 6
+    assert found["demo"] == demo and len(demo) == 7
     # The demo LoRA ships in the package, and the sepia preset finds it there.
     assert found["loras"] and all(Path(f).is_file() for f in found["loras"])
     assert all(Path(f).is_relative_to(target) for f in found["loras"])

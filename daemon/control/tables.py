@@ -3,6 +3,7 @@ and ``streamv2v presets``), from the same dictionaries the control API answers w
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -21,12 +22,29 @@ def preset_table(listing: dict[str, Any], running: bool) -> tuple[list[str], lis
             what += f"[styles only the {r['mask']}] "
         scenes = f"  [OBS: {', '.join(r['obs_scenes'])}]" if r["obs_scenes"] else ""
         line = f"{mark} {r['name']:<{width}}  {r['hotkey'] or '-':<{keys}}  {what}"
-        lines.append(f"{line}{r['description']}{scenes}".rstrip())
+        lines.append(f"{line}{r['description']}{scenes}{lora_sizes(r)}".rstrip())
+    base = listing.get("lora_base_bytes")
+    if base:
+        lines.append(f"  (LoRA base copies, all presets together: {megabytes(base)})")
     errors = [
         f"error: {error}" if file in error else f"error: {file}: {error}"
         for file, error in listing["errors"].items()
     ]
     return lines, errors
+
+
+def megabytes(n: int | None) -> str:
+    return "size unknown" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def lora_sizes(row: dict[str, Any]) -> str:
+    """A preset row's LoRAs with the memory each one's factors take: ``[LoRA name 1.2 MB]``."""
+    loras = row.get("loras") or []
+    named = [
+        f"{Path(lora['weight_name'] or lora['id']).name} {megabytes(lora.get('bytes'))}"
+        for lora in loras
+    ]
+    return f"  [LoRA {', '.join(named)}]" if named else ""
 
 
 def status_table(s: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ from daemon.models.engine_config import engine_config
 from daemon.models.progress import Readiness
 from daemon.models.registry import model_location
 from daemon.styles.presets import Preset, PresetManager
-from streamv2v.config import SCHEDULE_STEPS
+from streamv2v.config import SCHEDULE_STEPS, LoraSpec
 
 if TYPE_CHECKING:
     from daemon.masking.worker import MaskWorker
@@ -128,7 +128,9 @@ class EngineWorker:
         )
         # Compiled (CUDA graphs), every step choice warmed keeps its own activations.
         captured = len(self._step_choices(preset, config)) if config.compile != "off" else 1
-        check_memory(model_location(cfg.model), config, cfg.device, cfg.dtype, captured)
+        # The presets' LoRAs count too (priced from their headers: none is read yet).
+        loras = switched_specs(self.presets.library.presets.values(), self.base.loras)
+        check_memory(model_location(cfg.model), config, cfg.device, cfg.dtype, captured, loras)
         engine = StreamV2V.from_pretrained(
             model_location(cfg.model),
             config=config,
@@ -381,3 +383,17 @@ class EngineWorker:
         if frame.kind == "camera":
             frame = Frame(frame.image, frame.captured_at, frame.seq, "passthrough")
         self._out.put(frame)
+
+
+def switched_specs(presets: Any, fused: tuple[LoraSpec, ...]) -> dict[str, LoraSpec]:
+    """The LoRAs the presets switch in place (what the engine's adapter library will load, by
+    its names), for the memory preflight."""
+    from daemon.styles.loras import lora_name, switched_loras
+
+    out: dict[str, LoraSpec] = {}
+    for preset in presets:
+        switched = switched_loras(preset, fused)
+        for spec in preset.loras or ():
+            if lora_name(spec) in switched:
+                out.setdefault(lora_name(spec), spec)
+    return out

@@ -3,19 +3,24 @@ against the free memory, and one line naming what to lower when it will not fit.
 
 The estimate reads only small files: the UNet's ``config.json``, the VAE's, and the headers of
 the ``.safetensors`` weights (their tensor shapes), from a local folder or the Hugging Face
-cache. Nothing is fetched here; a model not on disk yet is left to the loader.
+cache. Nothing is fetched here; a model not on disk yet is left to the loader. The presets'
+style LoRAs are priced from their files' headers too (daemon/models/lora_sizes.py), before
+any of them is read: their factors and the base copies of the layers they touch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from streamv2v import EngineConfig
+from daemon.models.lora_sizes import LoraSizer, read_header, with_lora_bytes
+from streamv2v import EngineConfig, LoraSpec
+from streamv2v.lora_memory import LoraMemory
 from streamv2v.memory import MemoryNeed, UNetLayout, config_changes, estimate_memory, fitting, gib
 
 log = logging.getLogger("streamv2v")
@@ -53,20 +58,21 @@ def safetensors_params(folder: Path) -> int:
     plain = [f for f in files if f.name.count(".") == 1]
     total = 0
     for file in plain or files[:1]:
-        with file.open("rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(size))
-        for key, entry in header.items():
+        for key, entry in read_header(file).items():
             if key != "__metadata__":
                 total += math.prod(entry["shape"])
     return total
 
 
 def estimate_for(
-    model: str, config: EngineConfig, dtype_bytes: int, captured: int = 1
+    model: str,
+    config: EngineConfig,
+    dtype_bytes: int,
+    captured: int = 1,
+    loras: LoraMemory | None = None,
 ) -> MemoryNeed | None:
-    """The estimate for ``model`` (a folder or a cached hub id) running ``config``; None when
-    its files are not on disk."""
+    """The estimate for ``model`` (a folder or a cached hub id) running ``config`` with the
+    presets' ``loras`` (see :func:`lora_memory`); None when its files are not on disk."""
     root = folder_of(model, "unet/config.json")
     if root is None:
         return None
@@ -81,7 +87,7 @@ def estimate_for(
         for name in (spec.model, spec.depth_model):
             folder = folder_of(name, "config.json") if name else None
             params += safetensors_params(folder) if folder is not None else 0
-    return estimate_memory(
+    need = estimate_memory(
         config,
         layout,
         weight_params=params,
@@ -90,6 +96,47 @@ def estimate_for(
         captured=captured,
         controlnets=len(config.control),
     )
+    if loras is None:
+        return need
+    factors = sum(loras.factor_bytes.values())
+    return dataclasses.replace(need, lora_factors=factors, lora_base=loras.base_bytes)
+
+
+def lora_memory(model: str, loras: Mapping[str, LoraSpec], dtype_bytes: int) -> LoraMemory | None:
+    """What the LoRAs ``loras`` (library name -> spec) hold on ``model`` at ``dtype_bytes``,
+    from headers only; None when the model is not on disk."""
+    root = folder_of(model, "unet/config.json")
+    if root is None or not loras:
+        return None
+    return _sizer(root).memory(loras, dtype_bytes)
+
+
+_SIZERS: dict[Path, LoraSizer] = {}  # model folder -> its sizer (headers read once)
+
+
+def listing_with_lora_bytes(
+    listing: dict[str, Any], model: str, dtype_bytes: int
+) -> dict[str, Any]:
+    """A preset listing with each LoRA's bytes on ``model`` (a folder or a cached hub id; see
+    :func:`~daemon.models.lora_sizes.with_lora_bytes`); None bytes when it is not on disk."""
+    root = folder_of(model, "unet/config.json")
+    try:
+        sizer = _sizer(root) if root is not None else None
+    except (OSError, ValueError):  # a model folder with unreadable weights: the loader says
+        sizer = None
+    return with_lora_bytes(listing, sizer, dtype_bytes)
+
+
+def _sizer(root: Path) -> LoraSizer:
+    sizer = _SIZERS.get(root)
+    if sizer is None:
+        sizer = _SIZERS[root] = LoraSizer(root)
+    return sizer
+
+
+def _on_host(loras: LoraMemory | None) -> LoraMemory | None:
+    """``loras`` with the base copies kept in host memory (``lora_base = "host"``)."""
+    return None if loras is None else dataclasses.replace(loras, base_bytes=0)
 
 
 def shortage(
@@ -101,23 +148,52 @@ def shortage(
     total: int,
     device: str,
     captured: int = 1,
+    loras: LoraMemory | None = None,
+    lora_base: str = "device",
 ) -> str | None:
-    """None when ``config`` fits in ``free`` bytes (or the model is not on disk); else one line:
-    the need by part, what is free, and the settings that would fit."""
-    need = estimate_for(model, config, dtype_bytes, captured)
+    """None when ``config`` (with the presets' ``loras``) fits in ``free`` bytes (or the model
+    is not on disk); else one line: the need by part, what is free, and the settings that
+    would fit. ``lora_base``: where the LoRAs' base copies live ("host": not on the device;
+    "auto": on the device when they fit there, else in host memory)."""
+    if lora_base == "host":
+        loras = _on_host(loras)
+    need = estimate_for(model, config, dtype_bytes, captured, loras)
     if need is None or need.total <= free:
         return None
-    fits, _ = fitting(config, lambda c: estimate_for(model, c, dtype_bytes, captured), free)
+    if lora_base == "auto" and loras is not None and loras.base_bytes:
+        host = estimate_for(model, config, dtype_bytes, captured, _on_host(loras))
+        if host is not None and host.total <= free:
+            log.info(
+                "memory: the LoRA base copies (%s) go to host memory (lora_base = auto): "
+                "%s free on %s",
+                gib(loras.base_bytes),
+                gib(free),
+                device,
+            )
+            return None
+
+    def estimate(c: EngineConfig) -> MemoryNeed | None:
+        return estimate_for(model, c, dtype_bytes, captured, loras)
+
+    fits, _ = fitting(config, estimate, free)
     head = (
         f"not enough GPU memory on {device}: this configuration needs about {need.describe()}, "
         f"{gib(free)} of {gib(total)} is free"
     )
     if fits is None:
+        if loras is not None and loras.total:
+            biggest = max(loras.factor_bytes, key=lambda n: loras.factor_bytes[n], default="")
+            return (
+                f"{head}; the presets' LoRAs hold {gib(loras.total)} of it (base copies "
+                f"{gib(loras.base_bytes)}, the largest: {biggest}): name fewer or smaller "
+                "LoRAs in the presets (a LoCon touching every layer copies a second UNet), "
+                "or keep the base copies in host memory"
+            )
         return (
             f"{head}; even the lightest settings do not fit (the weights alone are "
             f"{gib(need.weights)}): free the GPU of other programs, or use a smaller model"
         )
-    lowered = estimate_for(model, fits, dtype_bytes, captured)
+    lowered = estimate(fits)
     assert lowered is not None
     changes = "; ".join(config_changes(config, fits))
     return f"{head}; lower [engine.settings] {changes} (about {gib(lowered.total)})"
@@ -129,9 +205,12 @@ def check_memory(
     device: str | None,
     dtype: str | None,
     captured: int = 1,
+    loras: Mapping[str, LoraSpec] | None = None,
+    lora_base: str = "device",
 ) -> None:
-    """On CUDA, raise :class:`MemoryShortage` when ``config`` will not fit in the free memory;
-    on any other device, nothing (the CPU's memory is the system's, MPS shares it)."""
+    """On CUDA, raise :class:`MemoryShortage` when ``config`` with the presets' ``loras``
+    (library name -> spec: the ones they switch in place) will not fit in the free memory; on
+    any other device, nothing (the CPU's memory is the system's, MPS shares it)."""
     import torch
 
     from streamv2v.loading import default_device, default_dtype
@@ -141,6 +220,7 @@ def check_memory(
         return
     free, total = torch.cuda.mem_get_info(dev)
     dtype_bytes = _BYTES[dtype] if dtype else torch.finfo(default_dtype(dev)).bits // 8
+    priced = lora_memory(model, loras or {}, dtype_bytes)
     problem = shortage(
         model,
         config,
@@ -149,10 +229,12 @@ def check_memory(
         total=total,
         device=str(dev),
         captured=captured,
+        loras=priced,
+        lora_base=lora_base,
     )
     if problem is not None:
         raise MemoryShortage(problem)
-    need = estimate_for(model, config, dtype_bytes, captured)
+    need = estimate_for(model, config, dtype_bytes, captured, priced)
     if need is not None:
         log.info("memory: needs about %s; %s free on %s", need.describe(), gib(free), dev)
 

@@ -473,6 +473,10 @@ class PresetManager:
                     "obs_scenes": list(preset.obs_scenes),
                     "file": str(origin) if origin else None,
                     "error": self.library.broken(name),
+                    "loras": [
+                        {"id": s.id, "weight_name": s.weight_name, "scale": s.scale}
+                        for s in preset.loras or ()
+                    ],
                 }
             )
         return rows

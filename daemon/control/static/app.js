@@ -77,6 +77,11 @@ function renderPresets(listing) {
       if (preset.mask && preset.mask !== "none") {
         button.append(el("span", "mask", `styles only the ${preset.mask}`));
       }
+      for (const lora of preset.loras || []) {  // each style LoRA and its factors' memory
+        const file = (lora.weight_name || lora.id).split("/").pop();
+        const size = lora.bytes == null ? "size unknown" : fmt.bytes(lora.bytes);
+        button.append(el("span", "lora", `LoRA ${file}: ${size}`));
+      }
       if (preset.hotkey) button.append(el("span", "key", preset.hotkey));
       button.addEventListener("click", () => selectPreset(preset.name));
       box.append(button);
