@@ -224,6 +224,14 @@ def test_check_memory_on_a_cuda_card_counts_the_presets_loras(tiny_model, files,
     with pytest.raises(MemoryShortage, match="LoRA base copies"):
         check_memory(model, floor, "cuda", "float16", loras=specs)
     check_memory(model, floor, "cuda", "float16", loras=specs, lora_base="host")
+    # "auto": fits with the base copies on the host; the room it reports for them is too small,
+    # so the library the engine worker feeds it puts them there.
+    headroom = check_memory(model, floor, "cuda", "float16", loras=specs, lora_base="auto")
+    assert headroom is not None and 0 <= headroom < locon.base_bytes
+    from streamv2v.adapters import choose_lora_base
+
+    assert choose_lora_base("auto", base_bytes=locon.base_bytes, headroom_bytes=headroom) == "host"
+    assert check_memory(model, floor, "cpu", "float16", loras=specs, lora_base="auto") is None
     assert device_shortfall(free + 123, "cuda:0") == 123
     assert device_shortfall(free, "cuda:0") == 0
     assert device_shortfall(10**15, "cpu") == 0  # the CPU's (and MPS's) memory is the system's

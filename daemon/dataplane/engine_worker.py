@@ -130,7 +130,10 @@ class EngineWorker:
         captured = len(self._step_choices(preset, config)) if config.compile != "off" else 1
         # The presets' LoRAs count too (priced from their headers: none is read yet).
         loras = switched_specs(self.presets.library.presets.values(), self.base.loras)
-        check_memory(model_location(cfg.model), config, cfg.device, cfg.dtype, captured, loras)
+        headroom = check_memory(
+            model_location(cfg.model), config, cfg.device, cfg.dtype, captured, loras,
+            lora_base=config.lora_base,
+        )  # fmt: skip
         engine = StreamV2V.from_pretrained(
             model_location(cfg.model),
             config=config,
@@ -138,6 +141,9 @@ class EngineWorker:
             dtype=dtype,
             allow_pickle=cfg.allow_pickle,
         )
+        adapters = getattr(engine, "adapters", None)  # (a remote engine keeps its own)
+        if adapters is not None and headroom is not None:  # "auto": host when the device is short
+            adapters.set_lora_base(config.lora_base, headroom)
         if getattr(engine, "compiled", False):  # (a remote engine compiles on its side)
             # Compile every configuration the latency controller may pick now, in the loader
             # thread (the camera passes through meanwhile), so a step change never stalls.

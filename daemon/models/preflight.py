@@ -207,17 +207,21 @@ def check_memory(
     captured: int = 1,
     loras: Mapping[str, LoraSpec] | None = None,
     lora_base: str = "device",
-) -> None:
+) -> int | None:
     """On CUDA, raise :class:`MemoryShortage` when ``config`` with the presets' ``loras``
     (library name -> spec: the ones they switch in place) will not fit in the free memory; on
-    any other device, nothing (the CPU's memory is the system's, MPS shares it)."""
+    any other device, nothing (the CPU's memory is the system's, MPS shares it).
+
+    Returns the device memory left for the LoRAs' base copies once everything else is counted
+    (what ``lora_base = "auto"`` decides by: :meth:`AdapterLibrary.set_lora_base`), or None
+    where it is unknown (not CUDA: "auto" keeps them on the device)."""
     import torch
 
     from streamv2v.loading import default_device, default_dtype
 
     dev = torch.device(device) if device is not None else default_device()
     if dev.type != "cuda":
-        return
+        return None
     free, total = torch.cuda.mem_get_info(dev)
     dtype_bytes = _BYTES[dtype] if dtype else torch.finfo(default_dtype(dev)).bits // 8
     priced = lora_memory(model, loras or {}, dtype_bytes)
@@ -237,6 +241,8 @@ def check_memory(
     need = estimate_for(model, config, dtype_bytes, captured, priced)
     if need is not None:
         log.info("memory: needs about %s; %s free on %s", need.describe(), gib(free), dev)
+    rest = estimate_for(model, config, dtype_bytes, captured, _on_host(priced))
+    return None if rest is None else max(0, free - rest.total)
 
 
 def _json(path: Path) -> dict[str, Any]:
