@@ -97,9 +97,12 @@ def test_the_shipped_loha_turns_the_picture_noir(one_torch_thread):
     frames = [render(scene, s) for s in STYLES for scene in scenes]
     targets = [noir(render(scene, "plain")) for _ in STYLES for scene in scenes]
 
-    def outputs(with_loha: bool) -> list[np.ndarray]:
+    def outputs(with_loha: bool | str) -> list[np.ndarray]:
         engine = StreamV2V.from_pretrained(tiny_styles_dir(), config=config, device="cpu")
-        if with_loha:
+        if with_loha == "in place":  # the preset's path: the LyCORIS reader, switched in place
+            engine.adapters.load("noir", str(SHIPPED))
+            assert engine.set_loras({"noir": 1.0}) > 0
+        elif with_loha:
             state = load_file(SHIPPED)
             rank = merged_by_peft(engine, state)
             # peft's merge is LyCORIS's formula: (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / r.
@@ -131,6 +134,9 @@ def test_the_shipped_loha_turns_the_picture_noir(one_torch_thread):
         )
 
     base, loha = outputs(False), outputs(True)
+    # The demo preset's own path (the in-place LoHa reader) gives peft's picture.
+    for ours, peft in zip(outputs("in place"), loha):
+        assert np.abs(ours.astype(int) - peft.astype(int)).max() <= 1
     plain = np.mean([noir_error(o) for o in base])
     styled = np.mean([noir_error(o) for o in loha])
     assert styled < 0.3 * plain, (styled, plain)
