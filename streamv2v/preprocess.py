@@ -3,12 +3,14 @@
 Each takes the engine's model input (``[1, 3, H, W]`` in [-1, 1], the model's dtype) and returns
 the control image a diffusers ControlNet expects (``[1, 3, H, W]`` in [0, 1], same dtype). None
 of them syncs with the host or allocates per frame beyond its own temporaries, so each fits in a
-compiled graph. No OpenCV: Canny is kornia's (torch), depth is a transformers model.
+compiled graph. No OpenCV: Canny is OpenCV's algorithm written in torch, depth is a
+transformers model.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -35,28 +37,77 @@ class ImagePreprocessor:
         return to_unit(image)
 
 
-class CannyPreprocessor:
-    """Canny edges (kornia) as a white-on-black 3-channel image.
+#: OpenCV's Canny: tan(22.5 deg) in 15-bit fixed point, its direction binning's constant.
+_CANNY_SHIFT = 15
+_TG22 = int(0.4142135623730950488016887242097 * (1 << _CANNY_SHIFT) + 0.5)
 
-    kornia's own hysteresis loops until nothing changes, a host sync per iteration; here weak
-    edges grow into strong ones for a fixed number of 3x3 steps instead (``hysteresis_steps``),
-    which keeps the frame free of syncs and the graph static.
+
+def canny(image: torch.Tensor, low: float, high: float, hysteresis_steps: int) -> torch.Tensor:
+    """OpenCV's ``cv2.Canny(rgb, low, high)`` (aperture 3, L1 gradient) on ``[N, C, H, W]``
+    images in [0, 1] -> ``[N, 1, H, W]`` edges (0/1, the image's dtype).
+
+    As OpenCV computes it: the image in 0-255 steps (rounded, so a uint8 frame gives OpenCV's
+    integers whatever the dtype it travelled in), a 3x3 Sobel per channel (borders replicated),
+    per pixel the channel with the largest L1 magnitude ``|dx| + |dy|`` (the first on ties),
+    non-maximum suppression with OpenCV's fixed-point tangent binning into 4 directions and its
+    comparisons (``>`` on the side before, ``>=`` on the side after; ``>`` on both diagonals;
+    zero magnitude outside the image), then hysteresis from the pixels above ``high`` through
+    8-connected pixels above ``low`` (thresholds floored, as OpenCV does).
+
+    OpenCV's hysteresis follows every chain to its end, a loop whose length depends on the
+    image; here it is ``hysteresis_steps`` 3x3 growth steps, a fixed count: no host sync and a
+    static graph. A weak chain longer than that from its strong end is cut there.
     """
+    x = torch.round(image.float() * 255.0)
+    n, c, h, w = x.shape
+    flat = F.pad(x.reshape(n * c, 1, h, w), (1, 1, 1, 1), mode="replicate")
+    kx = x.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    grad = F.conv2d(flat, torch.stack([kx, kx.t()])[:, None])  # [N*C, 2, H, W]: dx, dy
+    grad = grad.reshape(n, c, 2, h, w)
+    mag = grad.abs().sum(2)  # [N, C, H, W], L1
+    best = mag.argmax(1, keepdim=True)  # the first channel of the largest magnitude
+    mag = mag.gather(1, best)  # [N, 1, H, W]
+    g = grad.gather(1, best[:, :, None].expand(-1, -1, 2, -1, -1))[:, 0].to(torch.int32)
+    dx, dy = g[:, :1], g[:, 1:]
+
+    # The 8 neighbours' magnitudes, zero outside the image (OpenCV's zeroed border rows).
+    m = F.pad(mag, (1, 1, 1, 1))
+
+    def at(oy: int, ox: int) -> torch.Tensor:
+        return m[:, :, 1 + oy : 1 + oy + h, 1 + ox : 1 + ox + w]
+
+    # OpenCV's binning in integers (|dy| << 15 exceeds float32's exact range).
+    ax, ay = dx.abs(), dy.abs() << _CANNY_SHIFT
+    tg22x = ax * _TG22
+    tg67x = tg22x + (ax << (_CANNY_SHIFT + 1))
+    horizontal = ay < tg22x
+    vertical = ~horizontal & (ay > tg67x)
+    s_pos = (dx ^ dy) >= 0  # same signs: the diagonal from top-left to bottom-right
+    keep_h = (mag > at(0, -1)) & (mag >= at(0, 1))
+    keep_v = (mag > at(-1, 0)) & (mag >= at(1, 0))
+    keep_d = torch.where(
+        s_pos,
+        (mag > at(-1, -1)) & (mag > at(1, 1)),
+        (mag > at(-1, 1)) & (mag > at(1, -1)),
+    )
+    peak = torch.where(horizontal, keep_h, torch.where(vertical, keep_v, keep_d))
+    weak = (peak & (mag > math.floor(low))).to(mag.dtype)
+    strong = weak * (mag > math.floor(high)).to(mag.dtype)
+    for _ in range(hysteresis_steps):
+        strong = weak * F.max_pool2d(strong, 3, stride=1, padding=1)
+    return strong.to(image.dtype)
+
+
+class CannyPreprocessor:
+    """Canny edges as the ControlNet annotators make them (:func:`canny`, OpenCV's on the RGB
+    frame, thresholds in OpenCV's units), white on black in 3 channels."""
 
     def __init__(self, low: float, high: float, hysteresis_steps: int) -> None:
         self.low, self.high, self.steps = low, high, hysteresis_steps
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        import kornia
-
-        # float32: thresholds are absolute gradient magnitudes; fp16 would move them.
-        gray = kornia.color.rgb_to_grayscale(to_unit(image.float()))
-        _, edges = kornia.filters.canny(gray, self.low, self.high, hysteresis=False)
-        strong = (edges >= 1.0).float()  # kornia: 1 strong, 0.5 weak, 0 none
-        weak = (edges > 0.0).float()
-        for _ in range(self.steps):
-            strong = weak * F.max_pool2d(strong, 3, stride=1, padding=1)
-        return strong.expand(-1, 3, -1, -1).to(image.dtype)
+        edges = canny(to_unit(image.float()), self.low, self.high, self.steps)
+        return edges.expand(-1, 3, -1, -1).to(image.dtype)
 
 
 class DepthPreprocessor:
