@@ -370,7 +370,7 @@ def main() -> None:
     p.add_argument(
         "--model",
         type=Path,
-        default=Path(__file__).parent / "models" / "tiny-styles",
+        default=Path(__file__).parents[1] / "models" / "tiny-styles",
         help="the tiny style model folder whose UNet the ControlNet serves",
     )
     p.add_argument("--seed", type=int, default=Recipe.seed)
