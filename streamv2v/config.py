@@ -66,6 +66,13 @@ class ControlSpec(_Strict):
     depth_model: str | None = Field(
         None, description="depth: hub id or folder of a transformers depth-estimation model."
     )
+    invert: bool | None = Field(
+        None,
+        description="depth: turn the normalised map around (1 - map). None: from the depth "
+        "model's config, so that near is bright as depth ControlNets expect: relative "
+        "inverse-depth models (DPT, Depth Anything) as they are, metric ones whose output is "
+        "a distance (Depth Anything metric, ZoeDepth, GLPN, Depth Pro) inverted.",
+    )
 
     @model_validator(mode="after")
     def _fits(self) -> ControlSpec:
@@ -91,6 +98,11 @@ class ControlSpec(_Strict):
             raise ValueError(
                 f"control {self.model!r}: depth_model is set but preprocess is "
                 f"{self.preprocess!r}; use preprocess='depth' or drop depth_model"
+            )
+        if self.preprocess != "depth" and self.invert is not None:
+            raise ValueError(
+                f"control {self.model!r}: invert is for depth maps but preprocess is "
+                f"{self.preprocess!r}; drop invert"
             )
         if not self.name:
             object.__setattr__(self, "name", self.preprocess)

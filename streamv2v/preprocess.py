@@ -110,13 +110,30 @@ class CannyPreprocessor:
         return edges.expand(-1, 3, -1, -1).to(image.dtype)
 
 
-class DepthPreprocessor:
-    """Relative depth from a transformers depth-estimation model (Depth-Anything, DPT, ...),
-    normalised to [0, 1] per frame (near = bright, as the depth ControlNets were trained),
-    resized back to the frame. The min/max stay on the device: no sync."""
+#: transformers depth models whose output is a metric distance (near = small) whatever their
+#: config says; Depth Anything says it in ``depth_estimation_type``.
+_DISTANCE_MODEL_TYPES = frozenset({"zoedepth", "glpn", "depth_pro"})
 
-    def __init__(self, model, size: tuple[int, int], mean, std, multiple: int) -> None:
-        self.model, self.size, self.multiple = model, size, multiple
+
+def outputs_distance(config) -> bool:
+    """Whether a transformers depth model's output is a distance (near = small: metric models)
+    rather than relative inverse depth (near = large: DPT/MiDaS, Depth Anything relative), from
+    its config."""
+    if getattr(config, "depth_estimation_type", None) == "metric":
+        return True
+    return getattr(config, "model_type", None) in _DISTANCE_MODEL_TYPES
+
+
+class DepthPreprocessor:
+    """Depth from a transformers depth-estimation model (Depth-Anything, DPT, ZoeDepth, ...),
+    normalised to [0, 1] per frame, near = bright as the depth ControlNets were trained
+    (``invert``: 1 - map, for models whose output is a distance), resized back to the frame.
+    The min/max stay on the device: no sync."""
+
+    def __init__(
+        self, model, size: tuple[int, int], mean, std, multiple: int, invert: bool = False
+    ) -> None:
+        self.model, self.size, self.multiple, self.invert = model, size, multiple, invert
         dev, dt = model.device, model.dtype
         self.mean = torch.tensor(mean, device=dev, dtype=dt).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=dev, dtype=dt).view(1, 3, 1, 1)
@@ -138,13 +155,18 @@ class DepthPreprocessor:
         lo = depth.amin(dim=(2, 3), keepdim=True)
         hi = depth.amax(dim=(2, 3), keepdim=True)
         depth = (depth - lo) / (hi - lo).clamp_min(1e-6)
+        if self.invert:
+            depth = 1.0 - depth
         return depth.expand(-1, 3, -1, -1).to(image.dtype)
 
 
-def load_depth_model(name: str, *, device, dtype, allow_pickle: bool = False) -> DepthPreprocessor:
+def load_depth_model(
+    name: str, *, device, dtype, allow_pickle: bool = False, invert: bool | None = None
+) -> DepthPreprocessor:
     """A transformers depth-estimation model (hub id or folder), loaded like the other weights:
     safetensors only unless ``allow_pickle``; its processor config (if any) gives the input
-    size and normalisation."""
+    size and normalisation. ``invert`` None: from the model's config
+    (:func:`outputs_distance`)."""
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
     from streamv2v.loading import _load, _offline, refuse_pickle_only
@@ -173,7 +195,16 @@ def load_depth_model(name: str, *, device, dtype, allow_pickle: bool = False) ->
         mean = tuple(getattr(proc, "image_mean", None) or mean)
         std = tuple(getattr(proc, "image_std", None) or std)
         multiple = int(getattr(proc, "ensure_multiple_of", None) or multiple)
-    return DepthPreprocessor(model, size, mean, std, multiple)
+    if invert is None:
+        invert = outputs_distance(model.config)
+        kind = "a distance (metric)" if invert else "relative inverse depth"
+        log.info(
+            "depth model %s outputs %s: near is bright %s (set invert to override)",
+            name,
+            kind,
+            "after inverting" if invert else "as it is",
+        )
+    return DepthPreprocessor(model, size, mean, std, multiple, invert)
 
 
 def make_preprocessor(spec: ControlSpec, *, device, dtype, allow_pickle: bool = False):
@@ -183,4 +214,10 @@ def make_preprocessor(spec: ControlSpec, *, device, dtype, allow_pickle: bool = 
     if spec.preprocess == "image":
         return ImagePreprocessor()
     assert spec.depth_model is not None  # (the config checks it)
-    return load_depth_model(spec.depth_model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    return load_depth_model(
+        spec.depth_model,
+        device=device,
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+        invert=spec.invert,
+    )
