@@ -66,6 +66,13 @@ class ControlSpec(_Strict):
     depth_model: str | None = Field(
         None, description="depth: hub id or folder of a transformers depth-estimation model."
     )
+    guess_mode: bool = Field(
+        False,
+        description="diffusers' guess mode: the ControlNet steers the conditional rows only "
+        "(none on guidance's unconditional rows), its residuals scaled from 0.1 (first block) "
+        "to 1 (mid block). On by itself for ControlNets whose config sets "
+        "global_pool_conditions (e.g. shuffle), as diffusers does.",
+    )
     invert: bool | None = Field(
         None,
         description="depth: turn the normalised map around (1 - map). None: from the depth "

@@ -155,10 +155,13 @@ def save_tiny_model(path: str | Path, *, seed: int = 0, safe_serialization: bool
     return path
 
 
-def save_tiny_controlnet(path: str | Path, model: str | Path, *, seed: int = 0) -> Path:
+def save_tiny_controlnet(
+    path: str | Path, model: str | Path, *, seed: int = 0, global_pool_conditions: bool = False
+) -> Path:
     """A ControlNet for the tiny model (``ControlNetModel.from_unet`` of its UNet), saved as a
     diffusers folder. Its zero convolutions get random weights, so unlike a fresh ControlNet it
-    really steers the UNet (random: no meaning, only an effect)."""
+    really steers the UNet (random: no meaning, only an effect). ``global_pool_conditions``:
+    a shuffle-like ControlNet (its residuals pooled to one value per channel)."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -173,6 +176,8 @@ def save_tiny_controlnet(path: str | Path, model: str | Path, *, seed: int = 0) 
         for conv in net.controlnet_cond_embedding.modules():
             if isinstance(conv, torch.nn.Conv2d):
                 conv.weight.normal_(0.0, (2.0 / conv.weight[0].numel()) ** 0.5)
+    if global_pool_conditions:
+        net.register_to_config(global_pool_conditions=True)
     net.save_pretrained(path)
     return Path(path)
 
