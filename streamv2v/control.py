@@ -36,6 +36,11 @@ from streamv2v.errors import ModelLoadError
 _MUST_MATCH = ("block_out_channels", "cross_attention_dim", "in_channels", "layers_per_block")
 
 
+def _first(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` rows of ``t`` (a 0-d timestep as it is)."""
+    return t if t.ndim == 0 or t.shape[0] == n else t[:n]
+
+
 class ControlledUNet(torch.nn.Module):
     """The UNet with its ControlNets: ``unet(sample, t, encoder_hidden_states=...)`` plus
     ``control`` (one ``[rows, 3, H, W]`` image batch per ControlNet). One module, so the
@@ -71,12 +76,11 @@ class ControlledUNet(torch.nn.Module):
         rows = sample.shape[0]
         for i, (net, image) in enumerate(zip(self.nets, control)):
             n = cond_rows if self.guess[i] and cond_rows is not None else rows
-            cut = (lambda t: t[:n]) if n < rows else (lambda t: t)
             d, m = net(
-                cut(sample),
-                cut(timestep),
-                encoder_hidden_states=cut(encoder_hidden_states),
-                controlnet_cond=cut(image),
+                _first(sample, n),
+                _first(timestep, n),
+                encoder_hidden_states=_first(encoder_hidden_states, n),
+                controlnet_cond=_first(image, n),
                 conditioning_scale=self.scales[i],  # a 0-d device tensor: a write, no recompile
                 guess_mode=self.guess[i],
                 return_dict=False,
