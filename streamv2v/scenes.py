@@ -136,7 +136,7 @@ def equal_luminance(red: float, blue: float, luma: float) -> tuple[int, int, int
     green = (luma - _LUMA[0] * red - _LUMA[2] * blue) / _LUMA[1]
     if not 0 <= green <= 255:
         raise ValueError(f"no green makes red {red}, blue {blue} reach luma {luma}")
-    return int(red), int(round(green)), int(blue)
+    return int(red), round(float(green)), int(blue)
 
 
 def colour_only_clip(frames: int, luma: float = 120.0) -> list[np.ndarray]:
