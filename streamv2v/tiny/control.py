@@ -64,7 +64,7 @@ class Recipe:
 
     seed: int = 0
     scenes: int = 200  #: training scenes, rendered and encoded once (x 4 styles)
-    steps: int = 700
+    steps: int = 600
     batch: int = 12
     lr: float = 2e-3
     x0_weight_cap: float = 25.0  #: the loss is the x0 error, weighted at most this much
