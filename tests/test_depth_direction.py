@@ -50,6 +50,7 @@ def normalised(d: torch.Tensor) -> torch.Tensor:
     return (d - d.min()) / (d.max() - d.min())
 
 
+@pytest.mark.slow
 def test_relative_depth_stays_and_metric_distance_turns_near_bright(depth_models, frame):
     relative, metric = prep(depth_models["relative"]), prep(depth_models["metric"])
     assert not outputs_distance(relative.model.config) and outputs_distance(metric.model.config)
@@ -66,6 +67,7 @@ def test_relative_depth_stays_and_metric_distance_turns_near_bright(depth_models
     assert m.flatten()[raw_m.argmin()] == 1.0
 
 
+@pytest.mark.slow
 def test_invert_overrides_the_models_direction(depth_models, frame):
     with torch.no_grad():
         kept = prep(depth_models["metric"], invert=False)(frame)[0, 0]

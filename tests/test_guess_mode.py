@@ -33,6 +33,7 @@ def capture(module: torch.nn.Module, into: list) -> torch.utils.hooks.RemovableH
     return module.register_forward_hook(hook, with_kwargs=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("net", "guess_mode"), [("pooled", False), ("plain", True)], ids=["global-pool", "asked"]
 )
@@ -103,6 +104,7 @@ def residual_rows(engine: StreamV2V, frames: list[np.ndarray]) -> list[list[torc
     return [kw["down_block_additional_residuals"] for _, kw, _ in seen]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guidance", ["full", "initialize"])
 def test_the_engine_gives_guess_mode_controlnets_no_residual_on_unconditional_rows(
     tiny_model, nets, guidance

@@ -61,6 +61,7 @@ def run(engine: StreamV2V, clip, prompt: str, scale: float) -> list[np.ndarray]:
     return [engine(f) for f in clip]
 
 
+@pytest.mark.slow
 def test_colour_only_shapes_keep_their_outlines_with_the_controlnet(cool):
     engine, _ = cool
     clip = colour_only_clip(10)
@@ -94,6 +95,7 @@ def shape_recall(scene, clip, outputs, start: int = 2) -> list[float]:
     return [float(np.mean(v)) for v in kept]
 
 
+@pytest.mark.slow
 def test_the_demo_cool_preset_keeps_the_light_green_square_and_the_grey_circle(cool):
     engine, preset = cool
     scene = random_scene(np.random.default_rng(7))  # the demo camera's scene
