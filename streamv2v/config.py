@@ -27,6 +27,11 @@ class LoraSpec(_Strict):
     weight_name: str | None = Field(None, description="File inside a hub repo or folder.")
 
 
+#: A canny ``high_threshold`` below this is in the old 0-1 units (before OpenCV's): refused.
+#: OpenCV's gradient of a single 0-255 step is 4, so no useful threshold lies below it.
+OLD_CANNY_UNITS_BELOW = 5.0
+
+
 class ControlSpec(_Strict):
     """One ControlNet in the stream: its weights, what it is conditioned on, and its scale.
 
@@ -44,18 +49,36 @@ class ControlSpec(_Strict):
         "", pattern=r"^[A-Za-z0-9_.-]*$", description="Presets name it in control_scales."
     )
     low_threshold: float = Field(
-        0.1,
+        100.0,
         ge=0.0,
-        le=4.0,
-        description="canny: weak edge, on kornia's gradient magnitude "
-        "(a black-to-white step on [0, 1] pixels is ~2.6).",
+        le=2040.0,
+        description="canny: weak edge, in OpenCV's units (cv2.Canny on the 0-255 RGB frame, "
+        "L1 gradient of a 3x3 Sobel: a black-to-white step is 1020); the annotators' 100/200.",
     )
-    high_threshold: float = Field(0.2, ge=0.0, le=4.0, description="canny: strong edge.")
+    high_threshold: float = Field(200.0, ge=0.0, le=2040.0, description="canny: strong edge.")
     hysteresis_steps: int = Field(
-        8, ge=0, le=64, description="canny: weak-to-strong edge growth steps (fixed: no sync)."
+        64,
+        ge=0,
+        le=512,
+        description="canny: weak-to-strong edge growth steps (a fixed count: no host sync); "
+        "a weak chain longer than this from its strong end is cut.",
     )
     depth_model: str | None = Field(
         None, description="depth: hub id or folder of a transformers depth-estimation model."
+    )
+    guess_mode: bool = Field(
+        False,
+        description="diffusers' guess mode: the ControlNet steers the conditional rows only "
+        "(none on guidance's unconditional rows), its residuals scaled from 0.1 (first block) "
+        "to 1 (mid block). On by itself for ControlNets whose config sets "
+        "global_pool_conditions (e.g. shuffle), as diffusers does.",
+    )
+    invert: bool | None = Field(
+        None,
+        description="depth: turn the normalised map around (1 - map). None: from the depth "
+        "model's config, so that near is bright as depth ControlNets expect: relative "
+        "inverse-depth models (DPT, Depth Anything) as they are, metric ones whose output is "
+        "a distance (Depth Anything metric, ZoeDepth, GLPN, Depth Pro) inverted.",
     )
 
     @model_validator(mode="after")
@@ -64,6 +87,13 @@ class ControlSpec(_Strict):
             raise ValueError(
                 f"control {self.model!r}: low_threshold ({self.low_threshold}) must be below "
                 f"high_threshold ({self.high_threshold})"
+            )
+        if self.preprocess == "canny" and self.high_threshold < OLD_CANNY_UNITS_BELOW:
+            raise ValueError(
+                f"control {self.model!r}: high_threshold {self.high_threshold} looks like the old "
+                "0-1 units (kornia's gradient on a grey frame); canny thresholds are now "
+                "OpenCV's, as the ControlNet annotators call cv2.Canny on the 0-255 RGB frame: "
+                "low_threshold = 100, high_threshold = 200 (the defaults) for the old 0.1/0.2"
             )
         if self.preprocess == "depth" and not self.depth_model:
             raise ValueError(
@@ -75,6 +105,11 @@ class ControlSpec(_Strict):
             raise ValueError(
                 f"control {self.model!r}: depth_model is set but preprocess is "
                 f"{self.preprocess!r}; use preprocess='depth' or drop depth_model"
+            )
+        if self.preprocess != "depth" and self.invert is not None:
+            raise ValueError(
+                f"control {self.model!r}: invert is for depth maps but preprocess is "
+                f"{self.preprocess!r}; drop invert"
             )
         if not self.name:
             object.__setattr__(self, "name", self.preprocess)

@@ -13,6 +13,11 @@ times a per-ControlNet scale held in a device tensor, go into the UNet's
 tensor write: no re-prepare, no recompile. ControlNet and UNet are one callable, compiled as one
 graph. The feature bank's attention processors sit on the UNet only: the ControlNet's own
 self-attention is not banked.
+
+Guess mode (diffusers'): a ControlNet whose config sets ``global_pool_conditions`` (shuffle) or
+whose spec asks for ``guess_mode`` runs on the conditional rows only; the unconditional rows of
+"full"/"initialize" guidance get no residual from it. Without ``global_pool_conditions`` diffusers'
+guess-mode scales apply too (the residuals fade from 1 at the mid block to 0.1 at the first).
 """
 
 from __future__ import annotations
@@ -31,16 +36,28 @@ from streamv2v.errors import ModelLoadError
 _MUST_MATCH = ("block_out_channels", "cross_attention_dim", "in_channels", "layers_per_block")
 
 
+def _first(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` rows of ``t`` (a 0-d timestep as it is)."""
+    return t if t.ndim == 0 or t.shape[0] == n else t[:n]
+
+
 class ControlledUNet(torch.nn.Module):
     """The UNet with its ControlNets: ``unet(sample, t, encoder_hidden_states=...)`` plus
     ``control`` (one ``[rows, 3, H, W]`` image batch per ControlNet). One module, so the
     compiled path compiles ControlNets and UNet as one graph."""
 
-    def __init__(self, unet, nets: Sequence[torch.nn.Module], scales: torch.Tensor) -> None:
+    def __init__(
+        self,
+        unet,
+        nets: Sequence[torch.nn.Module],
+        scales: torch.Tensor,
+        guess: Sequence[bool] | None = None,
+    ) -> None:
         super().__init__()
         self.unet = unet
         self.nets = torch.nn.ModuleList(nets)
         self.scales = scales
+        self.guess = list(guess) if guess is not None else [False] * len(nets)
 
     def forward(
         self,
@@ -49,18 +66,28 @@ class ControlledUNet(torch.nn.Module):
         encoder_hidden_states: torch.Tensor,
         control: Sequence[torch.Tensor],
         return_dict: bool = False,
+        cond_rows: int | None = None,
     ) -> tuple[torch.Tensor]:
+        """``cond_rows``: the first rows are conditional, the rest guidance's unconditional
+        rows (None: all conditional). A guess-mode ControlNet runs on the conditional rows only
+        and adds nothing to the others, as diffusers' pipelines do."""
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
+        rows = sample.shape[0]
         for i, (net, image) in enumerate(zip(self.nets, control)):
+            n = cond_rows if self.guess[i] and cond_rows is not None else rows
             d, m = net(
-                sample,
-                timestep,
-                encoder_hidden_states=encoder_hidden_states,
-                controlnet_cond=image,
+                _first(sample, n),
+                _first(timestep, n),
+                encoder_hidden_states=_first(encoder_hidden_states, n),
+                controlnet_cond=_first(image, n),
                 conditioning_scale=self.scales[i],  # a 0-d device tensor: a write, no recompile
+                guess_mode=self.guess[i],
                 return_dict=False,
             )
+            if n < rows:  # zero residuals on the unconditional rows
+                d = [torch.cat([r, r.new_zeros((rows - n, *r.shape[1:]))]) for r in d]
+                m = torch.cat([m, m.new_zeros((rows - n, *m.shape[1:]))])
             if down is None:
                 down, mid = list(d), m
             else:
@@ -90,12 +117,17 @@ class ControlStream:
         self.nets = list(nets)
         self.preprocessors = list(preprocessors)
         self.names = [s.name for s in specs]
+        #: diffusers' guess mode, per ControlNet: asked for, or implied by its config
+        self.guess = [
+            bool(s.guess_mode or getattr(net.config, "global_pool_conditions", False))
+            for s, net in zip(specs, self.nets)
+        ]
         ref = self.nets[0]
         self.scales = torch.tensor([s.scale for s in specs], device=ref.device, dtype=ref.dtype)
 
     def model(self, unet) -> ControlledUNet:
         """UNet + ControlNets as one module (what the engine calls, or compiles)."""
-        return ControlledUNet(unet, self.nets, self.scales)
+        return ControlledUNet(unet, self.nets, self.scales, self.guess)
 
     def preprocess(self, image: torch.Tensor) -> list[torch.Tensor]:
         """Each ControlNet's control image of one frame (``[1, 3, H, W]``, [0, 1])."""

@@ -434,7 +434,7 @@ class StreamV2V:
         if self.bank is not None:
             self.bank.begin_call(call.bank_rows, self._fill_rows(call))
         rows = x if call.uncond_rows is None else torch.cat([x, x[call.uncond_rows]])
-        kw = {} if call.control is None else {"control": call.control}
+        kw = {} if call.control is None else {"control": call.control, "cond_rows": x.shape[0]}
         out = self._unet_fn(
             rows, call.timesteps, encoder_hidden_states=call.embeds, return_dict=False, **kw
         )[0]

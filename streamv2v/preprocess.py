@@ -3,12 +3,14 @@
 Each takes the engine's model input (``[1, 3, H, W]`` in [-1, 1], the model's dtype) and returns
 the control image a diffusers ControlNet expects (``[1, 3, H, W]`` in [0, 1], same dtype). None
 of them syncs with the host or allocates per frame beyond its own temporaries, so each fits in a
-compiled graph. No OpenCV: Canny is kornia's (torch), depth is a transformers model.
+compiled graph. No OpenCV: Canny is OpenCV's algorithm written in torch, depth is a
+transformers model.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -35,37 +37,103 @@ class ImagePreprocessor:
         return to_unit(image)
 
 
-class CannyPreprocessor:
-    """Canny edges (kornia) as a white-on-black 3-channel image.
+#: OpenCV's Canny: tan(22.5 deg) in 15-bit fixed point, its direction binning's constant.
+_CANNY_SHIFT = 15
+_TG22 = int(0.4142135623730950488016887242097 * (1 << _CANNY_SHIFT) + 0.5)
 
-    kornia's own hysteresis loops until nothing changes, a host sync per iteration; here weak
-    edges grow into strong ones for a fixed number of 3x3 steps instead (``hysteresis_steps``),
-    which keeps the frame free of syncs and the graph static.
+
+def canny(image: torch.Tensor, low: float, high: float, hysteresis_steps: int) -> torch.Tensor:
+    """OpenCV's ``cv2.Canny(rgb, low, high)`` (aperture 3, L1 gradient) on ``[N, C, H, W]``
+    images in [0, 1] -> ``[N, 1, H, W]`` edges (0/1, the image's dtype).
+
+    As OpenCV computes it: the image in 0-255 steps (rounded, so a uint8 frame gives OpenCV's
+    integers whatever the dtype it travelled in), a 3x3 Sobel per channel (borders replicated),
+    per pixel the channel with the largest L1 magnitude ``|dx| + |dy|`` (the first on ties),
+    non-maximum suppression with OpenCV's fixed-point tangent binning into 4 directions and its
+    comparisons (``>`` on the side before, ``>=`` on the side after; ``>`` on both diagonals;
+    zero magnitude outside the image), then hysteresis from the pixels above ``high`` through
+    8-connected pixels above ``low`` (thresholds floored, as OpenCV does).
+
+    OpenCV's hysteresis follows every chain to its end, a loop whose length depends on the
+    image; here it is ``hysteresis_steps`` 3x3 growth steps, a fixed count: no host sync and a
+    static graph. A weak chain longer than that from its strong end is cut there.
     """
+    x = torch.round(image.float() * 255.0)
+    n, c, h, w = x.shape
+    flat = F.pad(x.reshape(n * c, 1, h, w), (1, 1, 1, 1), mode="replicate")
+    kx = x.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    grad = F.conv2d(flat, torch.stack([kx, kx.t()])[:, None])  # [N*C, 2, H, W]: dx, dy
+    grad = grad.reshape(n, c, 2, h, w)
+    mag = grad.abs().sum(2)  # [N, C, H, W], L1
+    best = mag.argmax(1, keepdim=True)  # the first channel of the largest magnitude
+    mag = mag.gather(1, best)  # [N, 1, H, W]
+    g = grad.gather(1, best[:, :, None].expand(-1, -1, 2, -1, -1))[:, 0].to(torch.int32)
+    dx, dy = g[:, :1], g[:, 1:]
+
+    # The 8 neighbours' magnitudes, zero outside the image (OpenCV's zeroed border rows).
+    m = F.pad(mag, (1, 1, 1, 1))
+
+    def at(oy: int, ox: int) -> torch.Tensor:
+        return m[:, :, 1 + oy : 1 + oy + h, 1 + ox : 1 + ox + w]
+
+    # OpenCV's binning in integers (|dy| << 15 exceeds float32's exact range).
+    ax, ay = dx.abs(), dy.abs() << _CANNY_SHIFT
+    tg22x = ax * _TG22
+    tg67x = tg22x + (ax << (_CANNY_SHIFT + 1))
+    horizontal = ay < tg22x
+    vertical = ~horizontal & (ay > tg67x)
+    s_pos = (dx ^ dy) >= 0  # same signs: the diagonal from top-left to bottom-right
+    keep_h = (mag > at(0, -1)) & (mag >= at(0, 1))
+    keep_v = (mag > at(-1, 0)) & (mag >= at(1, 0))
+    keep_d = torch.where(
+        s_pos,
+        (mag > at(-1, -1)) & (mag > at(1, 1)),
+        (mag > at(-1, 1)) & (mag > at(1, -1)),
+    )
+    peak = torch.where(horizontal, keep_h, torch.where(vertical, keep_v, keep_d))
+    weak = (peak & (mag > math.floor(low))).to(mag.dtype)
+    strong = weak * (mag > math.floor(high)).to(mag.dtype)
+    for _ in range(hysteresis_steps):
+        strong = weak * F.max_pool2d(strong, 3, stride=1, padding=1)
+    return strong.to(image.dtype)
+
+
+class CannyPreprocessor:
+    """Canny edges as the ControlNet annotators make them (:func:`canny`, OpenCV's on the RGB
+    frame, thresholds in OpenCV's units), white on black in 3 channels."""
 
     def __init__(self, low: float, high: float, hysteresis_steps: int) -> None:
         self.low, self.high, self.steps = low, high, hysteresis_steps
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        import kornia
+        edges = canny(to_unit(image.float()), self.low, self.high, self.steps)
+        return edges.expand(-1, 3, -1, -1).to(image.dtype)
 
-        # float32: thresholds are absolute gradient magnitudes; fp16 would move them.
-        gray = kornia.color.rgb_to_grayscale(to_unit(image.float()))
-        _, edges = kornia.filters.canny(gray, self.low, self.high, hysteresis=False)
-        strong = (edges >= 1.0).float()  # kornia: 1 strong, 0.5 weak, 0 none
-        weak = (edges > 0.0).float()
-        for _ in range(self.steps):
-            strong = weak * F.max_pool2d(strong, 3, stride=1, padding=1)
-        return strong.expand(-1, 3, -1, -1).to(image.dtype)
+
+#: transformers depth models whose output is a metric distance (near = small) whatever their
+#: config says; Depth Anything says it in ``depth_estimation_type``.
+_DISTANCE_MODEL_TYPES = frozenset({"zoedepth", "glpn", "depth_pro"})
+
+
+def outputs_distance(config) -> bool:
+    """Whether a transformers depth model's output is a distance (near = small: metric models)
+    rather than relative inverse depth (near = large: DPT/MiDaS, Depth Anything relative), from
+    its config."""
+    if getattr(config, "depth_estimation_type", None) == "metric":
+        return True
+    return getattr(config, "model_type", None) in _DISTANCE_MODEL_TYPES
 
 
 class DepthPreprocessor:
-    """Relative depth from a transformers depth-estimation model (Depth-Anything, DPT, ...),
-    normalised to [0, 1] per frame (near = bright, as the depth ControlNets were trained),
-    resized back to the frame. The min/max stay on the device: no sync."""
+    """Depth from a transformers depth-estimation model (Depth-Anything, DPT, ZoeDepth, ...),
+    normalised to [0, 1] per frame, near = bright as the depth ControlNets were trained
+    (``invert``: 1 - map, for models whose output is a distance), resized back to the frame.
+    The min/max stay on the device: no sync."""
 
-    def __init__(self, model, size: tuple[int, int], mean, std, multiple: int) -> None:
-        self.model, self.size, self.multiple = model, size, multiple
+    def __init__(
+        self, model, size: tuple[int, int], mean, std, multiple: int, invert: bool = False
+    ) -> None:
+        self.model, self.size, self.multiple, self.invert = model, size, multiple, invert
         dev, dt = model.device, model.dtype
         self.mean = torch.tensor(mean, device=dev, dtype=dt).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=dev, dtype=dt).view(1, 3, 1, 1)
@@ -87,13 +155,18 @@ class DepthPreprocessor:
         lo = depth.amin(dim=(2, 3), keepdim=True)
         hi = depth.amax(dim=(2, 3), keepdim=True)
         depth = (depth - lo) / (hi - lo).clamp_min(1e-6)
+        if self.invert:
+            depth = 1.0 - depth
         return depth.expand(-1, 3, -1, -1).to(image.dtype)
 
 
-def load_depth_model(name: str, *, device, dtype, allow_pickle: bool = False) -> DepthPreprocessor:
+def load_depth_model(
+    name: str, *, device, dtype, allow_pickle: bool = False, invert: bool | None = None
+) -> DepthPreprocessor:
     """A transformers depth-estimation model (hub id or folder), loaded like the other weights:
     safetensors only unless ``allow_pickle``; its processor config (if any) gives the input
-    size and normalisation."""
+    size and normalisation. ``invert`` None: from the model's config
+    (:func:`outputs_distance`)."""
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
     from streamv2v.loading import _load, _offline, refuse_pickle_only
@@ -122,7 +195,16 @@ def load_depth_model(name: str, *, device, dtype, allow_pickle: bool = False) ->
         mean = tuple(getattr(proc, "image_mean", None) or mean)
         std = tuple(getattr(proc, "image_std", None) or std)
         multiple = int(getattr(proc, "ensure_multiple_of", None) or multiple)
-    return DepthPreprocessor(model, size, mean, std, multiple)
+    if invert is None:
+        invert = outputs_distance(model.config)
+        kind = "a distance (metric)" if invert else "relative inverse depth"
+        log.info(
+            "depth model %s outputs %s: near is bright %s (set invert to override)",
+            name,
+            kind,
+            "after inverting" if invert else "as it is",
+        )
+    return DepthPreprocessor(model, size, mean, std, multiple, invert)
 
 
 def make_preprocessor(spec: ControlSpec, *, device, dtype, allow_pickle: bool = False):
@@ -132,4 +214,10 @@ def make_preprocessor(spec: ControlSpec, *, device, dtype, allow_pickle: bool = 
     if spec.preprocess == "image":
         return ImagePreprocessor()
     assert spec.depth_model is not None  # (the config checks it)
-    return load_depth_model(spec.depth_model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    return load_depth_model(
+        spec.depth_model,
+        device=device,
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+        invert=spec.invert,
+    )

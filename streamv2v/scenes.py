@@ -125,3 +125,32 @@ def witness_clips(frames: int, seed: int = 7) -> dict[str, list[np.ndarray]]:
     ]
     moving = [render(moving_scene(scene, i / 15), "plain") for i in range(frames)]
     return {"static + noise": noisy, "moving": moving}
+
+
+#: BT.601 luma weights (OpenCV's RGB -> grey).
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def equal_luminance(red: float, blue: float, luma: float) -> tuple[int, int, int]:
+    """The colour with this red and blue whose BT.601 luma is ``luma`` (green solves it)."""
+    green = (luma - _LUMA[0] * red - _LUMA[2] * blue) / _LUMA[1]
+    if not 0 <= green <= 255:
+        raise ValueError(f"no green makes red {red}, blue {blue} reach luma {luma}")
+    return int(red), round(float(green)), int(blue)
+
+
+def colour_only_clip(frames: int, luma: float = 120.0) -> list[np.ndarray]:
+    """A moving scene whose shapes differ from the grey background by colour only: every
+    colour has the same luma, so a grey image (and a Canny on it) sees nothing, while the
+    annotators' Canny on RGB sees every outline. A person in a red shirt before a green wall."""
+    grey = (int(luma),) * 3
+    scene = Scene(
+        shapes=(
+            Shape(1, 0.34, 0.36, 0.2, equal_luminance(20, 200, luma)),  # a cyan-blue square
+            Shape(2, 0.68, 0.62, 0.24, equal_luminance(230, 40, luma)),  # a red triangle
+            Shape(0, 0.3, 0.72, 0.14, equal_luminance(200, 230, luma)),  # a violet circle
+        ),
+        background=grey,
+        angle=0.7,
+    )
+    return [render(moving_scene(scene, i / 15), "plain") for i in range(frames)]

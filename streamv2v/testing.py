@@ -155,10 +155,13 @@ def save_tiny_model(path: str | Path, *, seed: int = 0, safe_serialization: bool
     return path
 
 
-def save_tiny_controlnet(path: str | Path, model: str | Path, *, seed: int = 0) -> Path:
+def save_tiny_controlnet(
+    path: str | Path, model: str | Path, *, seed: int = 0, global_pool_conditions: bool = False
+) -> Path:
     """A ControlNet for the tiny model (``ControlNetModel.from_unet`` of its UNet), saved as a
     diffusers folder. Its zero convolutions get random weights, so unlike a fresh ControlNet it
-    really steers the UNet (random: no meaning, only an effect)."""
+    really steers the UNet (random: no meaning, only an effect). ``global_pool_conditions``:
+    a shuffle-like ControlNet (its residuals pooled to one value per channel)."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -173,13 +176,18 @@ def save_tiny_controlnet(path: str | Path, model: str | Path, *, seed: int = 0) 
         for conv in net.controlnet_cond_embedding.modules():
             if isinstance(conv, torch.nn.Conv2d):
                 conv.weight.normal_(0.0, (2.0 / conv.weight[0].numel()) ** 0.5)
+    if global_pool_conditions:
+        net.register_to_config(global_pool_conditions=True)
     net.save_pretrained(path)
     return Path(path)
 
 
-def save_tiny_depth_model(path: str | Path, *, seed: int = 0) -> Path:
+def save_tiny_depth_model(
+    path: str | Path, *, seed: int = 0, depth_estimation_type: str = "relative"
+) -> Path:
     """A tiny random Depth-Anything model (DINOv2 backbone, 56 px input) with its image
-    processor config, saved as a transformers folder."""
+    processor config, saved as a transformers folder. ``depth_estimation_type``: "relative"
+    (inverse depth, near = large) or "metric" (a distance, near = small)."""
     from transformers import (
         DepthAnythingConfig,
         DepthAnythingForDepthEstimation,
@@ -205,8 +213,15 @@ def save_tiny_depth_model(path: str | Path, *, seed: int = 0) -> Path:
         head_hidden_size=8,
         reassemble_hidden_size=32,
         patch_size=14,
+        depth_estimation_type=depth_estimation_type,
     )
-    DepthAnythingForDepthEstimation(config).save_pretrained(path)
+    model = DepthAnythingForDepthEstimation(config)
+    # transformers' init (normal, std 0.02) leaves a random model's depth nearly flat (a
+    # relative one's is ~1e-8 after its ReLU); torch's own conv init gives a map that varies.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.reset_parameters()
+    model.save_pretrained(path)
     DPTImageProcessor(
         size={"height": 56, "width": 56}, ensure_multiple_of=14, keep_aspect_ratio=True
     ).save_pretrained(path)

@@ -146,7 +146,7 @@ def test_canny_follows_the_shapes_and_its_thresholds(tiny_model, controlnet):
     engine = make(tiny_model, controlnet, steps=1)
     frame = np.full((64, 64, 3), 30, np.uint8)
     frame[16:48, 16:48] = 220  # a bright square
-    frame[2:12, 50:60] = 60  # a faint one
+    frame[2:12, 50:60] = 90  # a faint one (a step of 60: OpenCV's gradient 240)
     image = engine._to_model_input(frame)
     edges = engine.control.preprocess(image)[0]
     assert edges.shape == (1, 3, 64, 64) and set(edges.unique().tolist()) <= {0.0, 1.0}
@@ -156,7 +156,7 @@ def test_canny_follows_the_shapes_and_its_thresholds(tiny_model, controlnet):
     assert edges[0, 0, 22:42, 22:42].sum() == 0 and edges[0, 0, 56:].sum() == 0
     assert edges[0, 0, 0:14, 48:62].sum() >= 20  # the faint one's at the default thresholds
     strict = make(
-        tiny_model, controlnet, steps=1, spec={"low_threshold": 1.0, "high_threshold": 1.5}
+        tiny_model, controlnet, steps=1, spec={"low_threshold": 300.0, "high_threshold": 500.0}
     )
     strict_edges = strict.control.preprocess(image)[0]
     assert strict_edges[0, 0, 0:14, 48:62].sum() == 0  # the faint square is gone

@@ -227,6 +227,8 @@ def eval_command(args: argparse.Namespace) -> int:
         frames=args.frames,
         skip=args.skip,
         clip_model=args.clip_model,
+        control=args.control,
+        control_scale=args.control_scale,
         **engine_options(args),
     )
     print("\n".join(lines))

@@ -136,6 +136,20 @@ def evaluate(parser: argparse.ArgumentParser) -> None:
         "first update cycle).",
     )
     parser.add_argument(
+        "--control",
+        metavar="CONTROLNET",
+        help="Structure with and without a canny ControlNet (a diffusers ControlNetModel: hub "
+        "id or folder; tiny-canny for the built-in model): every variant runs with it at "
+        "--control-scale and again at scale 0 ('VARIANT, no control'), one engine.",
+    )
+    parser.add_argument(
+        "--control-scale",
+        type=float,
+        default=1.0,
+        help="The ControlNet's scale for --control (default 1; a preset's control_scales "
+        "override it).",
+    )
+    parser.add_argument(
         "--clip-model",
         help="CLIP model (hub id or folder) for CLIP consistency; only read from the local "
         "cache, never downloaded (default: the first cached of openai/clip-vit-large-patch14, "

@@ -176,8 +176,11 @@ class _Run:
     latency_frames: int = 0
 
 
-def _run_variant(engine: StreamV2V, source: Sequence[np.ndarray], name: str) -> _Run:
-    """The source through the engine with the offline pipeline's frame loop."""
+def _run_variant(
+    engine: StreamV2V, source: Sequence[np.ndarray], name: str, label: str = ""
+) -> _Run:
+    """The source through the engine with the offline pipeline's frame loop; ``label``: the
+    run's name in the report (default ``name``)."""
     from streamv2v import StreamV2VError
 
     outputs: list[np.ndarray] = []
@@ -189,14 +192,15 @@ def _run_variant(engine: StreamV2V, source: Sequence[np.ndarray], name: str) -> 
         if fraction is not None:
             fused.append(fraction)
 
-    with tqdm(total=len(source), unit="frame", file=sys.stderr, desc=name) as bar:
+    label = label or name
+    with tqdm(total=len(source), unit="frame", file=sys.stderr, desc=label) as bar:
         try:
             stats = stream_frames(engine, source, keep, bar.update)
         except StreamV2VError as err:
             raise UserError(str(err)) from None
     bank = engine.config.bank
     return _Run(
-        name,
+        label,
         outputs,
         VARIANT_NOTES[name],
         fused,
@@ -214,15 +218,23 @@ def _engine_runs(
     *,
     device: str | None = None,
     allow_pickle: bool = False,
+    control: str | None = None,
+    control_scale: float = 1.0,
     **options: Any,
 ) -> Iterator[_Run]:
     """One :class:`_Run` per variant, from one engine loaded once; the engine's settings are
-    added to ``settings`` once it is loaded."""
+    added to ``settings`` once it is loaded. ``control``: a canny ControlNet; each variant
+    runs with it, then again at scale 0."""
     from daemon.models.registry import default_model
+    from streamv2v import ControlSpec
 
     model = style.model if style.model is not None else default_model()
-    preset = style.preset.engine_config(engine_config(model)) if style.preset else None
-    base = engine_config(model, preset, **options)
+    start = None
+    if control is not None:
+        spec = ControlSpec(model=control, preprocess="canny", scale=control_scale)
+        start = engine_config(model, control=(spec,))
+    preset = style.preset.engine_config(start or engine_config(model)) if style.preset else None
+    base = engine_config(model, preset or start, **options)
     first = _variant_config(base, variants[0])
     engine = load_engine(model, first, device=device, allow_pickle=allow_pickle)
     settings["model"] = model
@@ -236,9 +248,17 @@ def _engine_runs(
         "bank interval": str(cfg.bank.interval),
         "device": f"{engine.device} {str(engine.dtype).removeprefix('torch.')}",
     }
+    if control is not None:
+        scales = ", ".join(f"{c.scale:g}" for c in cfg.control)
+        settings["control"] = f"{control} (canny) at {scales}, and off"
     for name in variants:
         engine.set_config(_variant_config(base, name))
+        if control is None:
+            yield _run_variant(engine, source, name)
+            continue
         yield _run_variant(engine, source, name)
+        engine.set_control_scales([0.0] * len(cfg.control))  # a tensor write: same engine
+        yield _run_variant(engine, source, name, f"{name}, no control")
 
 
 class Evaluation:
@@ -323,6 +343,8 @@ def evaluate(
     frames: int | None = None,
     skip: int = DEFAULT_SKIP,
     clip_model: str | None = None,
+    control: str | None = None,
+    control_scale: float = 1.0,
     **options: Any,
 ) -> tuple[Report, list[str]]:
     """Measure the translations of ``source_path``: ``output`` (an existing translation, one
@@ -332,6 +354,11 @@ def evaluate(
     check_report_path(report_path)
     if (output is None) == (style is None):
         raise UserError("give either --output (a translation to measure) or a style to run")
+    if control is not None and output is not None:
+        raise UserError(
+            "--control runs the engine with and without the ControlNet: give --prompt or "
+            "--preset, not --output"
+        )
     source = read_frames(source_path, frames)
     if len(source) < skip + 2:
         raise UserError(
@@ -348,7 +375,15 @@ def evaluate(
     else:
         assert style is not None
         settings["style"] = style.label or repr(style.prompt)
-        runs = _engine_runs(style, source, variants, settings, **options)
+        runs = _engine_runs(
+            style,
+            source,
+            variants,
+            settings,
+            control=control,
+            control_scale=control_scale,
+            **options,
+        )
     for run in runs:
         evaluation.add(run)
     report = evaluation.report(f"Temporal quality of {source_path.name}", settings)

@@ -5,14 +5,15 @@ keeps a scene's shapes when the style model restyles it at high strength.
 
 The ControlNet starts as diffusers' ``ControlNetModel.from_unet`` of the shipped style model's
 UNet, which stays frozen (as do its text encoder and autoencoder). Its condition is the Canny
-edge map of the scene's PLAIN render (what the camera sees), computed in torch by kornia exactly
-as the engine's ``canny`` preprocessor does (:func:`canny_condition`: the image in [0, 1], edges
-as 0/1 in three channels). The target is the same scene rendered in the prompted style; the
-noisy latent is made from the plain render (img2img from the camera) at the high noise levels
-img2img uses at strength 0.5-0.95, or from the target itself at lower ones (the later steps of a
-multi-step schedule start from an estimate that already has the style). Some condition frames
-get camera-like noise before the edge detector, as a real camera does. Everything is seeded and
-runs fixed step counts: a re-run on the same machine gives the same weights.
+edge map of the scene's PLAIN render (what the camera sees), computed exactly as the engine's
+``canny`` preprocessor does (:func:`canny_condition`: OpenCV's Canny of the RGB frame written in
+torch, thresholds 100/200; edges as 0/1 in three channels). The target is the same scene
+rendered in the prompted style; the noisy latent is made from the plain render (img2img from the
+camera) at the high noise levels img2img uses at strength 0.5-0.95, or from the target itself at
+lower ones (the later steps of a multi-step schedule start from an estimate that already has the
+style). Some condition frames get camera-like noise before the edge detector, as a real camera
+does. Everything is seeded and runs fixed step counts: a re-run on the same machine gives the
+same weights.
 """
 
 from __future__ import annotations
@@ -25,16 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from streamv2v.scenes import STYLES, moving_scene, random_scene, render
 from streamv2v.tiny.styles import to_tensor
 
-#: Canny thresholds on gradient magnitude of the image in [0, 1] (kornia's defaults): the ones
-#: the ControlNet was trained with and the engine's canny preprocessor's defaults.
-CANNY_LOW, CANNY_HIGH = 0.1, 0.2
-#: Weak-to-strong growth steps of the fixed-cost hysteresis (the engine preprocessor's default).
-HYSTERESIS_STEPS = 8
+#: Canny thresholds in OpenCV's units (the annotators' 100/200) and the fixed hysteresis
+#: growth steps: the engine's canny preprocessor's defaults, the ones the ControlNet learned.
+CANNY_LOW, CANNY_HIGH = 100.0, 200.0
+HYSTERESIS_STEPS = 64
 
 
 def canny_condition(
@@ -45,17 +44,11 @@ def canny_condition(
 ) -> torch.Tensor:
     """RGB images ``[N, 3, H, W]`` in [0, 1] -> Canny edges ``[N, 3, H, W]`` (0 or 1, the same
     in each channel: diffusers' convention for a canny ControlNet's image), as the engine's
-    canny preprocessor makes them: kornia's Canny without its open-ended hysteresis loop, weak
-    edges joining strong ones over a fixed number of 3x3 growth steps."""
-    import kornia
+    canny preprocessor makes them: OpenCV's Canny of the RGB frame, in torch
+    (:func:`streamv2v.preprocess.canny`)."""
+    from streamv2v.preprocess import canny
 
-    gray = kornia.color.rgb_to_grayscale(images.float())
-    _, edges = kornia.filters.canny(gray, low, high, hysteresis=False)
-    strong = (edges >= 1.0).float()  # kornia: 1 strong, 0.5 weak, 0 none
-    weak = (edges > 0.0).float()
-    for _ in range(hysteresis_steps):
-        strong = weak * F.max_pool2d(strong, 3, stride=1, padding=1)
-    return strong.expand(-1, 3, -1, -1)
+    return canny(images.float(), low, high, hysteresis_steps).expand(-1, 3, -1, -1)
 
 
 def held_aside_clip(frames: int, seed: int = 4242) -> list[np.ndarray]:
@@ -71,7 +64,7 @@ class Recipe:
 
     seed: int = 0
     scenes: int = 200  #: training scenes, rendered and encoded once (x 4 styles)
-    steps: int = 700
+    steps: int = 600
     batch: int = 12
     lr: float = 2e-3
     x0_weight_cap: float = 25.0  #: the loss is the x0 error, weighted at most this much
@@ -341,9 +334,10 @@ high strength (0.6-0.9), where the style model alone paints blobs that ignore th
 - Architecture: `ControlNetModel.from_unet` of the style model's UNet (its down and mid blocks,
   zero-initialised output convolutions), a small condition encoder (channels
   {r["embedding_channels"]}).
-- Condition: Canny edges of the frame, as the engine's `canny` preprocessor makes them (kornia
-  on the frame in [0, 1], thresholds {canny["low"]}/{canny["high"]}, {canny["hysteresis_steps"]}
-  fixed hysteresis steps; white edges on black, 3 channels). Use it with
+- Condition: Canny edges of the frame, as the engine's `canny` preprocessor makes them
+  (OpenCV's Canny of the RGB frame, as the annotators call it, written in torch; thresholds
+  {canny["low"]:g}/{canny["high"]:g} in OpenCV's units, {canny["hysteresis_steps"]} fixed
+  hysteresis steps; white edges on black, 3 channels). Use it with
   `preprocess = "canny"` and the default thresholds.
 - Training: {r["steps"]} steps of batch {r["batch"]} (AdamW, lr {r["lr"]} after a 50-step
   warm-up; the loss is the x0 error, its weight capped at {r["x0_weight_cap"]}) on
@@ -376,7 +370,7 @@ def main() -> None:
     p.add_argument(
         "--model",
         type=Path,
-        default=Path(__file__).parent / "models" / "tiny-styles",
+        default=Path(__file__).parents[1] / "models" / "tiny-styles",
         help="the tiny style model folder whose UNet the ControlNet serves",
     )
     p.add_argument("--seed", type=int, default=Recipe.seed)

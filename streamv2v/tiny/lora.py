@@ -158,7 +158,9 @@ def train(model: Path, out: Path, recipe: LoraRecipe, log=print) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
-    p.add_argument("--model", type=Path, default=Path(__file__).parent / "models" / "tiny-styles")
+    p.add_argument(
+        "--model", type=Path, default=Path(__file__).parents[1] / "models" / "tiny-styles"
+    )
     p.add_argument("--seed", type=int, default=LoraRecipe.seed)
     p.add_argument("--steps", type=int, default=LoraRecipe.steps)
     p.add_argument("--scenes", type=int, default=LoraRecipe.scenes)
