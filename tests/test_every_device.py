@@ -64,8 +64,6 @@ SYNCS = {
 
 #: Callers (``file:function``) whose sync-looking ops do not wait for a device, and why.
 HOST_READS = {
-    "filters/gaussian.py:_gaussian_blur2d": "kornia checks sigma > 0 on a host copy made from "
-    "the Python numbers the canny preprocessor passes; the device copy is not read",
     "streamv2v/similar.py:skip": "the similar-image filter decides on the host whether a frame "
     "is skipped: one scalar read per frame by design, only with similar_filter = true",
 }
