@@ -185,10 +185,18 @@ class RecordConfig(_Section):
     path: UserPath | None = None
 
 
+class NdiOutputConfig(_Section):
+    """The output as an NDI source on the network (optional extra ``ndi``: cyndilib)."""
+
+    enabled: bool = False
+    name: str = Field("streamv2v", min_length=1, max_length=64, description="NDI source name.")
+
+
 class OutputConfig(_Section):
     virtual_camera: VirtualCameraConfig = Field(default_factory=VirtualCameraConfig)
     preview: PreviewConfig = Field(default_factory=PreviewConfig)
     record: RecordConfig = Field(default_factory=RecordConfig)
+    ndi: NdiOutputConfig = Field(default_factory=NdiOutputConfig)
     fps: float = Field(30.0, gt=0, le=240)
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-SourceKind = Literal["device", "file", "url", "testpattern", "scene"]
+SourceKind = Literal["device", "file", "url", "testpattern", "scene", "ndi"]
 
 SOURCE_WORDS = (
     "a device index (0, 1, ...), a /dev/videoN path, a video file, "
-    "an http(s)/rtsp URL, 'testpattern' or 'scene' (generated cameras)"
+    "an http(s)/rtsp URL, 'ndi:NAME' (an NDI source), 'testpattern' or 'scene' (generated cameras)"
 )
 _URL_SCHEMES = ("http", "https", "rtsp", "rtsps", "rtmp", "udp", "tcp")
 
@@ -31,6 +31,8 @@ def check_source(value: Any) -> int | str:
             raise ValueError(f"camera source is empty; give {SOURCE_WORDS}")
         if value.isdigit():
             return int(value)
+        if value.startswith("ndi:") and not value[4:].strip():
+            raise ValueError("camera source 'ndi:' names no NDI source; give ndi:NAME")
     if isinstance(value, int) and value < 0:
         raise ValueError("a camera device index is 0 or more")
     return value
@@ -42,6 +44,8 @@ def source_kind(source: int | str) -> SourceKind:
         return "device"
     if source in ("testpattern", "scene"):
         return source  # type: ignore[return-value]
+    if source.startswith("ndi:"):
+        return "ndi"
     scheme, sep, _ = source.partition("://")
     if sep and scheme.lower() in _URL_SCHEMES:
         return "url"

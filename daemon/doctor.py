@@ -233,6 +233,22 @@ def check_camera(config: DaemonConfig, timeout_s: float = 5.0) -> Iterable[Check
         capture.release()
 
 
+def check_ndi(config: DaemonConfig) -> Iterable[Check]:
+    """The optional NDI extra: needed when the output or the camera uses NDI."""
+    from daemon.dataplane.ndi import INSTALL_HINT, ndi_problem
+
+    wanted = config.output.ndi.enabled or str(config.camera.source).startswith("ndi:")
+    problem = ndi_problem()
+    if problem is None:
+        from importlib.metadata import version
+
+        yield Check(OK, "ndi", f"cyndilib {version('cyndilib')} (the NDI runtime it bundles)")
+    elif wanted:
+        yield Check(FAIL, "ndi", problem, INSTALL_HINT)
+    else:
+        yield Check(OK, "ndi", "not installed (optional: output.ndi, camera.source = 'ndi:NAME')")
+
+
 # --------------------------------------------------------------------------- services
 def check_obs(config: DaemonConfig) -> Iterable[Check]:
     obs = config.obs
@@ -377,6 +393,7 @@ CHECKS: tuple[Callable[[DaemonConfig], Iterable[Check]], ...] = (
     check_ports,
     check_log,
     check_remote,
+    check_ndi,
 )
 
 

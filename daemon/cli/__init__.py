@@ -343,6 +343,7 @@ def serve_command(args: argparse.Namespace) -> int:
     """Serve the engine to daemons on other machines (WebRTC; run it on the GPU box)."""
     import logging
 
+    from daemon.remote.browser import add_browser_ways
     from daemon.remote.server import ServeOptions, serve
 
     logging.basicConfig(
@@ -358,8 +359,10 @@ def serve_command(args: argparse.Namespace) -> int:
         vae=args.vae,
         loras=tuple(args.lora),
         allow_pickle=args.allow_pickle,
+        presets=args.presets,
+        ice_servers=tuple(args.ice_server),
     )
-    serve(options)
+    serve(options, extend=add_browser_ways)
     return EXIT_OK
 
 

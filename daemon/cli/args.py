@@ -282,6 +282,19 @@ def serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lora", action="append", default=[], metavar="ID", help="LoRA to fuse (repeatable)."
     )
+    parser.add_argument(
+        "--presets",
+        type=Path,
+        metavar="DIR",
+        help="Presets for WHIP sessions and the page, beside the bundled ones that fit the model.",
+    )
+    parser.add_argument(
+        "--ice-server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="STUN URL offered to WHIP/WHEP clients (Link header; repeatable).",
+    )
     parser.add_argument("--device", help="Torch device such as cuda or cpu (default: best found).")
     parser.add_argument(
         "--allow-pickle", action="store_true", help="Allow pickle weights (trusted models only)."

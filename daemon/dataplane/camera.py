@@ -181,7 +181,7 @@ class CameraSource:
     def _open(self) -> cv2.VideoCapture | None:
         """Open the source; network streams open on a helper thread so the unavailable frame
         keeps flowing and stop() stays prompt while a dead host times out."""
-        if self._kind != "url":
+        if self._kind not in ("url", "ndi"):  # NDI: finding the source takes a moment too
             return open_capture(self.config)
         opener = _Opener(lambda: open_capture(self.config))
         self._wait(until=opener.done)
@@ -253,6 +253,10 @@ class CameraSource:
             return "video file not found"
         if self._kind == "file":
             return "OpenCV cannot open or decode this file"
+        if self._kind == "ndi":
+            from daemon.dataplane.ndi import ndi_problem
+
+            return ndi_problem() or "no NDI source of that name found (is its sender running?)"
         if self._kind == "url":
             return (
                 f"cannot open the stream (no answer within {OPEN_TIMEOUT_MS / 1000:g}s, "
@@ -274,6 +278,10 @@ def open_capture(config: CameraConfig) -> cv2.VideoCapture | None:
     """An opened ``cv2.VideoCapture`` for the configured source, or None."""
     source = config.source
     kind = source_kind(source)
+    if kind == "ndi":
+        from daemon.dataplane.ndi import open_ndi
+
+        return open_ndi(str(source))  # type: ignore[return-value]  # reads like a capture
     try:
         if kind == "url":
             params = [
@@ -340,6 +348,8 @@ def describe_source(source: int | str) -> str:
         return re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", str(source))
     if kind == "file":
         return f"video file {source}"
+    if kind == "ndi":
+        return f"NDI source {str(source)[4:].strip()}"
     return "generated scene" if kind == "scene" else "test pattern"
 
 

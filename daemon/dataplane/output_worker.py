@@ -17,6 +17,7 @@ from daemon.control.metrics import Rolling
 from daemon.control.preview import PreviewServer
 from daemon.control.server import ControlPlaneServer
 from daemon.dataplane.frames import Frame, fit_to, unavailable_frame
+from daemon.dataplane.ndi import NdiSink
 from daemon.dataplane.outputs import Recorder, VirtualCameraSink, VirtualCameraUnavailable
 from daemon.dataplane.slots import LatestSlot
 from daemon.masking.worker import MaskWorker
@@ -40,6 +41,7 @@ class OutputWorker:
         self.vcam: VirtualCameraSink | None = None
         self.preview: PreviewServer | None = None
         self.recorder: Recorder | None = None
+        self.ndi: NdiSink | None = None
         self.preview_url: str | None = None
         self.latency_ms = Rolling()
         self.delay_ms = Rolling()  # from a frame's arrival to its publishing (output pacing)
@@ -78,6 +80,12 @@ class OutputWorker:
             self.recorder = Recorder()
             self.recorder.open(out.record.path, w, h, out.fps)
             log.info("recording to %s", out.record.path)
+        if out.ndi.enabled:
+            try:
+                self.ndi = NdiSink(out.ndi.name, w, h, out.fps)
+                log.info("NDI output: %s (%dx%d @ %g fps)", out.ndi.name, w, h, out.fps)
+            except Exception as err:  # no cyndilib, or the runtime refused: the rest goes on
+                notes.append(f"no NDI output: {err}")
         return notes
 
     def start(self) -> None:
@@ -87,7 +95,7 @@ class OutputWorker:
         self._stop.set()
         self._thread.join(timeout)
         closers = [self.vcam and self.vcam.close, self.preview and self.preview.stop]
-        closers.append(self.recorder and self.recorder.close)
+        closers += [self.recorder and self.recorder.close, self.ndi and self.ndi.close]
         for close in filter(None, closers):
             try:
                 close()
@@ -135,7 +143,8 @@ class OutputWorker:
     def _publish(self, image: np.ndarray) -> None:
         # A sink that fails (a virtual camera device removed, a full disk) is dropped with one
         # log line; the other outputs keep publishing.
-        for name, method in (("vcam", "send"), ("preview", "publish"), ("recorder", "write")):
+        sinks = (("vcam", "send"), ("preview", "publish"), ("recorder", "write"), ("ndi", "send"))
+        for name, method in sinks:
             sink = getattr(self, name)
             if sink is None:
                 continue

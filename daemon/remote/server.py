@@ -167,7 +167,11 @@ class PeerSession:
             )
             if out is not None:
                 out.pts, out.time_base = pts, TIME_BASE
-                self.styled.put(out)
+                self.publish(out)
+
+    def publish(self, frame: VideoFrame) -> None:
+        """A styled frame for the client (WHIP sessions also feed their viewers: whip.py)."""
+        self.styled.put(frame)
 
     def _failed(self, err: Exception) -> None:
         """A frame failed: the daemon hears why at once; the log says the first failure,
@@ -374,6 +378,9 @@ class ServeOptions:
     vae: str | None = None
     loras: tuple[str, ...] = ()
     allow_pickle: bool = False
+    # WHIP/WHEP and the page (daemon/remote/browser.py)
+    presets: Path | None = None  #: folder of presets for WHIP sessions (beside the bundled)
+    ice_servers: tuple[str, ...] = ()  #: STUN/TURN URLs offered to WHIP/WHEP clients (Link)
 
 
 def serve_token(options: ServeOptions) -> str:
@@ -403,8 +410,14 @@ def serve_runner(app: web.Application) -> web.AppRunner:
     return JsonErrorRunner(app, access_log=None, handle_signals=False)
 
 
-def serve(options: ServeOptions, *, ready: Callable[[str], None] | None = None) -> None:
-    """Load the model once and serve sessions until SIGINT/SIGTERM."""
+def serve(
+    options: ServeOptions,
+    *,
+    ready: Callable[[str], None] | None = None,
+    extend: Callable[[RemoteServer, ServeOptions], None] | None = None,
+) -> None:
+    """Load the model once and serve sessions until SIGINT/SIGTERM; ``extend`` adds the other
+    ways in (WHIP/WHEP and the page: daemon/remote/browser.py, passed by the CLI)."""
     token = serve_token(options)
     config = EngineConfig(
         vae=options.vae or ("model" if options.model in BUILTIN_MODELS else EngineConfig().vae),
@@ -415,6 +428,8 @@ def serve(options: ServeOptions, *, ready: Callable[[str], None] | None = None) 
         model_location(options.model), config, options.device, None, options.allow_pickle
     )
     server = RemoteServer(model, ServeLimits(token, options.max_sessions))
+    if extend is not None:
+        extend(server, options)
 
     async def main() -> None:
         runner = serve_runner(server.app)
