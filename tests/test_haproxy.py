@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from test_daemon import wait_for
+from test_agent import read_agent
 from test_remote import TOKEN, free_port, offer_sdp, remote_config
 
 from daemon.app import Daemon
@@ -197,8 +199,8 @@ def test_five_daemons_two_boxes_a_box_killed_a_box_added_a_box_drained(farm, tmp
         assert status == 200 and json.loads(data)["max_sessions"] == 2
 
         # Drain box2: its sessions keep running (nothing moves), new sessions are refused.
-        styled_before = {id(d): d.engine.frames_styled for d in stayed}
-        reconnects_before = {id(d): d.engine.reconnects for d in stayed}
+        styled_before = [d.engine.frames_styled for d in daemons]
+        reconnects_before = [d.engine.reconnects for d in daemons]
         assert request(box2.port, "POST", "/admin/drain", token="wrong")[0] == 401
         status, _, data = request(box2.port, "POST", "/admin/drain")
         assert status == 200 and json.loads(data) == {"draining": True, "sessions": 2}
@@ -207,15 +209,19 @@ def test_five_daemons_two_boxes_a_box_killed_a_box_added_a_box_drained(farm, tmp
         assert status == 503 and int(headers["Retry-After"]) > 0
         status, _, _ = request(front, "POST", "/offer", offer)  # box3 full, box2 draining
         assert status == 503
+        assert read_agent(box2.agent).startswith("up drain")
         assert wait_for(
-            lambda: all(d.engine.frames_styled > styled_before[id(d)] + 5 for d in stayed), 10
+            lambda: all(d.engine.frames_styled > n + 5 for d, n in zip(daemons, styled_before)),
+            20,
         )
-        assert {id(d): d.engine.reconnects for d in stayed} == reconnects_before
+        assert [d.engine.reconnects for d in daemons] == reconnects_before  # nothing moved
         assert box2.sessions() == 2 and box2.proc.poll() is None
-        # Its last session ending ends the drained box.
-        for daemon in stayed:
+        # SIGUSR1 drains box3 the same way; the last session ending ends a drained box.
+        box3.proc.send_signal(signal.SIGUSR1)
+        assert wait_for(lambda: (box3.health() or {}).get("draining") is True, 5)
+        for daemon in daemons:
             daemon.stop()
-        assert box2.proc.wait(15) == 0
+        assert box2.proc.wait(30) == 0 and box3.proc.wait(30) == 0
     finally:
         for daemon in daemons:
             daemon.stop()
