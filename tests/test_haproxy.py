@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_daemon import wait_for
 from test_agent import read_agent
+from test_daemon import wait_for
 from test_remote import TOKEN, free_port, offer_sdp, remote_config
 
 from daemon.app import Daemon
