@@ -42,6 +42,12 @@ FIGURES: dict[str, list[float]] = {}
 STYLED_S = 40.0
 
 
+def figure(name: str, seconds: float) -> None:
+    """A measured figure, kept for the module's summary and printed at once (pytest -s)."""
+    FIGURES.setdefault(name, []).append(seconds)
+    print(f"figure {name}: {seconds:.3f} s")
+
+
 def cli(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", CLI, *args], env=env, cwd=ROOT, **kw)
@@ -150,7 +156,7 @@ def test_five_daemons_two_boxes_a_box_killed_a_box_added_a_box_drained(farm, tmp
         assert wait_for(lambda: all(kind(d) == "styled" for d in daemons), 40, 0.02), [
             d.status()["remote"] for d in daemons
         ]
-        FIGURES.setdefault("placement_s", []).append(time.monotonic() - t0)
+        figure("placement_s", time.monotonic() - t0)
         assert wait_for(lambda: box1.sessions() == 2 and box2.sessions() == 2, 10)
         assert all(kind(d) == "styled" for d in daemons)
         # The fifth: no room anywhere; it says so (status, one log line) and keeps retrying.
@@ -171,7 +177,7 @@ def test_five_daemons_two_boxes_a_box_killed_a_box_added_a_box_drained(farm, tmp
         killed_at = time.monotonic()
         box1.proc.kill()
         assert wait_for(lambda: sum(kind(d) == "passthrough" for d in four) == 2, 1.0, 0.01)
-        FIGURES.setdefault("failover_s", []).append(time.monotonic() - killed_at)
+        figure("failover_s", time.monotonic() - killed_at)
         orphans = [d for d in four if kind(d) == "passthrough"]
         stayed = [d for d in four if d not in orphans]
         assert all(kind(d) == "styled" for d in stayed)
@@ -184,11 +190,11 @@ def test_five_daemons_two_boxes_a_box_killed_a_box_added_a_box_drained(farm, tmp
         started_at = time.monotonic()
         back = [*orphans, fifth]
         assert wait_for(lambda: all(d.engine.remote_state == "connected" for d in back), 10, 0.02)
-        FIGURES.setdefault("third_box_placed_s", []).append(time.monotonic() - started_at)
+        figure("third_box_placed_s", time.monotonic() - started_at)
         assert wait_for(lambda: all(kind(d) == "styled" for d in back), STYLED_S, 0.02), [
             d.status()["remote"] for d in back
         ]
-        FIGURES.setdefault("third_box_styled_s", []).append(time.monotonic() - started_at)
+        figure("third_box_styled_s", time.monotonic() - started_at)
         assert wait_for(lambda: all(kind(d) == "styled" for d in daemons), STYLED_S, 0.02)
         assert wait_for(lambda: box2.sessions() == 2 and box3.sessions() == 3, 10)
 
