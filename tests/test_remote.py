@@ -355,7 +355,7 @@ def test_hostile_offers_get_4xx_with_a_reason(signalling):
     status, answer = post(port, good, AUTH)
     assert status == 200 and answer["type"] == "answer"
     status, answer = post(port, good, AUTH)  # the one allowed session is taken
-    assert status == 429 and "--max-sessions 1" in answer["error"]
+    assert status == 503 and "--max-sessions 1" in answer["error"]
     # The token is checked first: a stranger learns nothing about the sessions.
     assert post(port, good, {})[0] == 401
 

@@ -341,6 +341,19 @@ def obs_script_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def haproxy_config_command(args: argparse.Namespace) -> int:
+    """Print the HAProxy configuration for the boxes (--token-file: health checks send it)."""
+    from daemon.remote.haproxy import haproxy_config
+    from daemon.remote.server import ServeOptions, serve_token
+
+    token = serve_token(ServeOptions(model="", token_file=args.token_file))
+    try:
+        print(haproxy_config(args.bind or "127.0.0.1:8780", args.box, token=token), end="")
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return EXIT_OK
+
+
 def serve_command(args: argparse.Namespace) -> int:
     """Serve the engine to daemons on other machines (WebRTC; run it on the GPU box)."""
     import logging
@@ -348,8 +361,11 @@ def serve_command(args: argparse.Namespace) -> int:
     from daemon.extras import require
 
     require("remote", "`streamv2v serve`")  # one line, not aiortc's ImportError
+    if args.action == "haproxy-config":  # (prints a configuration; loads no engine)
+        return haproxy_config_command(args)
     from daemon.remote.browser import add_browser_ways
-    from daemon.remote.server import ServeOptions, serve
+    from daemon.remote.serve_main import serve
+    from daemon.remote.server import ServeOptions
 
     logging.basicConfig(
         level=args.log_level or "INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -366,6 +382,7 @@ def serve_command(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         presets=args.presets,
         ice_servers=tuple(args.ice_server),
+        agent_port=args.agent_port,
     )
     serve(options, extend=add_browser_ways)
     return EXIT_OK

@@ -268,6 +268,20 @@ def models(parser: argparse.ArgumentParser) -> None:
 
 def serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "action",
+        nargs="?",
+        choices=["haproxy-config"],
+        help="haproxy-config: print an HAProxy configuration for several boxes and exit.",
+    )
+    parser.add_argument("--bind", metavar="HOST:PORT", help="haproxy-config: the front address.")
+    parser.add_argument(
+        "--box",
+        action="append",
+        default=[],
+        metavar="HOST:PORT:AGENT_PORT",
+        help="haproxy-config: a serve box (its --port and --agent-port); repeatable.",
+    )
+    parser.add_argument(
         "--model",
         default=TINY_STYLES,
         help=f"Hub id or local folder of an SD-family model, or '{TINY_STYLES}' (default).",
@@ -279,6 +293,12 @@ def serve(parser: argparse.ArgumentParser) -> None:
         help="Address to listen on (default 127.0.0.1; any other needs --token-file).",
     )
     parser.add_argument("--port", type=int, default=8770, help="Signalling port (default 8770).")
+    parser.add_argument(
+        "--agent-port",
+        type=int,
+        metavar="N",
+        help="Answer HAProxy's agent check on this port (see `serve haproxy-config`).",
+    )
     parser.add_argument(
         "--token-file",
         type=Path,

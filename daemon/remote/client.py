@@ -53,7 +53,11 @@ _SERVER_MESSAGES = frozenset({"done", "origin", "pong", "error", "failed"})
 
 
 class Refused(Exception):
-    """The server answered the offer with a 4xx (wrong token, full, ...)."""
+    """The server answered the offer with a 4xx (wrong token, bad offer, ...)."""
+
+
+class NoRoom(Refused):
+    """503 (or an older serve's 429): no engine behind the URL has a free session."""
 
 
 class CameraTrack(LatestFrameTrack):
@@ -108,7 +112,8 @@ class RemoteEngineWorker:
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._net = threading.Thread(target=self._network, name="engine-net", daemon=True)
         self.state = "loading"  # loading (connecting), running, failed, stopped
-        # connecting, connected, failing (its engine fails), unreachable, refused, lost
+        # connecting, connected, failing (its engine fails), unreachable, refused, lost,
+        # full (no engine behind the URL has room: 503)
         self.remote_state = "connecting"
         self.remote_error = ""
         self.engine: Any = None
@@ -172,6 +177,8 @@ class RemoteEngineWorker:
         state, error = self.remote_state, self.remote_error
         if state == "failing":
             return f"the engine on {self.url} fails: {error}"
+        if state == "full":
+            return f"no engine has room on {self.url}; retrying"
         if state in ("refused", "unreachable", "lost"):
             return f"the engine on {self.url} {state}" + (f": {error}" if error else "")
         return ""
@@ -247,6 +254,10 @@ class RemoteEngineWorker:
         self.remote_state, self.remote_error = state, error
         if state == "connected":
             log.info("remote engine %s: connected", self.url)
+        elif state == "full":
+            log.error(
+                "remote engine %s: no engine has room (%s); passthrough, retrying", self.url, error
+            )
         elif state == "refused":
             log.error("remote engine %s refused this daemon: %s; passthrough", self.url, error)
         elif state in ("unreachable", "lost"):
@@ -269,6 +280,8 @@ class RemoteEngineWorker:
                 try:
                     if await self._session(http):
                         backoff = _BACKOFF_MIN_S
+                except NoRoom:
+                    self._set_remote("full", "every engine is full or draining")
                 except Refused as err:
                     self._set_remote("refused", str(err))
                 except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as err:
@@ -293,6 +306,8 @@ class RemoteEngineWorker:
             offer = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
             timeout = aiohttp.ClientTimeout(total=_CONNECT_TIMEOUT_S)
             async with http.post(f"{self.url}/offer", json=offer, timeout=timeout) as answer:
+                if answer.status in (429, 503):
+                    raise NoRoom(f"HTTP {answer.status}: {await _reason(answer)}")
                 if answer.status != 200:
                     raise Refused(f"HTTP {answer.status}: {await _reason(answer)}")
                 body = await answer.json()

@@ -1,9 +1,11 @@
 """``streamv2v serve``: the engine on a GPU box, for daemons on other machines, over WebRTC.
 
 One aiohttp application: ``POST /offer`` (WebRTC signalling: an SDP offer in, the answer out),
-``GET /health`` (JSON) and ``GET /metrics`` (Prometheus text). All check the bearer token
-(constant time) before anything else, the offer's body is bounded and validated, and past
-``max_sessions`` an offer is refused with 429 and the reason. Each accepted offer is a session: a
+``GET /health`` (JSON), ``GET /metrics`` (Prometheus text) and ``POST /admin/drain``. All check
+the bearer token (constant time) before anything else, the offer's body is bounded and validated,
+and past ``max_sessions`` (or while draining) an offer is refused with 503, ``Retry-After`` and
+the reason (HAProxy's ``retry-on 503`` then offers it to the next box; daemon/remote/agent.py
+tells HAProxy the free capacity). Each accepted offer is a session: a
 video track up (camera frames), a video track back (styled frames) and a data channel of control
 messages (daemon/remote/protocol.py). Engine work runs on the shared engine thread
 (daemon/remote/session.py), never on the event loop. A frame that fails is never silent: the
@@ -19,9 +21,7 @@ import hmac
 import itertools
 import json
 import logging
-import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from daemon.config import is_loopback
 from daemon.errors import UserError
 from daemon.http_errors import JsonErrorRunner
-from daemon.models.registry import BUILTIN_MODELS, model_location
+from daemon.remote.agent import RETRY_AFTER_S, Capacity, Drain
 from daemon.remote.metrics import PROMETHEUS_TYPE, serve_metrics_text
 from daemon.remote.protocol import (
     MAX_OFFER_BYTES,
@@ -48,7 +48,7 @@ from daemon.remote.protocol import (
 )
 from daemon.remote.session import EngineSession, SharedModel
 from daemon.styles.presets import Preset
-from streamv2v import EngineConfig, LoraSpec
+from streamv2v import EngineConfig
 
 log = logging.getLogger("streamv2v.serve")
 
@@ -89,6 +89,7 @@ class PeerSession:
         self.pc = RTCPeerConnection()
         self.engine = EngineSession(server.model, number)
         self.failures = 0  # frames that failed
+        self.failing = False  # its last frame failed
         self._failure_logged = 0.0  # when the log last counted them
         self.styled = StyledTrack(self)
         self.channel: Any = None
@@ -154,6 +155,7 @@ class PeerSession:
             except Exception as err:  # told to the daemon and logged (first, then counted)
                 self._failed(err)
                 continue
+            self.failing = False
             cfg = self.engine.engine.config if self.engine.engine is not None else None
             self.send(
                 {
@@ -177,6 +179,7 @@ class PeerSession:
         """A frame failed: the daemon hears why at once; the log says the first failure,
         then how many failed every FAILURE_LOG_S."""
         self.failures += 1
+        self.failing = True
         reason = (str(err).strip().splitlines() or [""])[0] or type(err).__name__
         now = time.monotonic()
         if self.failures == 1:
@@ -252,6 +255,7 @@ class PeerSession:
         self.server.sessions.pop(self.number, None)
         failed = f", {self.failures} frames failed" if self.failures else ""
         log.info("session %d: ended (%d open%s)", self.number, len(self.server.sessions), failed)
+        self.server.drain.check(len(self.server.sessions))
         with contextlib.suppress(Exception):
             await self.pc.close()
         # What only this session used (its ControlNets, the LoRAs no other session named) is
@@ -269,10 +273,12 @@ class RemoteServer:
         self.limits = limits
         self.sessions: dict[int, PeerSession] = {}
         self._numbers = itertools.count(1)
+        self.drain = Drain(lambda: None)  # serve() gives it the stop
         self.app = web.Application(client_max_size=MAX_OFFER_BYTES)
         self.app.router.add_post("/offer", self.offer)
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/metrics", self.metrics)
+        self.app.router.add_post("/admin/drain", self.admin_drain)
         self.app.on_shutdown.append(self._close_all)
 
     def _authorized(self, request: web.Request) -> bool:
@@ -285,6 +291,39 @@ class RemoteServer:
         value_bytes = value.strip().encode("utf-8", "surrogateescape")
         return scheme.lower() == "bearer" and hmac.compare_digest(value_bytes, token.encode())
 
+    def capacity(self) -> Capacity:
+        """What the agent tells HAProxy: failing when every session's last frame failed."""
+        sessions = list(self.sessions.values())
+        failing = bool(sessions) and all(s.failing for s in sessions)
+        return Capacity(
+            "failing" if failing else "ready",
+            len(sessions),
+            self.limits.max_sessions,
+            self.drain.active,
+        )
+
+    def no_room(self) -> web.Response | None:
+        """503 + Retry-After for a new session on a full or draining box (None: room)."""
+        if self.drain.active:
+            reason = "the server is draining (it takes no new sessions); try another"
+        elif len(self.sessions) >= self.limits.max_sessions:
+            reason = (
+                f"the server runs {len(self.sessions)} session(s), its limit "
+                f"(streamv2v serve --max-sessions {self.limits.max_sessions}); try again later"
+            )
+        else:
+            return None
+        return web.json_response(
+            {"error": reason}, status=503, headers={"Retry-After": str(RETRY_AFTER_S)}
+        )
+
+    async def admin_drain(self, request: web.Request) -> web.Response:
+        """``POST /admin/drain`` (token; no body read): what SIGUSR1 does."""
+        if not self._authorized(request):
+            return _refuse(401, "missing or wrong token (Authorization: Bearer TOKEN)")
+        self.drain.start(len(self.sessions), "POST /admin/drain")
+        return web.json_response({"draining": True, "sessions": len(self.sessions)})
+
     def figures(self) -> dict[str, Any]:
         """The sessions, the free capacity, each session's figures and what is loaded."""
         sessions = list(self.sessions.values())
@@ -293,6 +332,7 @@ class RemoteServer:
             "sessions": len(sessions),
             "max_sessions": self.limits.max_sessions,
             "free_sessions": max(0, self.limits.max_sessions - len(sessions)),
+            "draining": self.drain.active,
             "device": str(self.model.weights.device),
             "engines": [
                 {"session": s.number, "failed_frames": s.failures, **s.engine.figures()}
@@ -316,12 +356,9 @@ class RemoteServer:
         # The token first, then the session limit: neither reads the body.
         if not self._authorized(request):
             return _refuse(401, "missing or wrong token (Authorization: Bearer TOKEN)")
-        if len(self.sessions) >= self.limits.max_sessions:
-            return _refuse(
-                429,
-                f"the server runs {len(self.sessions)} session(s), its limit "
-                f"(streamv2v serve --max-sessions {self.limits.max_sessions}); try again later",
-            )
+        refusal = self.no_room()
+        if refusal is not None:
+            return refusal
         if request.content_length is not None and request.content_length > MAX_OFFER_BYTES:
             return _refuse(413, f"offer larger than {MAX_OFFER_BYTES} bytes")
         try:
@@ -381,6 +418,7 @@ class ServeOptions:
     # WHIP/WHEP and the page (daemon/remote/browser.py)
     presets: Path | None = None  #: folder of presets for WHIP sessions (beside the bundled)
     ice_servers: tuple[str, ...] = ()  #: STUN/TURN URLs offered to WHIP/WHEP clients (Link)
+    agent_port: int | None = None  #: HAProxy agent-check port (daemon/remote/agent.py)
 
 
 def serve_token(options: ServeOptions) -> str:
@@ -408,63 +446,3 @@ def serve_runner(app: web.Application) -> web.AppRunner:
     """The runner ``serve`` runs ``app`` on: aiohttp's own parser errors answered as ours
     (JSON, nothing of the request echoed; daemon/http_errors.py)."""
     return JsonErrorRunner(app, access_log=None, handle_signals=False)
-
-
-def serve(
-    options: ServeOptions,
-    *,
-    ready: Callable[[str], None] | None = None,
-    extend: Callable[[RemoteServer, ServeOptions], None] | None = None,
-) -> None:
-    """Load the model once and serve sessions until SIGINT/SIGTERM; ``extend`` adds the other
-    ways in (WHIP/WHEP and the page: daemon/remote/browser.py, passed by the CLI)."""
-    token = serve_token(options)
-    config = EngineConfig(
-        vae=options.vae or ("model" if options.model in BUILTIN_MODELS else EngineConfig().vae),
-        loras=tuple(LoraSpec(id=lora) for lora in options.loras),
-    )
-    log.info("serve: loading %s", options.model)
-    model = SharedModel.load(
-        model_location(options.model), config, options.device, None, options.allow_pickle
-    )
-    server = RemoteServer(model, ServeLimits(token, options.max_sessions))
-    if extend is not None:
-        extend(server, options)
-
-    async def main() -> None:
-        runner = serve_runner(server.app)
-        await runner.setup()
-        site = web.TCPSite(runner, options.listen, options.port)
-        try:
-            await site.start()
-        except OSError as err:
-            await runner.cleanup()
-            raise UserError(
-                f"cannot listen on {options.listen}:{options.port} ({err.strerror or err}); "
-                "choose another --port"
-            ) from None
-        host = f"[{options.listen}]" if ":" in options.listen else options.listen
-        url = f"http://{host}:{options.port}"
-        auth = "token required" if token else "no token (loopback only)"
-        log.info(
-            "serve: %s on %s, up to %d session(s), %s; daemons set [engine] remote = %r",
-            options.model,
-            url,
-            options.max_sessions,
-            auth,
-            url,
-        )
-        if ready is not None:
-            ready(url)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            await runner.cleanup()
-            model.close()
-
-    asyncio.run(main())

@@ -233,6 +233,12 @@ class WhipEndpoints:
 
     def full(self) -> web.Response | None:
         limits, sessions = self.server.limits, self.server.sessions
+        if self.server.drain.active:
+            return problem(
+                503,
+                "the server is draining (it takes no new sessions)",
+                **{"Retry-After": str(RETRY_AFTER_S)},
+            )
         if len(sessions) < limits.max_sessions:
             return None
         return problem(
