@@ -29,6 +29,7 @@ NEEDS_REMOTE = {
     "daemon.remote.relay",
     "daemon.remote.whep",
     "daemon.remote.whip",
+    "daemon.remote.serve_main",  # serve() itself
 }
 
 CHILD = r"""
