@@ -84,11 +84,9 @@ def config_file(folder: Path) -> Path:
 
 
 def cli_env(hub: HubServer, home: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(home), PYTHONUNBUFFERED="1")
-    env.pop("HF_HUB_OFFLINE", None)
-    env.update(HF_HUB_DISABLE_XET="1", HF_HUB_DOWNLOAD_TIMEOUT="1", HF_HUB_ETAG_TIMEOUT="2")
-    env.update(extra)
-    return env
+    return hub.online_env(
+        home, **{"HF_HUB_DOWNLOAD_TIMEOUT": "1", "HF_HUB_ETAG_TIMEOUT": "2", **extra}
+    )
 
 
 def models(*args: str, env: dict[str, str], **kw) -> subprocess.Popen[str]:
