@@ -186,10 +186,10 @@ def test_the_demo_daemon_shows_the_style_switch(memory_vcam, tmp_path):
     def settled(name: str) -> list[np.ndarray]:
         """Switch to ``name``; the distinct outputs of the next 4 styled frames after it."""
         daemon.select_preset(name, "test")
-        assert wait_for(lambda: daemon.engine.applied.name == name, 10)
-        assert wait_for(lambda: not daemon.engine.switching, 30)
+        assert wait_for(lambda: daemon.engine.applied.name == name, 30)
+        assert wait_for(lambda: not daemon.engine.switching, 60)
         styled, mark = daemon.output.kinds["styled"], len(cam.frames)
-        assert wait_for(lambda: daemon.output.kinds["styled"] > styled + 4, 30)
+        assert wait_for(lambda: daemon.output.kinds["styled"] > styled + 4, 60), daemon.status()
         return list({f.tobytes(): f for f in cam.frames[mark:]}.values())
 
     def structure(outputs: list[np.ndarray]) -> float:
