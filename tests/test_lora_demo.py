@@ -144,7 +144,7 @@ def test_the_demo_switches_lora_and_prompt_styles_live_in_a_real_process(tmp_pat
         for i in range(SWITCHES):
             name = "sepia" if i % 2 == 0 else "warm"
             switch(name)
-            assert wait_for(lambda n=name: applied(n), 30), status()
+            assert wait_for(lambda n=name: applied(n), 30, 0.1), status()
             if i == 0:
                 rss_first = rss_bytes(proc.pid)
                 lora_first = status()["loras"]
