@@ -139,6 +139,7 @@ def test_the_demo_switches_lora_and_prompt_styles_live_in_a_real_process(tmp_pat
 
         # Memory: SWITCHES switches, LoRA <-> prompt, each one awaited until the engine has
         # applied it (the LoRA in or out, the blend over) and counted in the log.
+        t1 = time.monotonic()  # (the gaps below are those of the four switches above)
         logged = sum("preset: " in ln and " -> " in ln for ln in lines)
         rss_first = None
         for i in range(SWITCHES):
@@ -151,7 +152,7 @@ def test_the_demo_switches_lora_and_prompt_styles_live_in_a_real_process(tmp_pat
         assert sum("preset: " in ln and " -> " in ln for ln in lines) - logged == SWITCHES
         rss_last, lora_last = rss_bytes(proc.pid), status()["loras"]
         end = status()
-        times = [ts for ts, _ in preview.since(t0)]
+        times = [ts for ts, _ in preview.since(t0) if ts < t1]
         baseline = [ts for ts, _ in preview.since(b0) if ts < t0]
     finally:
         if preview is not None:
@@ -173,13 +174,16 @@ def test_the_demo_switches_lora_and_prompt_styles_live_in_a_real_process(tmp_pat
     assert abs(rss_last - rss_first) <= 0.02 * rss_first, (rss_first, rss_last)
     assert lora_first["bytes"] == lora_last["bytes"] > 0
     assert lora_first["base_bytes"] == lora_last["base_bytes"] > 0
-    # No gap in the preview while switching: the output keeps its rate (median, p95 within two
-    # output intervals) and no part is later than a quarter second, or than one interval beyond
-    # the longest gap of the no-switch baseline (a shared 2-core CI machine adds hiccups of its
-    # own, 0.06-0.36 s seen here WITHOUT switches). A reload took seconds, a recompile minutes.)
+    # No gap in the preview while switching (the four timed switches above, each blending the
+    # LoRA in or out over 6 frames): the output keeps its rate (median within 1.5 output
+    # intervals, p95 within two or within one beyond the baseline's p95) and no part is later
+    # than a quarter second, or than one interval beyond the longest gap of the no-switch
+    # baseline (a shared 2-core CI machine adds hiccups of its own, 0.06-0.36 s seen here
+    # WITHOUT switches). A reload took seconds, a recompile minutes.)
     gaps, steady = np.diff(times), np.diff(baseline)
     assert np.median(gaps) <= 1.5 * interval, np.median(gaps)
-    assert np.percentile(gaps, 95) <= 2 * interval, (np.percentile(gaps, 95), steady.max())
+    p95, steady95 = np.percentile(gaps, 95), np.percentile(steady, 95)
+    assert p95 <= max(2 * interval, steady95 + interval), (p95, steady95)
     assert gaps.max() <= max(0.25, steady.max() + interval), (gaps.max(), steady.max())
     # The LoRA's style shows: sepia's frames are near the sepia tone; warm's are far from it.
     assert max(stats["sepia"]) < 0.6 * min(stats["warm"]), stats
