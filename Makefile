@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench mutants clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ lint: $(STAMP)
 PYTEST_WORKERS ?= 2
 test: lint
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)
+
+# Not part of `make test` (minutes): each named breakage of tests/mutants/*.toml applied to a
+# scratch copy, and the tests that guard it run there; every one must fail (README: Development).
+# MUTANTS_ARGS: e.g. tests/mutants/i28.toml, --only NAME, --list.
+mutants: $(STAMP)
+	$(BIN)/python tests/mutants/run.py $(MUTANTS_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine_latency.py --model tiny --size 512 --steps 1

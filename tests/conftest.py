@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -14,6 +16,14 @@ import pytest
 import pyvirtualcam
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Offline by default, in this process and every process a test starts (they inherit the
+# environment): a regression that reaches for the hub fails at once instead of trying the network,
+# and no test reads or fills the user's hub cache. Set here, before huggingface_hub is imported
+# (it reads both once). The tests of the local hub (tests/hub_server.py) opt back in for their
+# own processes with HubServer.online_env.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="streamv2v-test-hf-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 # OpenMP threads that sleep instead of spinning while waiting: with spinning threads, any other
 # process on these 2 cores slows each torch op by a scheduler tick (tests 30x slower).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import threading
 from collections import Counter
 from pathlib import Path
@@ -38,6 +39,15 @@ class HubServer:
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self.url = ""
+
+    def online_env(self, home: Path, **extra: str) -> dict[str, str]:
+        """The environment of a process that downloads from this hub into the hub cache at
+        ``home``: tests/conftest.py makes every test offline, this one opts back in."""
+        env = dict(os.environ, HF_ENDPOINT=self.url, HF_HOME=str(home), PYTHONUNBUFFERED="1")
+        env.pop("HF_HUB_OFFLINE", None)
+        env["HF_HUB_DISABLE_XET"] = "1"
+        env.update(extra)
+        return env
 
     def __enter__(self) -> HubServer:
         self._thread.start()

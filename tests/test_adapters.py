@@ -48,24 +48,29 @@ def _run(engine: StreamV2V, frames) -> list[torch.Tensor]:
     return [o.clone() for f in frames if (o := engine(f, output_type="latent")) is not None]
 
 
-def test_switched_in_equals_an_engine_loaded_with_the_lora_fused(tiny_model, loras, engine):
+def test_a_switched_in_blend_equals_an_engine_loaded_with_both_loras_fused(
+    tiny_model, loras, engine
+):
+    """A blend of two LoRAs (the layers they share get both terms) against diffusers/peft
+    fusing both into a fresh engine's weights."""
+    blend = {"a": 0.4, "b": 0.7}
+    specs = tuple(LoraSpec(id=str(loras[n]), scale=s) for n, s in blend.items())
     fused = StreamV2V.from_pretrained(
-        tiny_model,
-        config=CFG.model_copy(update={"loras": (LoraSpec(id=str(loras["b"]), scale=0.7),)}),
-        device="cpu",
+        tiny_model, config=CFG.model_copy(update={"loras": specs}), device="cpu"
     )
     fused.set_prompt("a cat")
     frames = _frames(64)
-    engine.set_loras({"a": 1.0})  # some other style first: the switch must undo it
-    engine.set_loras({"b": 0.7})
+    engine.set_loras({"c": 1.0})  # some other style first: the switch must undo it
+    engine.set_loras(blend)
     ours, theirs = _run(engine, frames), _run(fused, frames)
+    engine.set_loras({"b": 0.7})  # one of the two alone: not the blend
+    single = _run(engine, frames[:8])
     engine.set_loras({})
-    plain = _run(engine, frames[:8])
     assert len(ours) == len(theirs) == 63
     worst = max(float((x - y).abs().max()) for x, y in zip(ours, theirs))
     assert worst <= 1e-5, worst
-    # ...and the LoRA really changes the output (the comparison is not of two plain engines).
-    assert float((ours[6] - plain[6]).abs().max()) > 1e-2
+    # ...and both LoRAs count (the comparison is not of a single LoRA, nor of plain engines).
+    assert float((ours[6] - single[6]).abs().max()) > 1e-2
 
 
 def test_a_thousand_switches_leave_every_touched_weight_bit_identical(engine):
@@ -117,7 +122,7 @@ def test_kohya_and_diffusers_files_of_one_lora_give_the_same_output(engine, lora
     assert max(float((x - y).abs().max()) for x, y in zip(out_a, out_k)) <= 1e-6
 
 
-def test_memory_counts_factors_and_base_copies_and_frees_what_is_dropped(engine, loras):
+def test_memory_counts_factors_and_base_copies_and_frees_what_is_dropped(engine, tmp_path):
     before = engine.stats()
     assert before["loras_loaded"] == 3 and before["lora_bytes"] > 0
     weights = {n: engine.adapters.get(n) for n in ("a", "b", "c")}
@@ -125,11 +130,23 @@ def test_memory_counts_factors_and_base_copies_and_frees_what_is_dropped(engine,
     touched = {layer for w in weights.values() for layer in w.unet}
     expected = sum(engine.unet.get_submodule(layer).weight.nbytes for layer in touched)
     assert before["lora_base_bytes"] == expected
-    engine.adapters.load("d", loras["a"])
+    # A LoRA on layers of its own (no other loaded LoRA touches them): its base copies are
+    # freed with it, and its layers are the base again.
+    own = lora_factors(engine.unet, seed=4, targets=["ff.net.0.proj", "time_emb_proj"])
+    engine.adapters.load("d", write_diffusers(tmp_path / "d.safetensors", own))
+    layers = set(engine.adapters.get("d").unet)
+    assert layers and not layers & touched
+    base = {layer: engine.unet.get_submodule(layer).weight.detach().clone() for layer in layers}
     engine.set_loras({"d": 1.0})
+    grown = engine.stats()["lora_base_bytes"] - before["lora_base_bytes"]
+    assert grown == sum(t.nbytes for t in base.values())
     assert engine.adapters.retain({"a", "b", "c"}) == ["d"]
-    assert engine.stats()["lora_bytes"] == before["lora_bytes"]
+    after = engine.stats()
+    assert after["lora_bytes"] == before["lora_bytes"]
+    assert after["lora_base_bytes"] == before["lora_base_bytes"]
     assert engine.adapters.active == {}  # a freed LoRA is switched off
+    for layer, weight in base.items():
+        assert torch.equal(engine.unet.get_submodule(layer).weight, weight), layer
 
 
 def test_float16_rewrites_are_the_float32_sum_rounded_once(tiny_model, loras):

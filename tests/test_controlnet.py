@@ -66,11 +66,16 @@ def test_stream_batch_equals_sequential_with_control_in_every_guidance_mode(
         for t in range(len(frames) - (k - 1)):
             diff = (got[t + k - 1] - want[t]).abs().max().item()
             assert diff <= 1e-4, f"{guidance}, k={k}, frame {t}: max latent difference {diff}"
-    # Not vacuous: the control moves the output (scale 0 is the UNet alone).
+    # Not vacuous: the control moves the output. The same frames from a reset stream, at
+    # scale 1 and at scale 0 (the UNet alone).
     batched = pair[0]
-    with_control = batched(frames[0], output_type="latent")
-    batched.set_control_scales([0.0])
-    without = batched(frames[0], output_type="latent")
+
+    def replay(scale: float) -> torch.Tensor:
+        batched.set_control_scales([scale])
+        batched.reset()
+        return [batched(f, output_type="latent") for f in frames[:4]][-1]  # (k = 4: frame 0)
+
+    with_control, without = replay(1.0), replay(0.0)
     batched.set_control_scales([1.0])
     assert (with_control - without).abs().max().item() > 1e-2
 

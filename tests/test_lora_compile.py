@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch._dynamo
 from test_compile import TOLERANCE
+from torch._dynamo.utils import counters
 
 from streamv2v import BankConfig, EngineConfig, StreamV2V
 from tests.lora_helpers import lora_factors, write_diffusers
@@ -36,12 +37,17 @@ def engines(tiny_model, tmp_path_factory):
             engine.adapters.load(name, path)
         engine.set_prompt("a cat")
         out.append(engine)
+    graphs = counters["stats"]["unique_graphs"]
     out[1].warmup([1], progress=False)
-    return out
+    return (*out, counters["stats"]["unique_graphs"] - graphs)
 
 
 def test_switches_and_blends_for_200_frames_without_a_recompile(engines):
-    eager, compiled = engines
+    eager, compiled, warmed_graphs = engines
+    # It did compile: the encoder, the UNet and the decoder, one graph each, at the warm-up.
+    assert compiled.compiled and not eager.compiled
+    assert warmed_graphs == 3, warmed_graphs
+    graphs = counters["stats"]["unique_graphs"]
     rng = np.random.default_rng(4)
     base = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     targets = [{"a": 1.0}, {"b": 0.7}, {}, {"a": 0.4, "c": 0.9}, {"c": -0.6}]
@@ -62,10 +68,11 @@ def test_switches_and_blends_for_200_frames_without_a_recompile(engines):
                 outs.append(engine(frame, output_type="latent"))
             if outs[0] is not None:
                 worst = max(worst, float((outs[0] - outs[1]).abs().max()))
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing new was compiled
     assert rewrites > 100
     assert worst <= TOLERANCE, worst
     # The LoRAs really changed the output: the last frame differs from one without them.
-    for engine in engines:
+    for engine in (eager, compiled):
         engine.set_loras({})
-    plain = [e(np.roll(base, 199, axis=1), output_type="latent") for e in engines]
+    plain = [e(np.roll(base, 199, axis=1), output_type="latent") for e in (eager, compiled)]
     assert float((plain[1] - outs[1]).abs().max()) > 1e-3

@@ -2,7 +2,7 @@
 and a prompt preset through the control API (and global hotkeys, where Xvfb is installed)
 publishes no passthrough frame and leaves no gap in the preview (its parts' arrival times), the
 LoRA's style shows (the named statistic: sepia_error, the distance of each pixel from the sepia
-tone of its brightness), and memory after 100 switches is within 2% of memory after the first."""
+tone of its brightness), and memory after 20 switches is within 2% of memory after the first."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SEPIA_LORA = ROOT / "streamv2v" / "models" / "tiny-styles-loras" / "sepia.safetensors"
+#: LoRA <-> prompt switches of the memory check, each awaited (about a second each here).
+SWITCHES = 20
 
 
 class Preview(threading.Thread):
@@ -100,6 +102,11 @@ def test_the_demo_switches_lora_and_prompt_styles_live_in_a_real_process(tmp_pat
         s = status()
         return s["preset"] == name and not s["switching"]
 
+    def applied(name: str) -> bool:
+        """The engine switched to ``name``: not only asked to (the LoRA is in for sepia only)."""
+        s = status()
+        return settled(name) and bool(s["loras"]["active"]) == (name == "sepia")
+
     try:
         assert wait_for(lambda: any("engine: running" in ln for ln in lines), 120), lines[-20:]
         assert wait_for(control.is_file, 10)
@@ -130,18 +137,22 @@ def test_the_demo_switches_lora_and_prompt_styles_live_in_a_real_process(tmp_pat
             shown = [f for ts, f in preview.since(mark + 0.5)]
             stats.setdefault(name, []).append(np.mean([sepia_error(f) for f in shown[-8:]]))
 
+        # Memory: SWITCHES switches, LoRA <-> prompt, each one awaited until the engine has
+        # applied it (the LoRA in or out, the blend over) and counted in the log.
+        t1 = time.monotonic()  # (the gaps below are those of the four switches above)
+        logged = sum("preset: " in ln and " -> " in ln for ln in lines)
         rss_first = None
-        for i in range(100):  # memory: 100 switches, LoRA <-> prompt
-            switch("sepia" if i % 2 == 0 else "warm")
-            time.sleep(0.05)
+        for i in range(SWITCHES):
+            name = "sepia" if i % 2 == 0 else "warm"
+            switch(name)
+            assert wait_for(lambda n=name: applied(n), 30, 0.1), status()
             if i == 0:
-                assert wait_for(lambda: settled("sepia"), 30)
                 rss_first = rss_bytes(proc.pid)
                 lora_first = status()["loras"]
-        assert wait_for(lambda: settled("warm"), 30)
+        assert sum("preset: " in ln and " -> " in ln for ln in lines) - logged == SWITCHES
         rss_last, lora_last = rss_bytes(proc.pid), status()["loras"]
         end = status()
-        times = [ts for ts, _ in preview.since(t0)]
+        times = [ts for ts, _ in preview.since(t0) if ts < t1]
         baseline = [ts for ts, _ in preview.since(b0) if ts < t0]
     finally:
         if preview is not None:
@@ -157,17 +168,23 @@ def test_the_demo_switches_lora_and_prompt_styles_live_in_a_real_process(tmp_pat
     assert "Traceback" not in text, text[-3000:]
     # No passthrough frame while switching (the camera is a plain scene: it would show).
     assert end["kinds"].get("passthrough", 0) == passthrough
-    # No gap in the preview while switching: the output keeps its rate (median, p95 within two
-    # output intervals) and no part is later than a quarter second, or than one interval beyond
-    # the longest gap of the no-switch baseline (a shared 2-core CI machine adds hiccups of its
-    # own, 0.06-0.36 s seen here WITHOUT switches). A reload took seconds, a recompile minutes.)
-    gaps, steady = np.diff(times), np.diff(baseline)
-    assert np.median(gaps) <= 1.5 * interval, np.median(gaps)
-    assert np.percentile(gaps, 95) <= 2 * interval, (np.percentile(gaps, 95), steady.max())
-    assert gaps.max() <= max(0.25, steady.max() + interval), (gaps.max(), steady.max())
-    # The LoRA's style shows: sepia's frames are near the sepia tone; warm's are far from it.
-    assert max(stats["sepia"]) < 0.6 * min(stats["warm"]), stats
+    # Memory after the switches is that after the first (the machine's load does not move it:
+    # checked before the timings).
+    print(f"RSS (MB) after the first switch {rss_first / 1e6:.0f}, after all {rss_last / 1e6:.0f}")
     assert abs(rss_last - rss_first) <= 0.02 * rss_first, (rss_first, rss_last)
     assert lora_first["bytes"] == lora_last["bytes"] > 0
     assert lora_first["base_bytes"] == lora_last["base_bytes"] > 0
+    # No gap in the preview while switching (the four timed switches above, each blending the
+    # LoRA in or out over 6 frames): the output keeps its rate (median within 1.5 output
+    # intervals, p95 within two or within one beyond the baseline's p95) and no part is later
+    # than a quarter second, or than one interval beyond the longest gap of the no-switch
+    # baseline (a shared 2-core CI machine adds hiccups of its own, 0.06-0.36 s seen here
+    # WITHOUT switches). A reload took seconds, a recompile minutes.)
+    gaps, steady = np.diff(times), np.diff(baseline)
+    assert np.median(gaps) <= 1.5 * interval, np.median(gaps)
+    p95, steady95 = np.percentile(gaps, 95), np.percentile(steady, 95)
+    assert p95 <= max(2 * interval, steady95 + interval), (p95, steady95)
+    assert gaps.max() <= max(0.25, steady.max() + interval), (gaps.max(), steady.max())
+    # The LoRA's style shows: sepia's frames are near the sepia tone; warm's are far from it.
+    assert max(stats["sepia"]) < 0.6 * min(stats["warm"]), stats
     json.dumps(stats)

@@ -154,6 +154,48 @@ def test_files_read_ahead_in_another_thread_leave_the_engine_thread_no_reading(
     assert reads == ["MainThread"] and engine.adapters.names == [files["ink"]]
 
 
+def test_the_daemon_reads_a_new_presets_lora_in_its_read_ahead_thread(
+    tiny_model, files, tmp_path, monkeypatch, memory_vcam
+):
+    """The daemon's own wiring: a preset with a LoRA added to the running daemon's folder is
+    read by the engine worker's "lora-read" thread, never by the engine thread."""
+    import threading
+
+    from test_daemon import demo_config, wait_for
+
+    import daemon.styles.loras as loras_module
+    import streamv2v.adapters as adapters_module
+    from daemon.app import Daemon
+
+    reads: list[str] = []
+    real = adapters_module.load_lora
+
+    def counted(source, *args, **kwargs):
+        reads.append(threading.current_thread().name)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(loras_module, "load_lora", counted)
+    monkeypatch.setattr(adapters_module, "load_lora", counted)
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    (folder / "plain.toml").write_text('prompt = "a plain scene"\n')
+    daemon = Daemon(demo_config(tiny_model, presets={"dir": str(folder), "startup": "plain"}))
+    daemon.start()
+    try:
+        assert wait_for(lambda: daemon.output.kinds["styled"] > 2, 60), daemon.status()
+        assert reads == []
+        (folder / "ink.toml").write_text(
+            f'prompt = "an ink drawing"\nloras = [{{ id = "{files["ink"]}", scale = 0.8 }}]\n'
+        )
+        assert "ink" in daemon.reload_presets()["presets"]
+        daemon.select_preset("ink", "test")
+        active = {files["ink"]: 0.8}
+        assert wait_for(lambda: daemon.engine.engine.adapters.active == active, 30), reads
+    finally:
+        daemon.stop()
+    assert reads == ["lora-read"]
+
+
 def test_serve_sessions_on_shared_weights_each_get_their_own_loras(tiny_model, files):
     weights = StreamV2V.from_pretrained(tiny_model, config=CFG, device="cpu")
     shared = SharedModel(weights)

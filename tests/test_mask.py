@@ -68,12 +68,36 @@ def run_daemon(tiny_model, clip: Path, preset: str, vcam, frames: int, **setting
     data = cfg.model_dump()
     data["engine"]["settings"].update({"width": SIZE, "height": SIZE, **settings})
     daemon = Daemon(type(cfg).model_validate(data))
+    daemon.mask_pairs = watch_mask_pairs(daemon.masks)
     daemon.start()
     try:
         assert wait_for(lambda: daemon.masks.masked_frames >= frames, 90), daemon.status()
     finally:
         daemon.stop()
     return daemon
+
+
+def watch_mask_pairs(masks: MaskWorker) -> list[tuple[float, float]]:
+    """(styled frame's tag, tag of the mask it was composited with) of every composite the
+    output thread makes from now on (the worker's ``last_pair``, read right after each)."""
+    pairs: list[tuple[float, float]] = []
+    composite = masks.composite
+
+    def watched(styled: Frame, image: np.ndarray, timeout: float) -> np.ndarray:
+        masks.last_pair = None
+        out = composite(styled, image, timeout)
+        if masks.last_pair is not None:
+            assert masks.last_pair[0] == styled.captured_at
+            pairs.append(masks.last_pair)
+        return out
+
+    masks.composite = watched
+    return pairs
+
+
+def foreign(pairs: list[tuple[float, float]]) -> int:
+    """Composites made with another frame's mask."""
+    return sum(styled != mask for styled, mask in pairs)
 
 
 def published_masked(daemon: Daemon, vcam) -> list[np.ndarray]:
@@ -170,7 +194,10 @@ def test_each_output_is_composited_with_its_own_frames_mask(
         tiny_model, tmp_path / "moving.avi", preset, memory_vcam, 30, steps=3, strength=0.6
     )
     assert daemon.engine.engine.config.stream_batch and daemon.engine.engine.latency_frames == 2
-    assert daemon.masks.missed == 0  # every output found its own frame's mask by its tag
+    # Every output was composited with its own frame's mask (found by its tag), on a clip that
+    # moves: a mask of another frame would put the person elsewhere.
+    assert len(daemon.mask_pairs) >= 30 and foreign(daemon.mask_pairs) == 0, daemon.mask_pairs
+    assert daemon.masks.missed == 0
     n = len(cameras)
     person = [cv2.resize(segmenter(c), (SIZE, SIZE)) for c in cameras]
     sent = memory_vcam.instances[-1].frames[-200:]

@@ -117,9 +117,7 @@ def test_first_run_downloads_with_progress_then_styles(tmp_path, browser_if_any,
     )
     with HubServer(repos) as hub:
         hub.rate_bps = 1_000_000  # the 4 MB take ~4 s
-        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"))
-        env.update(PYTHONUNBUFFERED="1", HF_HUB_DISABLE_XET="1")
-        env.pop("HF_HUB_OFFLINE", None)
+        env = hub.online_env(tmp_path / "hf")
         proc, lines = start_daemon(config, env)
         try:
             assert wait(token.is_file, 60), lines
@@ -166,7 +164,8 @@ def test_first_run_downloads_with_progress_then_styles(tmp_path, browser_if_any,
 def test_offline_with_a_missing_model_says_so_in_one_line_at_once(tmp_path, how):
     config, _ = write_config(tmp_path)
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), PYTHONUNBUFFERED="1")
-    env.update({"HF_HUB_OFFLINE": "1"} if how == "HF_HUB_OFFLINE" else {})
+    if how != "HF_HUB_OFFLINE":  # (tests/conftest.py sets it for every test: online here)
+        env.pop("HF_HUB_OFFLINE")
     env.update({} if how == "HF_HUB_OFFLINE" else {"HF_ENDPOINT": "http://127.0.0.1:9"})
     proc, lines = start_daemon(config, env)
     try:
@@ -181,3 +180,16 @@ def test_offline_with_a_missing_model_says_so_in_one_line_at_once(tmp_path, how)
     line = said[0]
     assert "not in the local cache" in line and MODEL in line and "streamv2v models pull" in line
     assert "deprecated" not in "".join(lines) and "Traceback" not in "".join(lines)
+
+
+def test_every_test_is_offline_with_a_private_hub_cache():
+    """tests/conftest.py: the hub is off in the test process and in the processes tests start
+    (the local hub's tests opt back in), and its cache is a temporary folder, not the user's."""
+    from huggingface_hub import constants
+
+    home = Path(os.environ["HF_HOME"])
+    assert constants.HF_HUB_OFFLINE and home.name.startswith("streamv2v-test-hf-")
+    assert Path(constants.HF_HUB_CACHE).is_relative_to(home)
+    code = "from huggingface_hub import constants as c; print(c.HF_HUB_OFFLINE, c.HF_HOME)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", str(home)]

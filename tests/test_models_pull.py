@@ -84,11 +84,9 @@ def config_file(folder: Path) -> Path:
 
 
 def cli_env(hub: HubServer, home: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(home), PYTHONUNBUFFERED="1")
-    env.pop("HF_HUB_OFFLINE", None)
-    env.update(HF_HUB_DISABLE_XET="1", HF_HUB_DOWNLOAD_TIMEOUT="1", HF_HUB_ETAG_TIMEOUT="2")
-    env.update(extra)
-    return env
+    return hub.online_env(
+        home, **{"HF_HUB_DOWNLOAD_TIMEOUT": "1", "HF_HUB_ETAG_TIMEOUT": "2", **extra}
+    )
 
 
 def models(*args: str, env: dict[str, str], **kw) -> subprocess.Popen[str]:
@@ -274,22 +272,30 @@ def test_readiness_reports_rate_eta_and_compiling_estimates(caplog):
 
     from daemon.models.progress import Readiness
 
-    ready = Readiness(log_every_s=0.0)
+    now = [1000.0]  # the readiness's clock: the test moves it
+    ready = Readiness(log_every_s=0.0, clock=lambda: now[0])
     with caplog.at_level(logging.INFO, logger="streamv2v"):
         ready.begin(1_000_000, 2)
         ready.file("org/x/unet/w.safetensors", 900_000, 1)
-        time.sleep(0.3)
+        now[0] += 0.3
         ready.advance(300_000)
     snap = ready.snapshot()
     assert snap["phase"] == "download" and snap["bytes_done"] == 300_000
-    # 300 kB in ~0.3 s: ~1 MB/s, so ~0.7 s left for the other 700 kB.
-    assert 0.5e6 < snap["rate_bps"] < 1.1e6 and 0.6 < snap["eta_s"] < 1.5
+    # 300 kB in 0.3 s: 1 MB/s, so 0.7 s left for the other 700 kB.
+    assert snap["rate_bps"] == pytest.approx(1e6) and snap["eta_s"] == pytest.approx(0.7)
     assert "models: 300.0 KB of 1.0 MB (1/2: org/x/unet/w.safetensors)" in caplog.text
+    # The connection slows to 10 kB/s: after the rate window (5 s) the estimate is that rate,
+    # not the average since the start (38 kB/s).
+    for _ in range(10):
+        now[0] += 1.0
+        ready.advance(10_000)
+    snap = ready.snapshot()
+    assert snap["rate_bps"] == pytest.approx(10_000) and snap["eta_s"] == pytest.approx(60.0)
     with caplog.at_level(logging.INFO, logger="streamv2v"):
-        ready.compiling(2, 5, time.monotonic() - 10.0)  # 2 done in 10 s: 3 left, ~15 s
+        ready.compiling(2, 5, now[0] - 10.0)  # 2 done in 10 s: 3 left, 15 s
     snap = ready.snapshot()
     assert snap["phase"] == "compiling" and snap["done"] == 2 and snap["total"] == 5
-    assert 14.5 < snap["eta_s"] < 15.5
+    assert snap["eta_s"] == 15.0
     assert "engine: compiling 3 of 5, about 15 s left" in caplog.text
     ready.clear()
     assert ready.snapshot() is None

@@ -154,66 +154,94 @@ def test_training_is_reproducible_with_the_same_seeds(tmp_path):
     assert other["ae"] != figures[0]["ae"]  # the seed matters (the check can fail)
 
 
-def test_the_demo_daemon_shows_the_style_switch(memory_vcam):
+def test_the_demo_daemon_shows_the_style_switch(memory_vcam, tmp_path):
     from test_daemon import wait_for
 
     from daemon.app import Daemon
     from daemon.config import DaemonConfig
     from daemon.runner import apply_demo
+    from daemon.styles.presets import bundled_presets_dir
 
     config, notes = apply_demo(DaemonConfig())
     assert any("tiny style model" in note for note in notes)
     assert config.engine.model == "tiny-styles" and config.camera.source == "scene"
     assert [c.preprocess for c in config.engine.settings.control] == ["canny"]
+    # Each ControlNet style once more with its ControlNet off: "<name>-off", a user preset.
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    for name in CONTROLLED:
+        text = (bundled_presets_dir("demo") / f"{name}.toml").read_text()
+        lines = [ln for ln in text.splitlines() if not ln.startswith(("hotkey", "control_scales"))]
+        (folder / f"{name}-off.toml").write_text("\n".join([*lines, "control_scales = [0.0]"]))
     data = config.model_dump()
     data["output"]["preview"]["port"] = 0
     data["control"]["port"] = 0
     data["hotkeys"]["enabled"] = False
+    data["presets"]["dir"] = str(folder)
     daemon = Daemon(DaemonConfig.model_validate(data))
     started = time.monotonic()
     daemon.start()
     cam = memory_vcam.instances[-1]
 
-    def mean_rgb() -> np.ndarray:
-        return cam.frames[-1].reshape(256, 256, 3).reshape(-1, 3).mean(0)
-
-    def settled(name: str) -> None:
+    def settled(name: str) -> list[np.ndarray]:
+        """Switch to ``name``; the distinct outputs of the next 4 styled frames after it."""
         daemon.select_preset(name, "test")
-        assert wait_for(lambda: daemon.engine.applied.name == name, 10)
-        assert wait_for(lambda: not daemon.engine.switching, 30)
-        styled = daemon.output.kinds["styled"]
-        assert wait_for(lambda: daemon.output.kinds["styled"] > styled + 3, 30)
+        assert wait_for(lambda: daemon.engine.applied.name == name, 30)
+        assert wait_for(lambda: not daemon.engine.switching, 60)
+        styled, mark = daemon.output.kinds["styled"], len(cam.frames)
+        assert wait_for(lambda: daemon.output.kinds["styled"] > styled + 4, 60), daemon.status()
+        return list({f.tobytes(): f for f in cam.frames[mark:]}.values())
 
-    shapes = {}
+    def structure(outputs: list[np.ndarray]) -> float:
+        return camera_structure(outputs, time.monotonic() - started)
+
+    shapes, colour = {}, {}
     try:
         assert daemon.presets.active == "warm"
         assert wait_for(lambda: daemon.output.kinds["styled"] > 5, 90), daemon.status()
-        warm = mean_rgb()
-        shapes["warm"] = camera_structure(cam.frames[-8:], time.monotonic() - started)
-        settled("cool")
-        cool = mean_rgb()
-        shapes["cool"] = camera_structure(cam.frames[-8:], time.monotonic() - started)
-        for name in ("plain", "outline"):
-            settled(name)
-            shapes[name] = camera_structure(cam.frames[-8:], time.monotonic() - started)
+        for name in CONTROLLED:
+            if name == "warm":
+                outputs = list({f.tobytes(): f for f in cam.frames[-8:]}.values())
+            else:
+                outputs = settled(name)
+            colour[name] = outputs[-1].reshape(256, 256, 3).reshape(-1, 3).mean(0)
+            shapes[name] = structure(outputs)
+            shapes[f"{name}-off"] = structure(settled(f"{name}-off"))
     finally:
         daemon.stop()
+    print({k: round(v, 3) for k, v in shapes.items()})
+    warm, cool = colour["warm"], colour["cool"]
     assert warm[0] > warm[2] + 20, warm  # orange and brown
     assert cool[2] > cool[0] + 40, cool  # blue and navy
-    # At the presets' strength (0.8) the ControlNet keeps the camera's shapes in every style
-    # (the model alone paints blobs there: edge F1 ~0).
-    assert all(f1 >= DEMO_MIN_F1 for f1 in shapes.values()), shapes
+    # At the presets' strength (0.8) the ControlNet keeps the camera's shapes in every style;
+    # the same style with its ControlNet off paints blobs there.
+    for name in CONTROLLED:
+        on, off = shapes[name], shapes[f"{name}-off"]
+        assert on >= DEMO_MIN_F1, (name, on, off)
+        if name != "plain":
+            assert on >= off + DEMO_MIN_GAIN, (name, on, off)
+    # "plain" is the exception, measured and left as it is: at the demo's 256x256 the model
+    # alone keeps about as much of the camera's outlines as with the ControlNet (edge F1 on
+    # 0.11-0.18, off 0.10-0.19 in three runs; at the model's own 128x128 the ControlNet gives
+    # plain 0.40 against 0.0 off, tests/test_tiny_control.py), so its gain can not be told here.
 
 
-#: Least edge F1 of the demo's output against the camera (measured with the ControlNet: warm
-#: 0.32, cool 0.39, plain 0.11-0.2, outline 0.61; without it ~0 at this strength).
+#: The demo presets that use the ControlNet.
+CONTROLLED = ("warm", "cool", "plain", "outline")
+#: Least edge F1 of the demo's output against the camera (the median of the outputs after a
+#: switch), and its least gain over the same style with the ControlNet off. Measured in three
+#: runs (on / off): warm 0.28-0.40 / 0.0, cool 0.28-0.40 / 0.10-0.16, outline 0.28-0.55 / 0.0.
 DEMO_MIN_F1 = 0.08
+DEMO_MIN_GAIN = 0.12
+#: Seconds of the camera's scene an output is matched against (the output lags the camera).
+DEMO_LAG_S = 3.0
 
 
 def camera_structure(outputs: list[np.ndarray], elapsed: float) -> float:
-    """Best edge F1 of the last demo outputs (256x256 from the virtual camera) against the demo
-    camera's scene at the best-matching moment of the last ``elapsed`` seconds (the daemon's
-    clock and the output's lag are not known here, so every moment is tried)."""
+    """Median over the last demo outputs (256x256 from the virtual camera) of each one's edge F1
+    against the demo camera's scene at the best-matching moment of the last seconds (the
+    daemon's clock and the output's lag are not known here, so the moments of the last
+    ``DEMO_LAG_S`` are tried; the scene moves on loops of 5 s and more)."""
     import cv2
 
     from daemon.offline.quality import edge_f1, edge_map
@@ -221,11 +249,11 @@ def camera_structure(outputs: list[np.ndarray], elapsed: float) -> float:
     scene = random_scene(np.random.default_rng(7))  # the demo camera's
     sources = [
         edge_map(render(moving_scene(scene, t), "plain"))
-        for t in np.arange(0.0, elapsed + 0.5, 1 / 15)
+        for t in np.arange(max(0.0, elapsed - DEMO_LAG_S), elapsed + 0.1, 1 / 15)
     ]
-    best = 0.0
+    bests = []
     for output in outputs:
         small = cv2.resize(output.reshape(256, 256, 3), (SIZE, SIZE), interpolation=cv2.INTER_AREA)
         edges = edge_map(small)
-        best = max(best, *(edge_f1(edges, source) for source in sources))
-    return best
+        bests.append(max(edge_f1(edges, source) for source in sources))
+    return float(np.median(bests))

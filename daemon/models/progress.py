@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 log = logging.getLogger("streamv2v")
@@ -71,7 +72,10 @@ class Readiness:
     (k of n configurations, with an estimate from the ones done); None once the engine runs.
     """
 
-    def __init__(self, log_every_s: float = LOG_EVERY_S) -> None:
+    def __init__(
+        self, log_every_s: float = LOG_EVERY_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._clock = clock  # (monotonic seconds; a test's own clock times the rate exactly)
         self._lock = threading.Lock()
         self._state: dict[str, Any] | None = None
         self._samples: list[tuple[float, int]] = []
@@ -81,7 +85,7 @@ class Readiness:
 
     # ------------------------------------------------------------ download (DownloadProgress)
     def begin(self, total_bytes: int, files: int) -> None:
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             self._started, self._logged_at = now, now
             self._samples = [(now, 0)]
@@ -103,7 +107,7 @@ class Readiness:
                 self._state.update(file=name, file_index=index, file_bytes=size)
 
     def advance(self, nbytes: int) -> None:
-        now = time.monotonic()
+        now = self._clock()
         line = None
         with self._lock:
             st = self._state
@@ -128,7 +132,7 @@ class Readiness:
     def end(self) -> None:
         with self._lock:
             st = self._state
-            took = time.monotonic() - self._started
+            took = self._clock() - self._started
         if st is not None and st.get("phase") == "download":
             log.info("models: downloaded %s in %.0f s", human_bytes(st["bytes_done"]), took)
 
@@ -138,8 +142,8 @@ class Readiness:
             self._state = {"phase": "loading", "what": what}
 
     def compiling(self, done: int, total: int, started: float) -> None:
-        """``done`` of ``total`` configurations compiled since ``started`` (monotonic)."""
-        elapsed = time.monotonic() - started
+        """``done`` of ``total`` configurations compiled since ``started`` (on this clock)."""
+        elapsed = self._clock() - started
         eta = elapsed / done * (total - done) if done else None
         state = {
             "phase": "compiling",
