@@ -31,7 +31,7 @@ from torch import nn
 
 from streamv2v.errors import ModelLoadError
 
-_PARTS = ("unet", "text_encoder")
+_PARTS = ("unet", "text_encoder", "text_encoder_2")  # (the second: SDXL's)
 
 
 class LoraError(ModelLoadError):
@@ -58,15 +58,25 @@ class LoraWeights:
     source: str
     unet: dict[str, LowRank] = field(default_factory=dict)
     text_encoder: dict[str, LowRank] = field(default_factory=dict)
+    text_encoder_2: dict[str, LowRank] = field(default_factory=dict)  #: SDXL's second encoder
 
     @property
     def nbytes(self) -> int:
-        return sum(f.nbytes for part in (self.unet, self.text_encoder) for f in part.values())
+        return sum(f.nbytes for part in _PARTS for f in getattr(self, part).values())
+
+    @property
+    def has_text(self) -> bool:
+        """Weights for a text encoder (either of SDXL's two)."""
+        return bool(self.text_encoder or self.text_encoder_2)
 
 
 # --------------------------------------------------------------------------- reading files
 def read_lora_state(
-    source: str | os.PathLike, *, weight_name: str | None = None, allow_pickle: bool = False
+    source: str | os.PathLike,
+    *,
+    weight_name: str | None = None,
+    allow_pickle: bool = False,
+    unet_config: Mapping | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict]:
     """The LoRA's tensors with ``unet.``/``text_encoder.`` keys (kohya files converted by
     diffusers), its network alphas and its adapter metadata, on the CPU."""
@@ -81,6 +91,8 @@ def read_lora_state(
         raise LoraError(f"LoRA file not found: {name} (no such file or directory)")
     if weight_name:
         kwargs["weight_name"] = weight_name
+    if unet_config is not None:  # (maps SDXL's SGM block names, input_blocks_4_1..., too)
+        kwargs["unet_config"] = unet_config
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         kwargs["local_files_only"] = True
     target = str(path) if path.exists() else name
@@ -162,8 +174,6 @@ def lora_weights(
     parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in _PARTS}
     for key, value in state.items():
         part = next((p for p in _PARTS if key.startswith(f"{p}.")), None)
-        if key.startswith("text_encoder_2."):
-            raise LoraError(f"LoRA {source!r} is an SDXL LoRA (text_encoder_2): not for this model")
         if part is None:  # a bare peft file (save_lora_adapter): the UNet's
             part, key = "unet", f"unet.{key}"
         parts[part][key[len(part) + 1 :]] = value
@@ -174,7 +184,10 @@ def lora_weights(
             continue
         model = models.get(part)
         if model is None:
-            raise LoraError(f"LoRA {source!r} has {part} weights but the engine has no {part}")
+            sdxl = " (an SDXL LoRA: use it with an SDXL model)" if part == "text_encoder_2" else ""
+            raise LoraError(
+                f"LoRA {source!r} has {part} weights but the engine has no {part}{sdxl}"
+            )
         odd = [k for k in tensors if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
         if odd:
             raise LoraError(
@@ -209,7 +222,7 @@ def lora_weights(
                 up.to(device=param.device, dtype=param.dtype).contiguous(),
                 scale,
             )
-    if not out.unet and not out.text_encoder:
+    if not out.unet and not out.has_text:
         raise LoraError(f"LoRA {source!r} holds no LoRA weights")
     return out
 
@@ -245,8 +258,13 @@ def load_lora(
     allow_pickle: bool = False,
 ) -> LoraWeights:
     """Read a LoRA (file, folder or hub id) into factors on the models' device and dtype."""
+    unet = models.get("unet")
+    sgm = getattr(unet, "config", {}).get("addition_embed_type") == "text_time"
     state, alphas, meta = read_lora_state(
-        source, weight_name=weight_name, allow_pickle=allow_pickle
+        source,
+        weight_name=weight_name,
+        allow_pickle=allow_pickle,
+        unet_config=unet.config if sgm else None,  # SDXL kohya files name SGM blocks
     )
     return lora_weights(state, alphas, meta, models, str(source))
 
@@ -308,8 +326,13 @@ class _Patcher:
 class AdapterLibrary:
     """The style LoRAs of one engine: loaded once, switched in place by :meth:`set_loras`."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None = None) -> None:
-        self.models = {"unet": unet, "text_encoder": text_encoder}
+    def __init__(
+        self,
+        unet: nn.Module,
+        text_encoder: nn.Module | None = None,
+        text_encoder_2: nn.Module | None = None,
+    ) -> None:
+        self.models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
         self._loras: dict[str, LoraWeights] = {}
         self._patch = {part: _Patcher(model) for part, model in self.models.items()}
         self.active: dict[str, float] = {}  #: the UNet's LoRA set now (name -> scale)
@@ -391,17 +414,19 @@ class AdapterLibrary:
     def text_encoder_loras(self, scales: Mapping[str, float]) -> Iterator[None]:
         """The text encoder with these LoRAs' text-encoder weights applied (for encoding a
         preset's prompt), restored to its base afterwards."""
-        active = {n: s for n, s in scales.items() if s and self._loras[n].text_encoder}
+        active = {n: s for n, s in scales.items() if s and self._loras[n].has_text}
         try:
             if active:
-                self._apply("text_encoder", active)
+                for part in _PARTS[1:]:  # (both of SDXL's encoders)
+                    self._apply(part, active)
             yield
         finally:
             if active:
-                self._apply("text_encoder", {})
+                for part in _PARTS[1:]:
+                    self._apply(part, {})
 
     def has_text_encoder_weights(self, name: str) -> bool:
-        return bool(self._loras[name].text_encoder)
+        return self._loras[name].has_text
 
     # ------------------------------------------------------------------ memory
     def memory(self) -> dict[str, int]:

@@ -28,7 +28,13 @@ from streamv2v.config import ControlSpec
 from streamv2v.errors import ModelLoadError
 
 #: ControlNet config keys that must equal the UNet's for its residuals to fit.
-_MUST_MATCH = ("block_out_channels", "cross_attention_dim", "in_channels", "layers_per_block")
+_MUST_MATCH = (
+    "addition_embed_type",  # SD1.5/2.1 (None) or SDXL ("text_time"): the family
+    "block_out_channels",
+    "cross_attention_dim",
+    "in_channels",
+    "layers_per_block",
+)
 
 
 class ControlledUNet(torch.nn.Module):
@@ -49,7 +55,10 @@ class ControlledUNet(torch.nn.Module):
         encoder_hidden_states: torch.Tensor,
         control: Sequence[torch.Tensor],
         return_dict: bool = False,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor]:
+        # SDXL: the added conditions (pooled text, time ids) go to ControlNets and UNet alike.
+        extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
         for i, (net, image) in enumerate(zip(self.nets, control)):
@@ -60,6 +69,7 @@ class ControlledUNet(torch.nn.Module):
                 controlnet_cond=image,
                 conditioning_scale=self.scales[i],  # a 0-d device tensor: a write, no recompile
                 return_dict=False,
+                **extra,
             )
             if down is None:
                 down, mid = list(d), m
@@ -73,6 +83,7 @@ class ControlledUNet(torch.nn.Module):
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
             return_dict=False,
+            **extra,
         )
 
 
@@ -154,6 +165,7 @@ def load_control(
         return None
     from diffusers import ControlNetModel
 
+    from streamv2v.families import family_of_unet
     from streamv2v.loading import _load, _offline, refuse_pickle_only
     from streamv2v.preprocess import make_preprocessor
 
@@ -172,9 +184,11 @@ def load_control(
         for key in _MUST_MATCH:
             want, got = _plain(unet.config.get(key)), _plain(net.config.get(key))
             if want != got:
+                family = family_of_unet(unet.config).label
                 raise ModelLoadError(
                     f"ControlNet {spec.model!r} does not fit the model: its {key} is {got}, the "
-                    f"UNet's is {want}; use a ControlNet trained for this base model family"
+                    f"UNet's is {want}; use a ControlNet trained for this base model family "
+                    f"({family})"
                 )
         net.to(device=dev).eval().requires_grad_(False)
         nets.append(net)

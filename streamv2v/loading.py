@@ -12,6 +12,7 @@ import torch
 
 from streamv2v.config import LoraSpec
 from streamv2v.errors import ModelLoadError, UnsafeWeightsError
+from streamv2v.families import family_of_unet
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +124,17 @@ def load_components(
     dtype: torch.dtype,
     allow_pickle: bool = False,
 ) -> dict:
-    """UNet, VAE, text encoder, tokenizer and scheduler of an SD-family model, on ``device``.
+    """UNet, VAE, text encoder(s), tokenizer(s) and scheduler of an SD-family model (SD1.5/2.1,
+    or SDXL with its second encoder and tokenizer: streamv2v.families), on ``device``.
 
     The scheduler is always an :class:`~diffusers.LCMScheduler` built from the model's scheduler
     config (what the stream math needs). ``vae="model"`` keeps the model's own VAE; otherwise it is
-    a hub id or folder of an AutoencoderTiny (TAESD) or AutoencoderKL.
+    a hub id or folder of an AutoencoderTiny (TAESD) or AutoencoderKL; the default TAESD means
+    the family's own (TAESDXL for SDXL).
     """
     from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
     from diffusers.utils import logging as dlogging
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     dlogging.disable_progress_bar()
     name = str(model)
@@ -142,15 +145,19 @@ def load_components(
     diff_w = dict(weights, torch_dtype=dtype)
 
     unet = _load("UNet", name, UNet2DConditionModel.from_pretrained, subfolder="unet", **diff_w)
-    text_encoder = _load(
-        "text encoder",
-        name,
-        CLIPTextModel.from_pretrained,
-        subfolder="text_encoder",
-        dtype=dtype,
-        **weights,
-    )
-    tokenizer = _load("tokenizer", name, CLIPTokenizer.from_pretrained, subfolder="tokenizer")
+    family = family_of_unet(unet.config)
+    texts: dict = {}
+    for part, tok in zip(family.text_parts, family.tokenizer_parts):
+        # SDXL's second encoder projects its pooled output (CLIPTextModelWithProjection).
+        cls = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
+        label = part.replace("_", " ")
+        load = cls.from_pretrained
+        texts[part] = _load(label, name, load, subfolder=part, dtype=dtype, **weights)
+        tok_label = tok.replace("_", " ")
+        texts[tok] = _load(tok_label, name, CLIPTokenizer.from_pretrained, subfolder=tok)
+    if family.is_sdxl:
+        texts["force_zeros_for_empty_prompt"] = _force_zeros(name, common)
+    vae = family.vae_for(vae)
     sched_cfg = _load("scheduler", name, LCMScheduler.load_config, subfolder="scheduler", **common)
     scheduler = LCMScheduler.from_config(sched_cfg)
 
@@ -169,17 +176,23 @@ def load_components(
     if loras:
         fuse_loras(unet, loras, allow_pickle=allow_pickle)
 
-    for m in (unet, text_encoder, vae_model):
+    for m in (unet, vae_model, *(texts[p] for p in family.text_parts)):
         m.to(device=device)  # (already in dtype: loaded with it)
         m.eval()
         m.requires_grad_(False)
-    return {
-        "unet": unet,
-        "vae": vae_model,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": scheduler,
-    }
+    return {"unet": unet, "vae": vae_model, "scheduler": scheduler, **texts}
+
+
+def _force_zeros(name: str, common: dict) -> bool:
+    """SDXL pipelines' ``force_zeros_for_empty_prompt`` (model_index.json; diffusers' default:
+    True): an empty negative prompt is all zeros rather than the encoded empty string."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(name, **common)
+    except (OSError, ValueError):
+        return True
+    return bool(index.get("force_zeros_for_empty_prompt", True))
 
 
 def fuse_loras(unet, loras: tuple[LoraSpec, ...], *, allow_pickle: bool = False) -> None:
