@@ -166,6 +166,12 @@ def load_components(
         cfg = _load("VAE config", name, AutoencoderKL.load_config, subfolder="vae", **common)
         if cfg.get("_class_name") == "AutoencoderTiny":
             vae_cls = AutoencoderTiny
+        if cfg.get("force_upcast") and dtype == torch.float16 and family.fp16_vae:
+            raise ModelLoadError(
+                f"the {family.label} model {name!r}'s own VAE overflows in float16 (its config "
+                f"says force_upcast): use vae={family.fp16_vae!r} (the fp16-fix VAE) or the "
+                f"default tiny VAE ({family.tiny_vae})"
+            )
         vae_model = _load("VAE", name, vae_cls.from_pretrained, subfolder="vae", **diff_w)
     else:
         refuse_pickle_only(Path(vae).expanduser(), allow_pickle)

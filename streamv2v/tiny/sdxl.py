@@ -61,9 +61,9 @@ class Recipe:
     """Every number the training uses: the same recipe gives the same weights."""
 
     seed: int = 0
-    scenes: int = 1000
-    unet_steps: int = 2400
-    unet_batch: int = 32
+    scenes: int = 200
+    unet_steps: int = 600
+    unet_batch: int = 16
     lr: float = 1e-3
     translate: float = 0.6
     translate_t: tuple[int, int] = (250, 800)
@@ -161,9 +161,9 @@ def _train_unet(unet, encoders, tokenizer, scheduler, latents, recipe: Recipe, l
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
-        if step % 100 == 0 or step == recipe.unet_steps - 1:
-            log(f"unet step {step:5d}  loss {np.mean(losses[-100:]):.4f}")
-    return {"final_loss": float(np.mean(losses[-250:]))}
+        if step % 25 == 0 or step == recipe.unet_steps - 1:
+            log(f"unet step {step:5d}  loss {np.mean(losses[-25:]):.4f}")
+    return {"final_loss": float(np.mean(losses[-50:]))}
 
 
 def _model_card(figures: dict) -> str:
@@ -188,8 +188,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--unet-steps", type=int, default=Recipe.unet_steps)
     p.add_argument("--scenes", type=int, default=Recipe.scenes)
+    p.add_argument("--batch", type=int, default=Recipe.unet_batch)
     args = p.parse_args()
-    recipe = Recipe(seed=args.seed, unet_steps=args.unet_steps, scenes=args.scenes)
+    recipe = Recipe(
+        seed=args.seed, unet_steps=args.unet_steps, scenes=args.scenes, unet_batch=args.batch
+    )
     t0 = time.monotonic()
     figures = train(args.out, recipe, log=lambda m: print(f"[{time.monotonic() - t0:7.0f}s] {m}"))
     print(json.dumps(figures, indent=2))
