@@ -345,3 +345,37 @@ def test_sdxl_own_vae_in_float16_is_refused_with_the_fp16_fix_named(tiny_sdxl, t
         StreamV2V.from_pretrained(folder, config=cfg, device="cpu", dtype=torch.float16)
     engine = StreamV2V.from_pretrained(folder, config=cfg, device="cpu")  # float32: safe
     assert engine.vae.config.force_upcast
+
+
+def test_an_sdxl_controlnet_steers_the_tiny_sdxl_and_an_sd_controlnet_is_refused(
+    tiny_sdxl, tiny_model, tmp_path
+):
+    """diffusers' ControlNetModel with SDXL's added conditioning (text_embeds, time_ids given
+    to it as to the UNet): shapes kept, the scale matters, the stream batch equals sequential."""
+    from streamv2v import ModelLoadError
+    from streamv2v.testing import save_tiny_controlnet
+    from streamv2v.testing_sdxl import save_tiny_sdxl_controlnet
+
+    net = save_tiny_sdxl_controlnet(tmp_path / "xl-canny", tiny_sdxl)
+    clip = moving_clip(6)
+
+    def run(scale, **cfg):
+        spec = {"model": str(net), "preprocess": "canny", "scale": scale}
+        config = EngineConfig(vae="model", width=64, height=64, control=[spec], **cfg)
+        engine = StreamV2V.from_pretrained(tiny_sdxl, config=config, device="cpu")
+        engine.set_prompt(PROMPT)
+        return [engine(f, output_type="latent") for f in clip]
+
+    off = {"enabled": False}
+    on = run(1.0, steps=2, bank=off)
+    zero = run(0.0, steps=2, bank=off)
+    seq = run(1.0, steps=2, bank=off, stream_batch=False)
+    assert on[1].shape == (1, 4, 8, 8)
+    assert (on[-1] - zero[-1]).abs().max().item() > 1e-3  # the ControlNet steers
+    assert (on[-1] - seq[-2]).abs().max().item() <= 1e-4  # stream batch == sequential
+    sd_net = save_tiny_controlnet(tmp_path / "sd-canny", tiny_model)
+    spec = {"model": str(sd_net), "preprocess": "canny"}
+    with pytest.raises(ModelLoadError, match="SDXL"):
+        StreamV2V.from_pretrained(
+            tiny_sdxl, config=EngineConfig(vae="model", control=[spec]), device="cpu"
+        )
