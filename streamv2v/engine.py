@@ -136,6 +136,19 @@ class StreamV2V:
         control = load_control(config.control, parts["unet"], allow_pickle=allow_pickle)
         return cls(**parts, config=config, control=control)
 
+    def parts(self) -> dict[str, Any]:
+        """The loaded modules, as the constructor takes them (another engine on the same weights)."""
+        return {
+            "unet": self.unet,
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer,
+            "scheduler": self.scheduler,
+            "text_encoder_2": self.text_encoder_2,
+            "tokenizer_2": self.tokenizer_2,
+            "force_zeros_for_empty_prompt": self._force_zeros,
+        }
+
     @property
     def device(self) -> torch.device:
         return self.unet.device

@@ -106,3 +106,45 @@ def test_the_sdxl_demo_daemon_shows_its_styles_and_switches_presets(memory_vcam)
     assert warm[0] - warm[2] > cool[0] - cool[2] + 20, (warm, cool)
     assert back[0] - back[2] > cool[0] - cool[2] + 20, (back, cool)
     assert switch_s < 60
+
+
+@pytest.mark.slow
+def test_serve_runs_the_tiny_sdxl_for_a_remote_daemon_and_follows_a_switch(tmp_path):
+    """`streamv2v serve --model tiny-sdxl` in its own process; a daemon streams to it and
+    switches its presets (the SDXL engines share the served weights, both text encoders)."""
+    from test_daemon import wait_for
+    from test_remote import (
+        TOKEN,
+        ServeProcess,
+        free_port,
+        latest,
+        remote_config,
+        styled_now,
+        warmth,
+    )
+
+    from daemon.app import Daemon
+    from daemon.config import DaemonConfig
+    from daemon.control.api import call
+
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    server = ServeProcess(free_port(), token, "--model", TINY_SDXL)
+    try:
+        server.wait_ready(120)
+        data = remote_config(tmp_path, server.url, token, "warm")
+        data["engine"]["model"] = TINY_SDXL
+        data["engine"]["settings"].update({"width": SIZE, "height": SIZE, "strength": 0.5})
+        data["presets"]["bundled"] = "demo-sdxl"
+        daemon = Daemon(DaemonConfig.model_validate(data))
+        daemon.start()
+        try:
+            assert wait_for(lambda: styled_now(daemon), 60), daemon.status()
+            assert wait_for(lambda: warmth(latest(daemon).image) > 0, 20)
+            warm = warmth(latest(daemon).image)
+            call("POST", "/preset", {"name": "cool"}, control_file=daemon.config.control.token_file)
+            assert wait_for(lambda: warmth(latest(daemon).image) < warm - 15, 30)
+        finally:
+            daemon.stop()
+    finally:
+        server.kill()

@@ -64,7 +64,7 @@ class SharedModel:
         """An engine with its own stream state and bank on the shared weights."""
         w = self.weights
         config = config.model_copy(update={"vae": w.config.vae, "loras": w.config.loras})
-        engine = StreamV2V(w.unet, w.vae, w.text_encoder, w.tokenizer, w.scheduler, config)
+        engine = StreamV2V(**w.parts(), config=config)  # (SDXL: both text encoders too)
         engine.adapters = w.adapters  # one library (and one set of base copies) per weights
         self._active = engine  # its constructor installed its bank on the UNet
         return engine
