@@ -137,7 +137,7 @@ class StreamV2V:
         return cls(**parts, config=config, control=control)
 
     def parts(self) -> dict[str, Any]:
-        """The loaded modules, as the constructor takes them (another engine on the same weights)."""
+        """The loaded modules as the constructor takes them (another engine on these weights)."""
         return {
             "unet": self.unet,
             "vae": self.vae,
