@@ -131,7 +131,7 @@ def test_serve_runs_the_tiny_sdxl_for_a_remote_daemon_and_follows_a_switch(tmp_p
     token.write_text(TOKEN + "\n")
     server = ServeProcess(free_port(), token, "--model", TINY_SDXL)
     try:
-        server.wait_ready(120)
+        server.wait_ready(300)  # (loading takes minutes on a busy 2-core machine)
         data = remote_config(tmp_path, server.url, token, "warm")
         data["engine"]["model"] = TINY_SDXL
         data["engine"]["settings"].update({"width": SIZE, "height": SIZE, "strength": 0.5})
