@@ -57,8 +57,9 @@ def test_one_step_img2img_lands_closer_to_the_prompted_style():
     assert table["cool"]["cool"] * RATIO < table["cool"]["warm"], table
 
 
-#: How much closer an output is to its prompted style's render than to the other one's.
-RATIO = 1.3
+#: How much closer an output is to its prompted style's render than to the other one's
+#: (measured on the shipped model, 1 step at strength 0.5: warm 3.6x, cool 3.1x).
+RATIO = 2.5
 
 
 @pytest.mark.slow
