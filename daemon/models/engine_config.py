@@ -51,11 +51,11 @@ def engine_config(
         loras = ()
     elif loras is None:
         loras = (LoraSpec(id=DEFAULT_LORA, scale=1.0),) if model == DEFAULT_MODEL else ()
-    if model not in BUILTIN_MODELS and "vae" not in fields:
-        if settings is None or "vae" not in settings.model_fields_set:
-            family = model_family(model)
-            if family.is_sdxl:  # the default tiny VAE is the family's own: named, so fetched
-                fields["vae"] = family.tiny_vae
+    vae_set = "vae" in fields or (settings is not None and "vae" in settings.model_fields_set)
+    if model not in BUILTIN_MODELS and not vae_set:
+        family = model_family(model)
+        if family.is_sdxl:  # the default tiny VAE is the family's own: named, so fetched
+            fields["vae"] = family.tiny_vae
     fields["loras"] = tuple(LoraSpec.model_validate(spec) for spec in loras)
     base = {} if settings is None else settings.model_dump(exclude_unset=True)
     config = EngineConfig.model_validate({**base, **fields})
