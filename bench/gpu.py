@@ -357,6 +357,17 @@ def main() -> None:
     results["lora"] = lora_case(args, tiny, device, dtype)  # style LoRA switch costs
     print(f"  lora {results['lora']}", flush=True)
     results["mask"] = mask_cases(device, args.frames)
+    # The SDXL family (bench/sdxl.py): its UNet architecture at 512/768/1024, 1 step, bank
+    # off/on, eager; compiled at 512. After everything else: the budget cuts it first.
+    results["sdxl"] = []
+    if not args.quick and time.monotonic() < deadline + 120:
+        from sdxl import sdxl_cases
+
+        for sizes, compiled in (((512, 768, 1024), (False,)), ((512,), (True,))):
+            results["sdxl"] += sdxl_cases(
+                sizes, device, dtype, compiled=compiled, frames_n=min(args.frames, 30), warmup=3
+            )
+            dump()
     dump(rows, daemon)
     print(markdown(rows, daemon))
     print(f"person mask (ms p50/p95): {json.dumps(results['mask'])}")

@@ -231,9 +231,10 @@ class PresetsConfig(_Section):
     startup: str = Field(
         CONFIG_PRESET, description="Preset active at start; 'config' is the [engine] prompt."
     )
-    bundled: Literal["default", "demo"] = Field(
+    bundled: Literal["default", "demo", "demo-sdxl"] = Field(
         "default",
-        description="Which bundled set: the SD styles, or the built-in tiny style model's.",
+        description="Which bundled set: the SD styles, or the built-in tiny style model's "
+        "(demo), or the built-in tiny SDXL model's (demo-sdxl).",
     )
     reload_interval_s: float = Field(
         0.5, gt=0, le=2.0, description="How often preset files are checked for changes."

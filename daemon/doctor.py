@@ -101,9 +101,14 @@ def check_weights(config: DaemonConfig) -> Iterable[Check]:
         yield Check(OK, "model", "tiny: the built-in demo model (random weights, made locally)")
         return
     from daemon.models.needs import Need
+    from daemon.models.registry import model_family
 
+    family = model_family(engine.model)  # (SD1.5/SD2.1 or SDXL: its VAE and text encoders)
     pickle, vae = engine.allow_pickle, engine.settings.vae
-    yield _weights("model", Need(engine.model, "pipeline", vae == "model", None, pickle))
+    if "vae" not in engine.settings.model_fields_set:
+        vae = family.vae_for(vae)
+    found = _weights("model", Need(engine.model, "pipeline", vae == "model", None, pickle))
+    yield Check(found.status, found.name, f"{found.detail}; {family.label} family", found.fix)
     if vae == "model":
         yield Check(OK, "vae", "the model's own VAE")
     else:

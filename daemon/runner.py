@@ -26,8 +26,10 @@ from daemon.logs import setup_logging
 from daemon.models.registry import (
     TINY_CANNY,
     TINY_MODEL,
+    TINY_SDXL,
     TINY_STYLES,
     tiny_canny_available,
+    tiny_sdxl_dir,
     tiny_styles_available,
 )
 from daemon.styles.presets import UnknownPreset, config_preset
@@ -44,7 +46,17 @@ def apply_demo(config: DaemonConfig) -> tuple[DaemonConfig, list[str]]:
     data = config.model_dump()
     # A camera the user named (file or --set) wins over the generated one.
     own_camera = "source" in config.camera.model_fields_set
-    if tiny_styles_available():
+    sdxl = config.engine.model == TINY_SDXL and (tiny_sdxl_dir() / "model_index.json").is_file()
+    if sdxl:  # `--demo --model tiny-sdxl`: the SDXL family's tiny model on the same world
+        model, size, source, steps = TINY_SDXL, 128, "scene", 1
+        notes = [
+            "demo: camera -> a generated moving scene of simple shapes (no camera needed)",
+            "demo: model -> the built-in tiny SDXL model, trained on such scenes (no download):"
+            " presets plain, warm, cool and outline (hotkeys <ctrl>+<alt>+1..4, or `streamv2v "
+            "preset NAME`); it knows nothing else",
+        ]
+        data["presets"].update({"bundled": "demo-sdxl", "startup": "warm"})
+    elif tiny_styles_available():
         model, size, source, steps = TINY_STYLES, 128, "scene", 1
         notes = [
             "demo: camera -> a generated moving scene of simple shapes (no camera needed)",

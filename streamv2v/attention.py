@@ -124,10 +124,14 @@ class _ShapeRecorder:
 
 
 def self_attention_shapes(
-    unet: torch.nn.Module, latent_hw: tuple[int, int], embeds: torch.Tensor
+    unet: torch.nn.Module,
+    latent_hw: tuple[int, int],
+    embeds: torch.Tensor,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[int, int]]:
     """(tokens per frame, channels) of every self-attention layer at latent size ``latent_hw``,
     from one UNet pass on fake tensors (shapes only: no compute, no memory, any model size).
+    ``added_cond_kwargs``: SDXL's added conditions (any row count: the first row is used).
     Leaves plain SDPA processors installed."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -144,7 +148,10 @@ def self_attention_shapes(
         sample = torch.empty((1, c, *latent_hw), device=dev, dtype=dt)
         t = torch.zeros(1, dtype=torch.long, device=dev)
         text = torch.empty((1, *embeds.shape[1:]), device=dev, dtype=dt)
-        unet(sample, t, encoder_hidden_states=text, return_dict=False)
+        kw = {}
+        if added_cond_kwargs is not None:
+            kw["added_cond_kwargs"] = {k: v[:1] for k, v in added_cond_kwargs.items()}
+        unet(sample, t, encoder_hidden_states=text, return_dict=False, **kw)
     install_bank(unet, None)
     return shapes
 

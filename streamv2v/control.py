@@ -33,12 +33,25 @@ from streamv2v.config import ControlSpec
 from streamv2v.errors import ModelLoadError
 
 #: ControlNet config keys that must equal the UNet's for its residuals to fit.
-_MUST_MATCH = ("block_out_channels", "cross_attention_dim", "in_channels", "layers_per_block")
+_MUST_MATCH = (
+    "addition_embed_type",  # SD1.5/2.1 (None) or SDXL ("text_time"): the family
+    "block_out_channels",
+    "cross_attention_dim",
+    "in_channels",
+    "layers_per_block",
+)
 
 
 def _first(t: torch.Tensor, n: int) -> torch.Tensor:
     """The first ``n`` rows of ``t`` (a 0-d timestep as it is)."""
     return t if t.ndim == 0 or t.shape[0] == n else t[:n]
+
+
+def _added(added_cond_kwargs: dict[str, torch.Tensor] | None, n: int) -> dict:
+    """SDXL's added conditions for the first ``n`` rows (none for SD1.5/2.1)."""
+    if added_cond_kwargs is None:
+        return {}
+    return {"added_cond_kwargs": {k: _first(v, n) for k, v in added_cond_kwargs.items()}}
 
 
 class ControlledUNet(torch.nn.Module):
@@ -67,10 +80,12 @@ class ControlledUNet(torch.nn.Module):
         control: Sequence[torch.Tensor],
         return_dict: bool = False,
         cond_rows: int | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor]:
         """``cond_rows``: the first rows are conditional, the rest guidance's unconditional
         rows (None: all conditional). A guess-mode ControlNet runs on the conditional rows only
-        and adds nothing to the others, as diffusers' pipelines do."""
+        and adds nothing to the others, as diffusers' pipelines do. ``added_cond_kwargs``
+        (SDXL: pooled text, time ids) go to ControlNets and UNet alike."""
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
         rows = sample.shape[0]
@@ -84,6 +99,7 @@ class ControlledUNet(torch.nn.Module):
                 conditioning_scale=self.scales[i],  # a 0-d device tensor: a write, no recompile
                 guess_mode=self.guess[i],
                 return_dict=False,
+                **_added(added_cond_kwargs, n),
             )
             if n < rows:  # zero residuals on the unconditional rows
                 d = [torch.cat([r, r.new_zeros((rows - n, *r.shape[1:]))]) for r in d]
@@ -100,6 +116,7 @@ class ControlledUNet(torch.nn.Module):
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
             return_dict=False,
+            **_added(added_cond_kwargs, rows),
         )
 
 
@@ -186,6 +203,7 @@ def load_control(
         return None
     from diffusers import ControlNetModel
 
+    from streamv2v.families import family_of_unet
     from streamv2v.loading import _load, _offline, refuse_pickle_only
     from streamv2v.preprocess import make_preprocessor
 
@@ -204,9 +222,11 @@ def load_control(
         for key in _MUST_MATCH:
             want, got = _plain(unet.config.get(key)), _plain(net.config.get(key))
             if want != got:
+                family = family_of_unet(unet.config).label
                 raise ModelLoadError(
                     f"ControlNet {spec.model!r} does not fit the model: its {key} is {got}, the "
-                    f"UNet's is {want}; use a ControlNet trained for this base model family"
+                    f"UNet's is {want}; use a ControlNet trained for this base model family "
+                    f"({family})"
                 )
         net.to(device=dev).eval().requires_grad_(False)
         nets.append(net)

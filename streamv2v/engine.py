@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from streamv2v.adapters import AdapterLibrary
 from streamv2v.attention import install_bank, self_attention_shapes
 from streamv2v.bank import FeatureBank
+from streamv2v.calls import UNetCall, guidance_mode, plan_calls, write_embeds
 from streamv2v.compiled import (
     compile_enabled,
     compile_fn,
@@ -32,6 +32,7 @@ from streamv2v.compiled import (
 )
 from streamv2v.config import EngineConfig
 from streamv2v.control import ControlStream, load_control
+from streamv2v.families import family_of_unet
 from streamv2v.hostio import HostIO, frame_to_image
 from streamv2v.loading import default_device, default_dtype, load_components
 from streamv2v.similar import SimilarFilter
@@ -55,22 +56,6 @@ _PREPARED = (
 _KEPT_CONFIGS = 16
 
 
-@dataclass
-class _UNetCall:
-    """One UNet call of a frame: which schedule slots it denoises, with which conditioning rows.
-
-    Built once per configuration/prompt; the hot path only reads it.
-    """
-
-    slots: slice  #: schedule slots of the conditional rows
-    uncond_rows: slice | None  #: rows (relative to ``slots``) that also get an unconditional row
-    timesteps: torch.Tensor  #: [rows] long
-    embeds: torch.Tensor  #: [rows, tokens, dim]; rewritten in place when the prompt changes
-    bank_rows: slice  #: the feature bank's slots of this call's rows
-    row_steps: tuple[int, ...]  #: schedule step of each row (when it first holds a real frame)
-    control: list[torch.Tensor] | None = None  #: per ControlNet: the rows' control images
-
-
 class StreamV2V:
     """Real-time img2img on an SD-family model with StreamDiffusion-style stream batching."""
 
@@ -83,13 +68,27 @@ class StreamV2V:
         scheduler,
         config: EngineConfig | None = None,
         control: ControlStream | None = None,
+        *,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        force_zeros_for_empty_prompt: bool = True,
     ) -> None:
         self.unet, self.vae, self.control = unet, vae, control
         self.text_encoder, self.tokenizer, self.scheduler = text_encoder, tokenizer, scheduler
+        #: SD1.5/SD2.1 or SDXL (streamv2v.families), from the UNet's config.
+        self.family = family_of_unet(unet.config)
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        if self.family.is_sdxl and (text_encoder_2 is None or tokenizer_2 is None):
+            raise ValueError("an SDXL UNet needs text_encoder_2 and tokenizer_2 (its second CLIP)")
+        self._encoders = [e for e in (text_encoder, text_encoder_2) if e is not None]
+        self._tokenizers = [t for t in (tokenizer, tokenizer_2) if t is not None]
+        self._force_zeros = force_zeros_for_empty_prompt
         self.config = config or EngineConfig()
         self._latent_scale = float(getattr(vae.config, "scaling_factor", 1.0))
         #: Style LoRAs, switched in place by set_loras() (streamv2v.adapters).
-        self.adapters = AdapterLibrary(unet, text_encoder, lora_base=self.config.lora_base)
+        self.adapters = AdapterLibrary(
+            unet, text_encoder, text_encoder_2, lora_base=self.config.lora_base
+        )
         self._cond = self.encode_prompt("")
         self._uncond = self._cond
         self._io = HostIO(self.device)
@@ -138,6 +137,19 @@ class StreamV2V:
         )
         control = load_control(config.control, parts["unet"], allow_pickle=allow_pickle)
         return cls(**parts, config=config, control=control)
+
+    def parts(self) -> dict[str, Any]:
+        """The loaded modules as the constructor takes them (another engine on these weights)."""
+        return {
+            "unet": self.unet,
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer,
+            "scheduler": self.scheduler,
+            "text_encoder_2": self.text_encoder_2,
+            "tokenizer_2": self.tokenizer_2,
+            "force_zeros_for_empty_prompt": self._force_zeros,
+        }
 
     @property
     def device(self) -> torch.device:
@@ -211,7 +223,8 @@ class StreamV2V:
         """Every tensor and processor of a configuration, allocated once, at fixed addresses."""
         dev, dt = self.device, self.dtype
         self._schedule = make_schedule(self.scheduler, cfg.timestep_indices(), dev, dt)
-        self._calls = self._plan_calls()
+        self._guidance = guidance_mode(cfg)
+        self._calls = plan_calls(cfg, self._schedule, self.family, self._cond, self.unet.config)
         k = cfg.steps
         lat_hw = (cfg.height // 8, cfg.width // 8)
         lat_shape = (k, self.unet.config.in_channels, *lat_hw)
@@ -226,45 +239,20 @@ class StreamV2V:
         self.bank = FeatureBank(cfg.bank, rows, cfg.seed, dev) if cfg.bank.enabled else None
         if self.bank is not None:
             if lat_hw not in self._layer_shapes:
-                self._layer_shapes[lat_hw] = self_attention_shapes(self.unet, lat_hw, self._cond)
+                call = self._calls[0]
+                self._layer_shapes[lat_hw] = self_attention_shapes(
+                    self.unet, lat_hw, call.embeds[:1], call.unet_kwargs().get("added_cond_kwargs")
+                )
             self.bank.allocate(self._layer_shapes[lat_hw], dt)
         self.fusion_layers = install_bank(self.unet, self.bank)
         self._processors = dict(self.unet.attn_processors)
         if self.control is not None:
             self.control.allocate(self._calls, cfg.height, cfg.width)
         if self.compiled:
-            static = [self._x, *(t for c in self._calls for t in (c.timesteps, c.embeds))]
+            static = [self._x, *(t for c in self._calls for t in c.static_tensors())]
             static += self.control.static_tensors(self._calls) if self.control else []
             mark_static(static + (self.bank.tensors() if self.bank is not None else []))
         return {name: getattr(self, name) for name in _PREPARED}
-
-    def _plan_calls(self) -> list[_UNetCall]:
-        cfg, sched = self.config, self._schedule
-        # Guidance at scale <= 1 is the conditional prediction itself (the reference applies
-        # guidance only above 1): no unconditional rows, no stock noise.
-        self._guidance = cfg.guidance if cfg.guidance_scale > 1.0 else "none"
-        k, mode = cfg.steps, self._guidance
-        groups = [slice(0, k)] if cfg.stream_batch else [slice(s, s + 1) for s in range(k)]
-        calls, offset = [], 0
-        for slots in groups:
-            n = slots.stop - slots.start
-            if mode == "full":
-                uncond = slice(0, n)
-            elif mode == "initialize" and slots.start == 0:
-                uncond = slice(0, 1)
-            else:
-                uncond = None
-            t = sched.timesteps[slots]
-            steps = tuple(range(slots.start, slots.stop))
-            if uncond is not None:
-                t = torch.cat([t, t[uncond]])
-                steps += steps[uncond]
-            dim = self._cond.shape[1:]
-            embeds = torch.empty((t.shape[0], *dim), device=self.device, dtype=self.dtype)
-            rows = slice(offset, offset + len(steps))
-            offset = rows.stop
-            calls.append(_UNetCall(slots, uncond, t, embeds, rows, steps))
-        return calls
 
     def set_control_scales(self, scales: Any) -> None:
         """ControlNet scales from the next frame on: a list (one per ControlNet) or a table by
@@ -277,20 +265,14 @@ class StreamV2V:
     # ------------------------------------------------------------------ prompts
     @torch.inference_mode()
     def encode_prompt(self, prompt: str, loras: Mapping[str, float] | None = None) -> torch.Tensor:
-        """Text embeddings ``[1, tokens, dim]`` of ``prompt`` (one text-encoder call), with the
-        text-encoder weights of the loaded LoRAs ``loras`` (name -> scale) applied."""
+        """Text embeddings ``[1, tokens, dim]`` of ``prompt`` (one call per text encoder), with
+        the text-encoder weights of the loaded LoRAs ``loras`` (name -> scale) applied. SDXL:
+        both encoders' penultimate states, plus one row holding the pooled embedding
+        (streamv2v.families); an empty prompt is all zeros when the model forces zeros for an
+        empty prompt (SDXL's negative-prompt default)."""
         with self.adapters.text_encoder_loras(loras or {}):
-            return self._encode_text(prompt)
-
-    def _encode_text(self, prompt: str) -> torch.Tensor:
-        ids = self.tokenizer(
-            prompt,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)
-        return self.text_encoder(ids)[0].to(self.dtype)
+            out = self.family.encode(prompt, self._encoders, self._tokenizers, self.dtype)
+        return self.family.zeros_for_empty(prompt, out, self._force_zeros)
 
     def set_prompt(self, prompt: str, negative_prompt: str = "") -> None:
         """Encode the prompt once; every later frame reuses the embeddings."""
@@ -334,10 +316,7 @@ class StreamV2V:
 
     @torch.inference_mode()
     def _write_embeds(self) -> None:
-        for call in self._calls:
-            n = call.slots.stop - call.slots.start
-            call.embeds[:n].copy_(self._cond.expand(n, -1, -1))
-            call.embeds[n:].copy_(self._uncond.expand(call.embeds.shape[0] - n, -1, -1))
+        write_embeds(self._calls, self.family, self._cond, self._uncond)
 
     # ------------------------------------------------------------------ stream state
     @torch.inference_mode()
@@ -428,13 +407,15 @@ class StreamV2V:
                 xi = renoise(den, s.alpha[i.stop], self._beta_noise[i.stop : i.stop + 1])
         return den
 
-    def _predict(self, x: torch.Tensor, call: _UNetCall) -> torch.Tensor:
+    def _predict(self, x: torch.Tensor, call: UNetCall) -> torch.Tensor:
         """Model output for latents ``x`` at ``call``'s slots, with the configured guidance."""
         mode = self._guidance
         if self.bank is not None:
             self.bank.begin_call(call.bank_rows, self._fill_rows(call))
         rows = x if call.uncond_rows is None else torch.cat([x, x[call.uncond_rows]])
-        kw = {} if call.control is None else {"control": call.control, "cond_rows": x.shape[0]}
+        kw = call.unet_kwargs()
+        if call.control is not None:  # (guess-mode ControlNets: the conditional rows only)
+            kw["cond_rows"] = x.shape[0]
         out = self._unet_fn(
             rows, call.timesteps, encoder_hidden_states=call.embeds, return_dict=False, **kw
         )[0]
@@ -464,7 +445,7 @@ class StreamV2V:
             self._stock[0:1].copy_(self._noise[0:1])
         return pred
 
-    def _fill_rows(self, call: _UNetCall) -> tuple[int, ...]:
+    def _fill_rows(self, call: UNetCall) -> tuple[int, ...]:
         """Rows of ``call`` that hold a real frame for the first time since the reset (their bank
         starts as a copy of it). In stream-batch mode the slot of step i gets its first real
         frame at frame i; before that it only carries warm-up latents that are never output."""

@@ -12,6 +12,7 @@ import torch
 
 from streamv2v.config import LoraSpec
 from streamv2v.errors import ModelLoadError, UnsafeWeightsError
+from streamv2v.families import family_of_unet
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +113,17 @@ def load_components(
     dtype: torch.dtype,
     allow_pickle: bool = False,
 ) -> dict:
-    """UNet, VAE, text encoder, tokenizer and scheduler of an SD-family model, on ``device``.
+    """UNet, VAE, text encoder(s), tokenizer(s) and scheduler of an SD-family model (SD1.5/2.1,
+    or SDXL with its second encoder and tokenizer: streamv2v.families), on ``device``.
 
     The scheduler is always an :class:`~diffusers.LCMScheduler` built from the model's scheduler
     config (what the stream math needs). ``vae="model"`` keeps the model's own VAE; otherwise it is
-    a hub id or folder of an AutoencoderTiny (TAESD) or AutoencoderKL.
+    a hub id or folder of an AutoencoderTiny (TAESD) or AutoencoderKL; the default TAESD means
+    the family's own (TAESDXL for SDXL).
     """
     from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
     from diffusers.utils import logging as dlogging
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     dlogging.disable_progress_bar()
     name = str(model)
@@ -131,15 +134,19 @@ def load_components(
     diff_w = dict(weights, torch_dtype=dtype)
 
     unet = _load("UNet", name, UNet2DConditionModel.from_pretrained, subfolder="unet", **diff_w)
-    text_encoder = _load(
-        "text encoder",
-        name,
-        CLIPTextModel.from_pretrained,
-        subfolder="text_encoder",
-        dtype=dtype,
-        **weights,
-    )
-    tokenizer = _load("tokenizer", name, CLIPTokenizer.from_pretrained, subfolder="tokenizer")
+    family = family_of_unet(unet.config)
+    texts: dict = {}
+    for part, tok in zip(family.text_parts, family.tokenizer_parts):
+        # SDXL's second encoder projects its pooled output (CLIPTextModelWithProjection).
+        cls = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
+        label = part.replace("_", " ")
+        load = cls.from_pretrained
+        texts[part] = _load(label, name, load, subfolder=part, dtype=dtype, **weights)
+        tok_label = tok.replace("_", " ")
+        texts[tok] = _load(tok_label, name, CLIPTokenizer.from_pretrained, subfolder=tok)
+    if family.is_sdxl:
+        texts["force_zeros_for_empty_prompt"] = _force_zeros(name, common)
+    vae = family.vae_for(vae)
     sched_cfg = _load("scheduler", name, LCMScheduler.load_config, subfolder="scheduler", **common)
     scheduler = LCMScheduler.from_config(sched_cfg)
 
@@ -148,6 +155,12 @@ def load_components(
         cfg = _load("VAE config", name, AutoencoderKL.load_config, subfolder="vae", **common)
         if cfg.get("_class_name") == "AutoencoderTiny":
             vae_cls = AutoencoderTiny
+        if cfg.get("force_upcast") and dtype == torch.float16 and family.fp16_vae:
+            raise ModelLoadError(
+                f"the {family.label} model {name!r}'s own VAE overflows in float16 (its config "
+                f"says force_upcast): use vae={family.fp16_vae!r} (the fp16-fix VAE) or the "
+                f"default tiny VAE ({family.tiny_vae})"
+            )
         vae_model = _load("VAE", name, vae_cls.from_pretrained, subfolder="vae", **diff_w)
     else:
         refuse_pickle_only(Path(vae).expanduser(), allow_pickle)
@@ -156,19 +169,26 @@ def load_components(
         vae_model = _load("VAE", vae, vae_cls.from_pretrained, **diff_w)
 
     if loras:
-        fuse_loras({"unet": unet, "text_encoder": text_encoder}, loras, allow_pickle=allow_pickle)
+        parts = {"unet": unet, **{p: texts[p] for p in family.text_parts}}  # (SDXL: both)
+        fuse_loras(parts, loras, allow_pickle=allow_pickle)
 
-    for m in (unet, text_encoder, vae_model):
+    for m in (unet, vae_model, *(texts[p] for p in family.text_parts)):
         m.to(device=device)  # (already in dtype: loaded with it)
         m.eval()
         m.requires_grad_(False)
-    return {
-        "unet": unet,
-        "vae": vae_model,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": scheduler,
-    }
+    return {"unet": unet, "vae": vae_model, "scheduler": scheduler, **texts}
+
+
+def _force_zeros(name: str, common: dict) -> bool:
+    """SDXL pipelines' ``force_zeros_for_empty_prompt`` (model_index.json; diffusers' default:
+    True): an empty negative prompt is all zeros rather than the encoded empty string."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(name, **common)
+    except (OSError, ValueError):
+        return True
+    return bool(index.get("force_zeros_for_empty_prompt", True))
 
 
 def fuse_loras(models: dict, loras: tuple[LoraSpec, ...], *, allow_pickle: bool = False) -> None:

@@ -27,10 +27,14 @@ from dataclasses import dataclass, field
 Layers = Mapping[str, tuple[int, ...]]
 
 #: File prefixes of each model part: kohya/LyCORIS (underscored paths), then diffusers/peft.
-_KOHYA = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
-_KOHYA_OTHER = ("lora_te2_",)  # SDXL's second text encoder: no such part in an SD1.5 model
-_DOTTED = {"unet.": "unet", "text_encoder.": "text_encoder"}
-_DOTTED_OTHER = ("text_encoder_2.",)
+#: (SDXL's second text encoder: a part an SD1.5 model lacks, so none of its layers is found.)
+_KOHYA = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
+_DOTTED = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
 #: Old diffusers attention-processor names (``attn1.processor.to_q_lora``) -> the layer's.
 _OLD_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
 
@@ -83,8 +87,6 @@ def layers_of_header(header: Mapping[str, Mapping]) -> dict[str, tuple[int, ...]
 
 def _part_of(key: str) -> tuple[str | None, str]:
     """(model part, the key without its part prefix); part None: a part this model lacks."""
-    if key.startswith(_KOHYA_OTHER + _DOTTED_OTHER):
-        return None, key
     for prefix, part in (*_KOHYA.items(), *_DOTTED.items()):
         if key.startswith(prefix):
             return part, key[len(prefix) :]

@@ -142,7 +142,8 @@ def test_the_preflight_refuses_a_locon_preset_that_does_not_fit_before_reading_i
         raise AssertionError("a LoRA file was read")
 
     monkeypatch.setattr(adapters, "load_lora", no_reading)
-    monkeypatch.setattr(adapters, "read_lora_state", no_reading)
+    monkeypatch.setattr(adapters.reader, "read_file", no_reading)  # (the tensors' reader)
+    monkeypatch.setattr(adapters.files, "read_file", no_reading)
     model = str(tiny_model)
     floor = EngineConfig(vae="model", width=64, height=64, steps=1, bank={"enabled": False})
     base = estimate_for(model, floor, 2)

@@ -11,9 +11,11 @@ from daemon.config import DEFAULT_LORA, DEFAULT_MODEL
 from daemon.models.registry import (
     BUILTIN_MODELS,
     TINY_CANNY,
+    TINY_SDXL,
     TINY_STYLES,
     TINY_STYLES_SIZE,
     control_location,
+    model_family,
 )
 
 if TYPE_CHECKING:
@@ -40,7 +42,7 @@ def engine_config(
     from streamv2v import EngineConfig, LoraSpec
 
     fields = {name: value for name, value in options.items() if value is not None}
-    if size is None and settings is None and model == TINY_STYLES:
+    if size is None and settings is None and model in (TINY_STYLES, TINY_SDXL):
         size = (TINY_STYLES_SIZE, TINY_STYLES_SIZE)  # the size it was trained at
     if size is not None:
         fields["width"], fields["height"] = size
@@ -49,6 +51,11 @@ def engine_config(
         loras = ()
     elif loras is None:
         loras = (LoraSpec(id=DEFAULT_LORA, scale=1.0),) if model == DEFAULT_MODEL else ()
+    vae_set = "vae" in fields or (settings is not None and "vae" in settings.model_fields_set)
+    if model not in BUILTIN_MODELS and not vae_set:
+        family = model_family(model)
+        if family.is_sdxl:  # the default tiny VAE is the family's own: named, so fetched
+            fields["vae"] = family.tiny_vae
     fields["loras"] = tuple(LoraSpec.model_validate(spec) for spec in loras)
     base = {} if settings is None else settings.model_dump(exclude_unset=True)
     config = EngineConfig.model_validate({**base, **fields})

@@ -30,6 +30,7 @@ from streamv2v.lora_memory import (
 _MODEL_FILES = {
     "unet": ("unet", "diffusion_pytorch_model.safetensors"),
     "text_encoder": ("text_encoder", "model.safetensors"),
+    "text_encoder_2": ("text_encoder_2", "model.safetensors"),  # (SDXL's second)
 }
 #: The file names diffusers looks for in a LoRA folder or repo when none is named.
 _DEFAULT_NAMES = ("pytorch_lora_weights.safetensors",)

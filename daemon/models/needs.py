@@ -26,8 +26,10 @@ from daemon.errors import UserError
 
 #: Components of an SD pipeline repository that the engine loads (vae only when "model").
 PIPELINE_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+#: The SDXL family's second text encoder and tokenizer (streamv2v.families.SDXL).
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
 #: Parts whose folder must hold weights.
-_WEIGHT_PARTS = ("unet", "text_encoder", "vae", "")
+_WEIGHT_PARTS = ("unet", "text_encoder", "text_encoder_2", "vae", "")
 _CONFIG_SUFFIXES = (".json", ".txt", ".model")
 _WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 _PICKLE_SUFFIX = ".bin"
@@ -117,6 +119,8 @@ def select_files(need: Need, files: Mapping[str, int | None]) -> list[str]:
     chosen: list[str] = []
     if need.kind == "pipeline":
         parts = PIPELINE_PARTS + (("vae",) if need.own_vae else ())
+        if any(f.startswith("text_encoder_2/") for f in files):  # SDXL: its second CLIP too
+            parts += SDXL_PARTS
         # Not read by the loader (it loads each part on its own), but it says what the folder
         # is: fetched when listed, not required (a cache filled part by part lacks it).
         if "model_index.json" in files:

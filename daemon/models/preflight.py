@@ -20,13 +20,14 @@ from typing import Any
 
 from daemon.models.lora_sizes import LoraSizer, read_header, with_lora_bytes
 from streamv2v import EngineConfig, LoraSpec
+from streamv2v.families import family_of_unet
 from streamv2v.lora_memory import LoraMemory
 from streamv2v.memory import MemoryNeed, UNetLayout, config_changes, estimate_memory, fitting, gib
 
 log = logging.getLogger("streamv2v")
 
 #: The parts the engine loads from a model folder (the VAE may come from elsewhere).
-_PARTS = ("unet", "text_encoder")
+_PARTS = ("unet", "text_encoder", "text_encoder_2")  # (the second: SDXL's; absent: 0)
 _BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
@@ -76,9 +77,11 @@ def estimate_for(
     root = folder_of(model, "unet/config.json")
     if root is None:
         return None
-    layout = UNetLayout.from_config(_json(root / "unet" / "config.json"))
+    unet_config = _json(root / "unet" / "config.json")
+    layout = UNetLayout.from_config(unet_config)
     params = sum(safetensors_params(root / part) for part in _PARTS)
-    vae = root / "vae" if config.vae == "model" else folder_of(config.vae, "config.json")
+    vae_name = family_of_unet(unet_config).vae_for(config.vae)  # (SDXL: TAESDXL by default)
+    vae = root / "vae" if vae_name == "model" else folder_of(vae_name, "config.json")
     vae_channels = 64  # TAESD's, when its folder is not on disk (it is a few MB)
     if vae is not None and (vae / "config.json").is_file():
         params += safetensors_params(vae)

@@ -25,7 +25,15 @@ TINY_MODEL = "tiny"
 #: The tiny model TRAINED on synthetic scenes in four styles, shipped with the package: the
 #: embedded default where no real model is at hand (see streamv2v/tiny/styles.py).
 TINY_STYLES = "tiny-styles"
-BUILTIN_MODELS = (TINY_MODEL, TINY_STYLES)
+#: The tiny SDXL-family model TRAINED on the same scenes (streamv2v/tiny/sdxl.py), shipped too.
+TINY_SDXL = "tiny-sdxl"
+BUILTIN_MODELS = (TINY_MODEL, TINY_STYLES, TINY_SDXL)
+#: SDXL-family pipelines the README's recipes name: their family (and so their VAE, TAESDXL)
+#: is known before anything is downloaded. Other models: from their model_index.json.
+SDXL_MODELS = (
+    "stabilityai/sdxl-turbo",
+    "stabilityai/stable-diffusion-xl-base-1.0",
+)
 #: The tiny canny ControlNet TRAINED for the style model, shipped with the package (see
 #: streamv2v/tiny/control.py): a control model name, resolved like the built-in models.
 TINY_CANNY = "tiny-canny"
@@ -89,6 +97,35 @@ def tiny_canny_available() -> bool:
     return (tiny_canny_dir() / "config.json").is_file()
 
 
+def tiny_sdxl_dir() -> Path:
+    """The trained tiny SDXL-family model shipped inside the package."""
+    from importlib import resources
+
+    return Path(str(resources.files("streamv2v"))) / "models" / TINY_SDXL
+
+
+def model_family(model: str):
+    """The family (streamv2v.families) of ``model``: from its ``model_index.json`` when it is on
+    disk (a folder, a built-in model, or a hub id in the cache), else from the known names;
+    SD1.5/SD2.1 when unknown (the loader reads the UNet's config and knows for sure)."""
+    import json
+
+    from huggingface_hub import try_to_load_from_cache
+
+    from streamv2v.families import SD, SDXL, family_of_index
+
+    if model in SDXL_MODELS or model == TINY_SDXL:
+        return SDXL
+    index = Path(model).expanduser() / "model_index.json"
+    if not index.is_file() and model.count("/") == 1:
+        cached = try_to_load_from_cache(model, "model_index.json")
+        index = Path(cached) if isinstance(cached, str) else index
+    try:
+        return family_of_index(json.loads(index.read_text()))
+    except (OSError, ValueError):
+        return SD
+
+
 def control_location(model: str) -> str:
     """What to hand to ControlNetModel.from_pretrained for a control ``model`` name: the
     built-in ``tiny-canny`` is the package's folder; any other name is a hub id or a folder."""
@@ -105,6 +142,14 @@ def control_location(model: str) -> str:
 
 def model_location(model: str) -> str:
     """What to hand to from_pretrained for ``model``; builds the tiny model when asked for."""
+    if model == TINY_SDXL:
+        if not (tiny_sdxl_dir() / "model_index.json").is_file():
+            raise UserError(
+                f"the built-in SDXL model is missing from this installation ({tiny_sdxl_dir()}):"
+                " reinstall streamv2v, or train one with `python -m streamv2v.tiny.sdxl --out "
+                "DIR` and pass that folder as the model"
+            )
+        return str(tiny_sdxl_dir())
     if model == TINY_STYLES:
         if not tiny_styles_available():
             raise UserError(

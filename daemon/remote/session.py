@@ -84,9 +84,8 @@ class SharedModel:
         w = self.weights
         config = config.model_copy(update={"vae": w.config.vae, "loras": w.config.loras})
         control = self.controls.acquire(owner, config.control)
-        parts = (w.unet, w.vae, w.text_encoder, w.tokenizer, w.scheduler)
-        try:
-            engine = StreamV2V(*parts, config, control=control)
+        try:  # (SDXL: both text encoders too)
+            engine = StreamV2V(**w.parts(), config=config, control=control)
         except Exception:
             self.controls.release(owner)
             raise

@@ -155,7 +155,7 @@ def config_preset(prompt: str, negative_prompt: str) -> Preset:
 def bundled_presets_dir(which: str = "default") -> Path:
     """The presets installed with the package: the default set, or the demo model's."""
     folder = Path(str(resources.files("presets")))
-    return folder / "demo" if which == "demo" else folder
+    return folder / which if which in ("demo", "demo-sdxl") else folder
 
 
 @dataclass

@@ -20,14 +20,17 @@ from streamv2v.adapters.files import LoraError
 
 #: The model parts a file may adapt, by key prefix. kohya/LyCORIS: ``lora_unet_<flat path>``;
 #: diffusers/peft: ``<part>.<module path>`` (a file with no part prefix is the UNet's). A second
-#: text encoder (SDXL) is one more entry in each ("lora_te1_"/"lora_te2_", "text_encoder_2").
-KOHYA_PARTS: dict[str, str] = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
-PEFT_PARTS: tuple[str, ...] = ("unet", "text_encoder")
+#: text encoder (SDXL) is one more entry in each ("lora_te1_"/"lora_te2_", "text_encoder_2"); an
+#: engine without that part (SD1.5) refuses such a file, naming the family.
+KOHYA_PARTS: dict[str, str] = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
+PEFT_PARTS: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")
 #: Keys of parts no engine of this kind has (named in the refusal).
 FOREIGN_PARTS: dict[str, str] = {
-    "lora_te1_": "an SDXL LoRA (two text encoders)",
-    "lora_te2_": "an SDXL LoRA (two text encoders)",
-    "text_encoder_2.": "an SDXL LoRA (two text encoders)",
     "lora_transformer_": "a LoRA for a transformer model (SD3/Flux)",
     "transformer.": "a LoRA for a transformer model (SD3/Flux)",
 }

@@ -49,12 +49,17 @@ class AdapterLibrary:
         self,
         unet: nn.Module,
         text_encoder: nn.Module | None = None,
+        text_encoder_2: nn.Module | None = None,
         *,
         lora_base: LoraBase = "auto",
         headroom_bytes: int | None = None,
     ) -> None:
         #: The model parts (a second text encoder is one more entry).
-        self.models: dict[str, nn.Module | None] = {"unet": unet, "text_encoder": text_encoder}
+        self.models: dict[str, nn.Module | None] = {
+            "unet": unet,
+            "text_encoder": text_encoder,
+            "text_encoder_2": text_encoder_2,  # (SDXL's second; None elsewhere)
+        }
         self.lora_base: LoraBase = lora_base
         #: Device memory free for base copies (None: unknown); "auto" reads it.
         self.headroom_bytes = headroom_bytes

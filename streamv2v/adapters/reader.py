@@ -82,7 +82,10 @@ def lora_weights(file: LoraFile, models: Mapping[str, nn.Module | None]) -> Lora
     for (part, key), tensors in sorted(groups.items()):
         model = models.get(part)
         if model is None:
-            raise LoraError(f"LoRA {source!r} has {part} weights but the engine has no {part}")
+            sdxl = " (an SDXL LoRA: use it with an SDXL model)" if part == "text_encoder_2" else ""
+            raise LoraError(
+                f"LoRA {source!r} has {part} weights but the engine has no {part}{sdxl}"
+            )
         layer = reader.layer_name(model, key)
         module = _module(model, part, layer, key, source)
         assert layer is not None
