@@ -146,7 +146,7 @@ def test_stream_batch_equals_sequential_on_sdxl(tiny_sdxl, guidance):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
-def test_three_hundred_float16_frames_with_the_bank_on_sdxl_blocks(tiny_sdxl):
+def test_three_hundred_float16_frames_with_the_bank_on_sdxl_blocks(tiny_sdxl, one_torch_thread):
     cfg = {"steps": 2, "width": 64, "height": 64, "guidance": "self", "guidance_scale": 1.2}
     cfg["bank"] = {"interval": 1}
     engine = make_engine(tiny_sdxl, torch.float16, **cfg)
