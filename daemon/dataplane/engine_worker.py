@@ -134,13 +134,16 @@ class EngineWorker:
             model_location(cfg.model), config, cfg.device, cfg.dtype, captured, loras,
             lora_base=config.lora_base,
         )  # fmt: skip
-        engine = StreamV2V.from_pretrained(
-            model_location(cfg.model),
-            config=config,
-            device=cfg.device,
-            dtype=dtype,
-            allow_pickle=cfg.allow_pickle,
-        )
+        from daemon.models.load_lock import LOAD_LOCK
+
+        with LOAD_LOCK:  # (one load at a time in a process: see load_lock)
+            engine = StreamV2V.from_pretrained(
+                model_location(cfg.model),
+                config=config,
+                device=cfg.device,
+                dtype=dtype,
+                allow_pickle=cfg.allow_pickle,
+            )
         adapters = getattr(engine, "adapters", None)  # (a remote engine keeps its own)
         if adapters is not None and headroom is not None:  # "auto": host when the device is short
             adapters.set_lora_base(config.lora_base, headroom)

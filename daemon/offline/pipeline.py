@@ -21,6 +21,7 @@ from tqdm import tqdm
 from daemon.dataplane.video import VideoReader, VideoWriter, check_output_path
 from daemon.errors import PROG, UserError
 from daemon.models.engine_config import engine_config
+from daemon.models.load_lock import LOAD_LOCK
 from daemon.models.registry import model_location
 
 if TYPE_CHECKING:
@@ -37,9 +38,10 @@ def load_engine(
     # Loading can take a while (a first download, or the hub's retries when offline): say so.
     print(f"{PROG}: loading model {model}", file=sys.stderr, flush=True)
     try:
-        engine = StreamV2V.from_pretrained(
-            location, config=config, device=device, allow_pickle=allow_pickle
-        )
+        with LOAD_LOCK:  # (one load at a time in a process: see load_lock)
+            engine = StreamV2V.from_pretrained(
+                location, config=config, device=device, allow_pickle=allow_pickle
+            )
     except UnsafeWeightsError as err:
         raise UserError(f"{err} (pass --allow-pickle to load them anyway)") from None
     except ModelLoadError as err:

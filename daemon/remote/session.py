@@ -69,13 +69,16 @@ class SharedModel:
         cls, model: str, config: EngineConfig, device: str | None, dtype: Any, allow_pickle: bool
     ) -> SharedModel:
         """Load ``model`` with ``config``'s VAE and LoRAs (what every session runs on)."""
-        weights = StreamV2V.from_pretrained(
-            model,
-            config=config.model_copy(update={"control": ()}),  # (ControlNets: per session)
-            device=device,
-            dtype=dtype,
-            allow_pickle=allow_pickle,
-        )
+        from daemon.models.load_lock import LOAD_LOCK
+
+        with LOAD_LOCK:  # (one load at a time in a process: see load_lock)
+            weights = StreamV2V.from_pretrained(
+                model,
+                config=config.model_copy(update={"control": ()}),  # (ControlNets: per session)
+                device=device,
+                dtype=dtype,
+                allow_pickle=allow_pickle,
+            )
         return cls(weights, allow_pickle=allow_pickle)
 
     def new_engine(self, config: EngineConfig, owner: int) -> StreamV2V:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from daemon.models.load_lock import LOAD_LOCK
 from streamv2v import ControlSpec
 
 log = logging.getLogger("streamv2v.serve")
@@ -108,7 +109,8 @@ class ControlShelf:
 
         # The net alone (its preprocessor is the shelf's own, shared per settings).
         alone = spec.model_copy(update={"preprocess": "image", "depth_model": None})
-        net = load_control([alone], self.unet, allow_pickle=self.allow_pickle).nets[0]
+        with LOAD_LOCK:  # (one load at a time in a process: see load_lock)
+            net = load_control([alone], self.unet, allow_pickle=self.allow_pickle).nets[0]
         log.info("ControlNet %s loaded: %.1f MB", spec.model, module_bytes(net) / 1e6)
         return net
 
@@ -116,9 +118,10 @@ class ControlShelf:
         from streamv2v.preprocess import make_preprocessor
 
         u = self.unet
-        return make_preprocessor(
-            spec, device=u.device, dtype=u.dtype, allow_pickle=self.allow_pickle
-        )
+        with LOAD_LOCK:  # (a depth model is a from_pretrained too)
+            return make_preprocessor(
+                spec, device=u.device, dtype=u.dtype, allow_pickle=self.allow_pickle
+            )
 
     def figures(self) -> dict[str, Any]:
         """What is loaded, its bytes and how many sessions use it (/health, /metrics)."""
