@@ -28,9 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamv2v.scenes import STYLES, random_scene, render
-from streamv2v.tiny.lora import TARGETS
-from streamv2v.tiny.styles import _lr, to_tensor
+from streamv2v.tiny.lora import TARGETS, train_adapter, write_figures
 
 #: The trigger prompt of the demo LoHa.
 NOIR_PROMPT = "a black-and-white scene"
@@ -105,92 +103,22 @@ def loha_config(rank: int):
 
 def train(model: Path, out: Path, recipe: LohaRecipe, log=print) -> dict:
     """Train the noir LoHa on the tiny style model at ``model``; write it to ``out``."""
-    from diffusers import AutoencoderTiny, LCMScheduler, UNet2DConditionModel
     from peft import inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
-    from transformers import CLIPTextModel, CLIPTokenizer
 
-    torch.set_num_threads(recipe.threads)
-    torch.manual_seed(recipe.seed)
-    rng = np.random.default_rng(recipe.seed)
-    f32 = {"torch_dtype": torch.float32}
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **f32)
-    vae = AutoencoderTiny.from_pretrained(model, subfolder="vae", **f32)
-    text_encoder = CLIPTextModel.from_pretrained(
-        model, subfolder="text_encoder", dtype=torch.float32
+    def add(unet: torch.nn.Module) -> None:
+        inject_adapter_in_model(loha_config(recipe.rank), unet)
+
+    unet, losses = train_adapter(
+        model, recipe, NOIR_PROMPT, noir, add, name="loha", warmup=10, log_every=10, log=log
     )
-    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-    scheduler = LCMScheduler.from_pretrained(model, subfolder="scheduler")
-    for m in (unet, vae, text_encoder):
-        m.requires_grad_(False).eval()
-
-    with torch.no_grad():
-        ids = tokenizer(
-            NOIR_PROMPT,
-            padding="max_length",
-            max_length=77,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        hidden = text_encoder(ids)[0]
-        scale = float(vae.config.scaling_factor)
-        scenes = [random_scene(rng) for _ in range(recipe.scenes)]
-        styles = list(STYLES)
-        lat = []
-        for start in range(0, len(scenes), 32):
-            chunk = scenes[start : start + 32]
-            images = []
-            for s in chunk:
-                plain = render(s, "plain", recipe.size)
-                images += [render(s, st, recipe.size) for st in styles] + [noir(plain)]
-            z = vae.encode(to_tensor(images)).latents * scale
-            lat.append(z.view(len(chunk), len(styles) + 1, *z.shape[1:]))
-        latents = torch.cat(lat)  # [scenes, 5 (4 styles + noir), 4, h, w]
-
-    inject_adapter_in_model(loha_config(recipe.rank), unet)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
-    alphas = scheduler.alphas_cumprod.float()
-    unet.train()
-    n, b, losses = latents.shape[0], recipe.batch, []
-    for step in range(recipe.steps):
-        scene = torch.from_numpy(rng.integers(0, n, b))
-        source = torch.from_numpy(rng.integers(0, 5, b))  # any style, noir itself included
-        lo, hi = recipe.translate_t
-        t = torch.from_numpy(rng.integers(lo, hi, b))
-        z_src, z_tgt = latents[scene, source], latents[scene, 4]
-        noise = torch.from_numpy(rng.standard_normal(z_src.shape).astype(np.float32))
-        ab = alphas[t].view(-1, 1, 1, 1)
-        x_t = ab.sqrt() * z_src + (1 - ab).sqrt() * noise
-        eps = (x_t - ab.sqrt() * z_tgt) / (1 - ab).sqrt()  # its x0 estimate: the noir
-        pred = unet(x_t, t, encoder_hidden_states=hidden.expand(b, -1, -1)).sample
-        snr = ab / (1 - ab)
-        weight = torch.clamp(snr, max=5.0) / snr
-        loss = (weight * (pred - eps) ** 2).mean()
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, recipe.steps, recipe.lr, warmup=10)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if step % 10 == 0 or step == recipe.steps - 1:
-            log(f"loha step {step:5d}  loss {np.mean(losses[-50:]):.4f}")
     state = kohya_state(get_peft_model_state_dict(unet), alpha=recipe.rank)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "loha"}'}
     save_file(state, str(out), metadata=metadata)
-    figures = {
-        "recipe": recipe.__dict__ | {"translate_t": list(recipe.translate_t)},
-        "prompt": NOIR_PROMPT,
-        "final_loss": float(np.mean(losses[-50:])),
-        "bytes": out.stat().st_size,
-    }
-    out.chmod(0o644)  # (safetensors writes 0600; the file ships in the package)
-    out.with_suffix(".json").write_text(json.dumps(figures, indent=2) + "\n")
-    return figures
+    return write_figures(out, recipe, NOIR_PROMPT, losses)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,12 +65,24 @@ class LoraRecipe:
     threads: int = 2
 
 
-def train(model: Path, out: Path, recipe: LoraRecipe, log=print) -> dict:
-    """Train the sepia LoRA on the tiny style model at ``model``; write it to ``out``."""
+def train_adapter(
+    model: Path,
+    recipe,
+    prompt: str,
+    look: Callable[[np.ndarray], np.ndarray],
+    add_adapter: Callable[[torch.nn.Module], None],
+    *,
+    name: str,
+    warmup: int,
+    log_every: int,
+    log=print,
+) -> tuple[torch.nn.Module, list[float]]:
+    """Train an adapter that ``add_adapter`` puts on the tiny style model's UNet (at ``model``,
+    frozen) to translate any of the four styles into ``look`` of the plain render under
+    ``prompt``; returns the UNet with its trained adapter and the losses. ``recipe``: seed,
+    scenes, steps, batch, lr, translate_t, threads (and size, the renders' px, if it has one).
+    The recipe of the demo's sepia LoRA and noir LoHa (:mod:`streamv2v.tiny.loha`)."""
     from diffusers import AutoencoderTiny, LCMScheduler, UNet2DConditionModel
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
     from transformers import CLIPTextModel, CLIPTokenizer
 
     torch.set_num_threads(recipe.threads)
@@ -85,10 +98,11 @@ def train(model: Path, out: Path, recipe: LoraRecipe, log=print) -> dict:
     scheduler = LCMScheduler.from_pretrained(model, subfolder="scheduler")
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False).eval()
+    size = {"size": recipe.size} if hasattr(recipe, "size") else {}
 
     with torch.no_grad():
         ids = tokenizer(
-            SEPIA_PROMPT, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
         ).input_ids
         hidden = text_encoder(ids)[0]
         scale = float(vae.config.scaling_factor)
@@ -99,16 +113,13 @@ def train(model: Path, out: Path, recipe: LoraRecipe, log=print) -> dict:
             chunk = scenes[start : start + 32]
             images = []
             for s in chunk:
-                plain = render(s, "plain")
-                images += [render(s, st) for st in styles] + [sepia(plain)]
+                plain = render(s, "plain", **size)
+                images += [render(s, st, **size) for st in styles] + [look(plain)]
             z = vae.encode(to_tensor(images)).latents * scale
             lat.append(z.view(len(chunk), len(styles) + 1, *z.shape[1:]))
-        latents = torch.cat(lat)  # [scenes, 5 (4 styles + sepia), 4, h, w]
+        latents = torch.cat(lat)  # [scenes, 5 (4 styles + the look), 4, h, w]
 
-    unet.add_adapter(
-        LoraConfig(r=recipe.rank, lora_alpha=recipe.rank, init_lora_weights="gaussian",
-                   target_modules=TARGETS)
-    )  # fmt: skip
+    add_adapter(unet)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     alphas = scheduler.alphas_cumprod.float()
@@ -116,27 +127,58 @@ def train(model: Path, out: Path, recipe: LoraRecipe, log=print) -> dict:
     n, b, losses = latents.shape[0], recipe.batch, []
     for step in range(recipe.steps):
         scene = torch.from_numpy(rng.integers(0, n, b))
-        source = torch.from_numpy(rng.integers(0, 5, b))  # any style, sepia itself included
+        source = torch.from_numpy(rng.integers(0, 5, b))  # any style, the look itself included
         lo, hi = recipe.translate_t
         t = torch.from_numpy(rng.integers(lo, hi, b))
         z_src, z_tgt = latents[scene, source], latents[scene, 4]
         noise = torch.from_numpy(rng.standard_normal(z_src.shape).astype(np.float32))
         ab = alphas[t].view(-1, 1, 1, 1)
         x_t = ab.sqrt() * z_src + (1 - ab).sqrt() * noise
-        eps = (x_t - ab.sqrt() * z_tgt) / (1 - ab).sqrt()  # its x0 estimate is the sepia render
+        eps = (x_t - ab.sqrt() * z_tgt) / (1 - ab).sqrt()  # its x0 estimate is the look's render
         pred = unet(x_t, t, encoder_hidden_states=hidden.expand(b, -1, -1)).sample
         snr = ab / (1 - ab)
         weight = torch.clamp(snr, max=5.0) / snr
         loss = (weight * (pred - eps) ** 2).mean()
         for group in opt.param_groups:
-            group["lr"] = _lr(step, recipe.steps, recipe.lr, warmup=50)
+            group["lr"] = _lr(step, recipe.steps, recipe.lr, warmup=warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
-        if step % 50 == 0 or step == recipe.steps - 1:
-            log(f"lora step {step:5d}  loss {np.mean(losses[-50:]):.4f}")
+        if step % log_every == 0 or step == recipe.steps - 1:
+            log(f"{name} step {step:5d}  loss {np.mean(losses[-50:]):.4f}")
+    return unet, losses
+
+
+def write_figures(out: Path, recipe, prompt: str, losses: list[float]) -> dict:
+    """The shipped file readable by all (safetensors writes 0600) and its figures beside it."""
+    figures = {
+        "recipe": recipe.__dict__ | {"translate_t": list(recipe.translate_t)},
+        "prompt": prompt,
+        "final_loss": float(np.mean(losses[-50:])),
+        "bytes": out.stat().st_size,
+    }
+    out.chmod(0o644)
+    out.with_suffix(".json").write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+def train(model: Path, out: Path, recipe: LoraRecipe, log=print) -> dict:
+    """Train the sepia LoRA on the tiny style model at ``model``; write it to ``out``."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    def add(unet: torch.nn.Module) -> None:
+        unet.add_adapter(
+            LoraConfig(r=recipe.rank, lora_alpha=recipe.rank, init_lora_weights="gaussian",
+                       target_modules=TARGETS)
+        )  # fmt: skip
+
+    unet, losses = train_adapter(
+        model, recipe, SEPIA_PROMPT, sepia, add, name="lora", warmup=50, log_every=50, log=log
+    )
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in
              get_peft_model_state_dict(unet).items()}  # fmt: skip
     out = Path(out)
@@ -144,15 +186,7 @@ def train(model: Path, out: Path, recipe: LoraRecipe, log=print) -> dict:
     StableDiffusionLoraLoaderMixin.save_lora_weights(
         out.parent, unet_lora_layers=state, weight_name=out.name, safe_serialization=True
     )
-    figures = {
-        "recipe": recipe.__dict__ | {"translate_t": list(recipe.translate_t)},
-        "prompt": SEPIA_PROMPT,
-        "final_loss": float(np.mean(losses[-50:])),
-        "bytes": out.stat().st_size,
-    }
-    out.chmod(0o644)  # (safetensors writes 0600; the file ships in the package)
-    out.with_suffix(".json").write_text(json.dumps(figures, indent=2) + "\n")
-    return figures
+    return write_figures(out, recipe, SEPIA_PROMPT, losses)
 
 
 def main() -> None:
