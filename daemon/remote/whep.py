@@ -22,7 +22,6 @@ import secrets
 from aiohttp import web
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 
-from daemon.remote.protocol import MAX_OFFER_BYTES
 from daemon.remote.relay import ENCODERS, PacketTrack
 from daemon.remote.whip import (
     CORS,
@@ -34,8 +33,8 @@ from daemon.remote.whip import (
     first_line,
     offer_problem,
     problem,
+    read_offer,
     sent_codec,
-    video_direction,
 )
 
 log = logging.getLogger("streamv2v.serve")
@@ -133,18 +132,14 @@ class WhepEndpoints:
         refusal = await offer_problem(request)
         if refusal is not None:
             return refusal
-        try:
-            sdp = await request.text()
-        except web.HTTPRequestEntityTooLarge:
-            return problem(413, f"offer larger than {MAX_OFFER_BYTES} bytes")
-        except UnicodeDecodeError:
-            return problem(400, "the offer is not UTF-8 text")
-        try:
-            direction = video_direction(sdp)
-        except Exception as err:  # aiortc's parser on text that is no SDP
-            return problem(400, f"unusable SDP offer ({first_line(err)})")
-        if direction not in ("recvonly", "sendrecv"):
-            return problem(400, "a WHEP offer must receive video (a recvonly video transceiver)")
+        offer = await read_offer(
+            request,
+            ("recvonly", "sendrecv"),
+            "a WHEP offer must receive video (a recvonly video transceiver)",
+        )
+        if isinstance(offer, web.Response):
+            return offer
+        sdp, _ = offer
         viewer = Viewer(session)
         session.viewers[viewer.id] = viewer
         try:

@@ -266,18 +266,14 @@ class WhipEndpoints:
             preset = self.presets.default if name is None else self.presets.get(name)
         except UnknownPreset as err:
             return problem(400, str(err))
-        try:
-            sdp = await request.text()  # bounded by the application's client_max_size
-        except web.HTTPRequestEntityTooLarge:
-            return problem(413, f"offer larger than {MAX_OFFER_BYTES} bytes")
-        except UnicodeDecodeError:
-            return problem(400, "the offer is not UTF-8 text")
-        try:
-            direction = video_direction(sdp)
-        except Exception as err:  # aiortc's parser on text that is no SDP
-            return problem(400, f"unusable SDP offer ({first_line(err)})")
-        if direction not in ("sendonly", "sendrecv"):
-            return problem(400, "the offer must send video (a sendonly or sendrecv video track)")
+        offer = await read_offer(
+            request,
+            ("sendonly", "sendrecv"),
+            "the offer must send video (a sendonly or sendrecv video track)",
+        )
+        if isinstance(offer, web.Response):
+            return offer
+        sdp, direction = offer
         number = next(self.server._numbers)
         session = WhipSession(self.server, number, self)
         session.wants_back = direction == "sendrecv"
@@ -384,6 +380,26 @@ async def offer_problem(request: web.Request) -> web.Response | None:
     if request.content_length is not None and request.content_length > MAX_OFFER_BYTES:
         return problem(413, f"offer larger than {MAX_OFFER_BYTES} bytes")
     return None
+
+
+async def read_offer(
+    request: web.Request, wanted: tuple[str, ...], wrong: str
+) -> tuple[str, str] | web.Response:
+    """(the offer's SDP, its video direction), or the 4xx answer: 413 past the bound, 400 for
+    text that is not UTF-8 or no SDP, 400 (``wrong``) for a direction not in ``wanted``."""
+    try:
+        sdp = await request.text()  # bounded by the application's client_max_size
+    except web.HTTPRequestEntityTooLarge:
+        return problem(413, f"offer larger than {MAX_OFFER_BYTES} bytes")
+    except UnicodeDecodeError:
+        return problem(400, "the offer is not UTF-8 text")
+    try:
+        direction = video_direction(sdp)
+    except Exception as err:  # aiortc's parser on text that is no SDP
+        return problem(400, f"unusable SDP offer ({first_line(err)})")
+    if direction not in wanted:
+        return problem(400, wrong)
+    return sdp, direction
 
 
 async def _json_name(request: web.Request) -> str | web.Response:
