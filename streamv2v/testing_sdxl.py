@@ -119,19 +119,9 @@ def save_tiny_sdxl_model(path: str | Path, *, seed: int = 0) -> Path:
 
 
 def save_tiny_sdxl_controlnet(path: str | Path, model: str | Path, *, seed: int = 0) -> Path:
-    """An SDXL ControlNet for the tiny SDXL (``ControlNetModel.from_unet``: SDXL's added
-    conditioning included), with random zero convolutions so it really steers the UNet."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    """An SDXL ControlNet for the tiny SDXL: the tiny model's recipe
+    (:func:`streamv2v.testing.save_tiny_controlnet`), whose ``ControlNetModel.from_unet`` of
+    an SDXL UNet carries SDXL's added conditioning."""
+    from streamv2v.testing import save_tiny_controlnet
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
-    with torch.no_grad():
-        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
-            conv.weight.normal_(0.0, 0.05)
-            conv.bias.normal_(0.0, 0.05)
-        for conv in net.controlnet_cond_embedding.modules():
-            if isinstance(conv, torch.nn.Conv2d):
-                conv.weight.normal_(0.0, (2.0 / conv.weight[0].numel()) ** 0.5)
-    net.save_pretrained(path)
-    return Path(path)
+    return save_tiny_controlnet(path, model, seed=seed)
