@@ -15,9 +15,6 @@ from streamv2v.families import SDXL
 from streamv2v.scenes import SIZE, STYLES, random_scene, render
 
 MODEL = tiny_sdxl_dir()
-pytestmark = pytest.mark.skipif(
-    not (MODEL / "model_index.json").is_file(), reason="the tiny SDXL model is not shipped"
-)
 
 
 def engine(**cfg) -> StreamV2V:
