@@ -2,7 +2,8 @@
 127.0.0.1 with the runtime cyndilib bundles; discovery through NDI_CONFIG_DIR's extra IPs).
 
     python tests/ndi_peer.py send NAME SECONDS R G B   frames of one colour, 20 per second
-    python tests/ndi_peer.py recv NAME SECONDS         prints {"frames", "size", "mean"} (JSON)
+    python tests/ndi_peer.py recv NAME SECONDS [N]     prints {"frames", "size", "mean"} (JSON),
+                                                       once N frames came (or SECONDS passed)
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def send(name: str, seconds: float, colour: tuple[int, int, int]) -> None:
             time.sleep(max(0.0, due - time.monotonic()))
 
 
-def recv(name: str, seconds: float) -> None:
+def recv(name: str, seconds: float, want: int | None = None) -> None:
     from daemon.dataplane.ndi import open_ndi
 
     capture = None
@@ -49,7 +50,7 @@ def recv(name: str, seconds: float) -> None:
     while capture is None and time.monotonic() < end:
         capture = open_ndi(f"ndi:{name}")
     frames, size, mean = 0, None, None
-    while capture is not None and time.monotonic() < end:
+    while capture is not None and time.monotonic() < end and (want is None or frames < want):
         ok, bgr = capture.read()
         if ok:
             frames += 1
@@ -66,4 +67,4 @@ if __name__ == "__main__":
     if role == "send":
         send(name, seconds, tuple(int(v) for v in sys.argv[4:7]))
     else:
-        recv(name, seconds)
+        recv(name, seconds, int(sys.argv[4]) if len(sys.argv) > 4 else None)

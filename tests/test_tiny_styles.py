@@ -183,17 +183,27 @@ def test_the_demo_daemon_shows_the_style_switch(memory_vcam, tmp_path):
     daemon.start()
     cam = memory_vcam.instances[-1]
 
+    def styled_frames(count: int) -> None:
+        styled = daemon.output.kinds["styled"]
+        assert wait_for(lambda: daemon.output.kinds["styled"] >= styled + count, 60), (
+            daemon.status()
+        )
+
     def settled(name: str) -> list[np.ndarray]:
-        """Switch to ``name``; the distinct outputs of the next 4 styled frames after it."""
+        """Switch to ``name``; the distinct outputs of 5 styled frames once 3 more have passed
+        (the first outputs after a switch still carry the last style's bank and stock noise)."""
         daemon.select_preset(name, "test")
         assert wait_for(lambda: daemon.engine.applied.name == name, 30)
         assert wait_for(lambda: not daemon.engine.switching, 60)
-        styled, mark = daemon.output.kinds["styled"], len(cam.frames)
-        assert wait_for(lambda: daemon.output.kinds["styled"] > styled + 4, 60), daemon.status()
+        styled_frames(3)
+        mark = len(cam.frames)
+        styled_frames(5)
         return list({f.tobytes(): f for f in cam.frames[mark:]}.values())
 
     def structure(outputs: list[np.ndarray]) -> float:
-        return camera_structure(outputs, time.monotonic() - started)
+        # The outputs lag the camera by the daemon's latency (seconds on a loaded CI box).
+        worst = (daemon.output.latency_ms.pct(100) or 0.0) / 1000
+        return camera_structure(outputs, time.monotonic() - started, max(DEMO_LAG_S, 1.5 * worst))
 
     shapes, colour = {}, {}
     try:
@@ -222,7 +232,8 @@ def test_the_demo_daemon_shows_the_style_switch(memory_vcam, tmp_path):
             assert on >= off + DEMO_MIN_GAIN, (name, on, off)
     # "plain" is the exception, measured and left as it is: at the demo's 256x256 the model
     # alone keeps about as much of the camera's outlines as with the ControlNet (edge F1 on
-    # 0.11-0.18, off 0.10-0.19 in three runs; at the model's own 128x128 the ControlNet gives
+    # 0.21-0.26, off 0.16-0.19 in three runs beside a busy core; 0.076 was seen in CI when the
+    # outputs were taken right after the switch; at the model's own 128x128 the ControlNet gives
     # plain 0.40 against 0.0 off, tests/test_tiny_control.py), so its gain can not be told here.
 
 
@@ -230,18 +241,20 @@ def test_the_demo_daemon_shows_the_style_switch(memory_vcam, tmp_path):
 CONTROLLED = ("warm", "cool", "plain", "outline")
 #: Least edge F1 of the demo's output against the camera (the median of the outputs after a
 #: switch), and its least gain over the same style with the ControlNet off. Measured in three
-#: runs (on / off): warm 0.28-0.40 / 0.0, cool 0.28-0.40 / 0.10-0.16, outline 0.28-0.55 / 0.0.
+#: runs (on / off): warm 0.28-0.40 / 0.0, cool 0.28-0.40 / 0.10-0.16, outline 0.28-0.55 / 0.0;
+#: beside a busy core, settled (2026-12-07): warm 0.34-0.36 / 0.0, cool 0.31-0.32 / 0.05-0.12,
+#: outline 0.39-0.40 / 0.0.
 DEMO_MIN_F1 = 0.08
 DEMO_MIN_GAIN = 0.12
 #: Seconds of the camera's scene an output is matched against (the output lags the camera).
 DEMO_LAG_S = 3.0
 
 
-def camera_structure(outputs: list[np.ndarray], elapsed: float) -> float:
+def camera_structure(outputs: list[np.ndarray], elapsed: float, lag_s: float = DEMO_LAG_S) -> float:
     """Median over the last demo outputs (256x256 from the virtual camera) of each one's edge F1
     against the demo camera's scene at the best-matching moment of the last seconds (the
     daemon's clock and the output's lag are not known here, so the moments of the last
-    ``DEMO_LAG_S`` are tried; the scene moves on loops of 5 s and more)."""
+    ``lag_s`` are tried; the scene moves on loops of 5 s and more)."""
     import cv2
 
     from daemon.offline.quality import edge_f1, edge_map
@@ -249,7 +262,7 @@ def camera_structure(outputs: list[np.ndarray], elapsed: float) -> float:
     scene = random_scene(np.random.default_rng(7))  # the demo camera's
     sources = [
         edge_map(render(moving_scene(scene, t), "plain"))
-        for t in np.arange(max(0.0, elapsed - DEMO_LAG_S), elapsed + 0.1, 1 / 15)
+        for t in np.arange(max(0.0, elapsed - lag_s), elapsed + 0.1, 1 / 15)
     ]
     bests = []
     for output in outputs:
