@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from long_run_helpers import encode_each_image_once
 from pydantic import ValidationError
 
 from streamv2v import ControlSpec, EngineConfig, ModelLoadError, StreamV2V, UnsafeWeightsError
@@ -223,6 +224,7 @@ def test_500_frames_in_float16_with_control_and_bank_stay_finite_and_alive(
     engine = make(tiny_model, controlnet, dtype=torch.float16, steps=2, bank={"interval": 2})
     assert engine.dtype == torch.float16 and engine.control.nets[0].dtype == torch.float16
     frames = scenes(16, seed=4)
+    encoded = encode_each_image_once(engine)  # 16 distinct frames (tests/long_run_helpers.py)
     peak = 0.0
     for i in range(500):
         if i in (150, 300):  # live scale changes along the way
@@ -231,6 +233,7 @@ def test_500_frames_in_float16_with_control_and_bank_stay_finite_and_alive(
         if out is not None:
             peak = max(peak, out.abs().max().item())
     assert np.isfinite(peak) and peak < 20, f"latents reached {peak}"
+    assert len(encoded) == 16
     # Alive: two different inputs still give outputs as far apart as on a fresh stream.
     a, b = frames[0], 255 - frames[0]
 

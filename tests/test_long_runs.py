@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from long_run_helpers import encode_each_image_once, moving_clip, texture
 
 from streamv2v import BankConfig, EngineConfig, StreamV2V
 from streamv2v.bank import merge_tokens
@@ -23,22 +24,6 @@ def make_engine(model, dtype=torch.float32, **cfg) -> StreamV2V:
     engine = StreamV2V.from_pretrained(model, config=config, device="cpu", dtype=dtype)
     engine.set_prompt("the cat and the dog", negative_prompt="a blurry photo")
     return engine
-
-
-def texture(h: int, w: int, blur: float, seed: int = 3) -> np.ndarray:
-    """A smooth random RGB texture (Gaussian low-pass of white noise), uint8."""
-    rng = np.random.default_rng(seed)
-    z = rng.standard_normal((h, w, 3))
-    fy, fx = np.fft.fftfreq(h)[:, None, None], np.fft.fftfreq(w)[None, :, None]
-    gain = np.exp(-(fx**2 + fy**2) * (2 * np.pi * blur) ** 2 / 2)
-    t = np.real(np.fft.ifft2(np.fft.fft2(z, axes=(0, 1)) * gain, axes=(0, 1)))
-    return np.clip(128 + 60 * (t - t.mean()) / t.std(), 0, 255).astype(np.uint8)
-
-
-def moving_clip(n: int, size: int = 96) -> list[np.ndarray]:
-    """A texture panning 2 px a frame (wrapping), so every frame differs from the last."""
-    tex = texture(size, 2 * n + size, blur=4)
-    return [np.ascontiguousarray(tex[:, 2 * i : 2 * i + size]) for i in range(n)]
 
 
 # ------------------------------------------------------------------------- residual CFG
@@ -132,12 +117,14 @@ def test_five_hundred_frames_stay_finite_bounded_and_follow_the_input(
     cfg = {"steps": 2, "guidance": guidance, "guidance_scale": 1.2, "stream_batch": stream_batch}
     cfg["bank"] = {"enabled": guidance not in ("self", "initialize")}
     engine = make_engine(tiny_model, dtype, **cfg)
-    clip = moving_clip(500)
+    clip = moving_clip(500, period=50)  # 50 distinct frames, each encoded once (see the helper)
+    encoded = encode_each_image_once(engine)
     peak = 0.0
     for f in clip:
         x = engine(f, output_type="latent")
         if x is not None:
             peak = max(peak, x.abs().max().item())
+    assert len(encoded) == 50
     assert torch.isfinite(engine._stock).all() and engine._stock.abs().max().item() < 50
     assert np.isfinite(peak) and peak < 20, f"latents reached {peak}"
     # Still following the input: two different inputs give outputs as far apart as they do on a
@@ -195,8 +182,9 @@ def test_merge_of_thousands_of_identical_tokens_is_finite_and_exact_in_float16()
 def test_three_hundred_frames_of_merging_banks_stay_finite(tiny_model, dtype, mode):
     """Many merges in a row (interval 1) on a flat-ish scene, in both precisions."""
     engine = make_engine(tiny_model, dtype, steps=2, bank=BankConfig(mode=mode, interval=1))
+    encode_each_image_once(engine)
     flat = np.full((96, 96, 3), 120, np.uint8)
-    clip = [flat] * 150 + moving_clip(150)
+    clip = [flat] * 150 + moving_clip(150, period=50)
     for f in clip:
         x = engine(f, output_type="latent")
     assert torch.isfinite(x).all()

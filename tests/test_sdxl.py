@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from long_run_helpers import encode_each_image_once
 
 from streamv2v import EngineConfig, StreamV2V
 from streamv2v.families import SD, SDXL, family_of_index, family_of_unet
@@ -115,13 +116,16 @@ def test_one_frame_bank_off_equals_diffusers_sdxl_img2img(tiny_sdxl, steps, scal
 
 
 # ------------------------------------------------------------------------- the stream on SDXL
-def moving_clip(n: int, size: int = 64, seed: int = 5) -> list[np.ndarray]:
-    """A smooth texture panning 2 px a frame, so every frame differs from the last."""
+def moving_clip(n: int, size: int = 64, seed: int = 5, period: int | None = None) -> list:
+    """A smooth texture panning 2 px a frame, so every frame differs from the last (starting
+    over every ``period`` frames)."""
+    period = period or n
     rng = np.random.default_rng(seed)
-    z = rng.standard_normal((size // 8, (2 * n + size) // 8, 3))
+    z = rng.standard_normal((size // 8, (2 * period + size) // 8, 3))
     tex = np.kron(z, np.ones((8, 8, 1)))
     tex = np.clip(128 + 50 * tex, 0, 255).astype(np.uint8)
-    return [np.ascontiguousarray(tex[:, 2 * i : 2 * i + size]) for i in range(n)]
+    starts = [2 * (i % period) for i in range(n)]
+    return [np.ascontiguousarray(tex[:, x : x + size]) for x in starts]
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -155,7 +159,8 @@ def test_three_hundred_float16_frames_with_the_bank_on_sdxl_blocks(tiny_sdxl, on
     # mid block's by the name rule.
     assert any(".transformer_blocks.1.attn1" in n for n in layers), layers
     assert engine.fusion_layers and all("mid_block" in n for n in engine.fusion_layers)
-    clip = moving_clip(300)
+    clip = moving_clip(300, period=48)  # 48 distinct frames, each encoded once (the helper)
+    encoded = encode_each_image_once(engine)
     peak, fused = 0.0, []
     for f in clip:
         x = engine(f, output_type="latent")
@@ -163,6 +168,7 @@ def test_three_hundred_float16_frames_with_the_bank_on_sdxl_blocks(tiny_sdxl, on
             peak = max(peak, x.abs().max().item())
             fused.append(engine.stats()["fused_fraction"])
     assert np.isfinite(peak) and peak < 20, f"latents reached {peak}"
+    assert len(encoded) == 48
     assert torch.isfinite(engine._stock).all()
     for group in engine.bank._groups:
         assert torch.isfinite(group.storage).all()
