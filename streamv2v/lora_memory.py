@@ -23,6 +23,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from streamv2v.sgm_names import sgm_name, sgm_prefixes
+
 #: A model part's layers: layer name -> its weight's shape.
 Layers = Mapping[str, tuple[int, ...]]
 
@@ -64,15 +66,19 @@ class LoraMemory:
 
 
 def layer_index(layers: Layers) -> dict[str, str]:
-    """Every name a file may give a layer (dotted, kohya's underscored; ``text_model.``, which
-    transformers 4 files have and transformers 5 models do not, dropped) -> its name."""
+    """Every name a file may give a layer (dotted, kohya's underscored, a UNet's original SGM
+    name underscored; ``text_model.``, which transformers 4 files have and transformers 5
+    models do not, dropped) -> its name."""
     index: dict[str, str] = {}
-    for name, shape in layers.items():
-        if len(shape) not in (2, 4):  # Linear and Conv2d weights only
-            continue
+    kept = [name for name, shape in layers.items() if len(shape) in (2, 4)]  # Linear, Conv2d
+    prefixes = sgm_prefixes(kept)
+    for name in kept:
         plain = name.removeprefix("text_model.")
         index[plain] = name
         index[plain.replace(".", "_")] = name
+        original = sgm_name(name, prefixes) if prefixes else None
+        if original is not None:  # a UNet's layer by its SGM name (kohya's SDXL files)
+            index[original.replace(".", "_")] = name
     return index
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from long_run_helpers import encode_each_image_once
+from lora_helpers import TARGETS
 
 from streamv2v import EngineConfig, StreamV2V
 from streamv2v.families import SD, SDXL, family_of_index, family_of_unet
@@ -222,14 +223,28 @@ def test_memory_estimate_counts_both_text_encoders_and_the_bank_of_every_sdxl_bl
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
-def write_kohya_sdxl(path, unet, te1, te2, seed=0):
-    """A kohya/CivitAI SDXL LoRA (``lora_unet_``, ``lora_te1_``, ``lora_te2_`` keys, alphas)."""
+#: LoCon's further UNet layers: down/upsamplers, shortcuts, time embedding projections.
+LOCON_TARGETS = [*TARGETS, "conv", "conv_shortcut", "time_emb_proj", "conv_in", "conv_out"]
+
+
+def write_kohya_sdxl(path, unet, te1, te2, seed=0, sgm=False):
+    """A kohya/CivitAI SDXL LoRA (``lora_unet_``, ``lora_te1_``, ``lora_te2_`` keys, alphas);
+    ``sgm``: the UNet's layers by their original names, as kohya's sd-scripts writes SDXL files
+    (``lora_unet_input_blocks_4_1_...``), LoCon layers included."""
     from lora_helpers import lora_factors
     from safetensors.torch import save_file
 
+    from streamv2v.sgm_names import sgm_name, sgm_prefixes
+
     tensors = {}
+    unet_factors = lora_factors(unet, seed=seed, targets=LOCON_TARGETS if sgm else TARGETS)
+    if sgm:
+        prefixes = sgm_prefixes(unet_factors["factors"])
+        unet_factors["factors"] = {
+            sgm_name(layer, prefixes): f for layer, f in unet_factors["factors"].items()
+        }
     parts = (
-        ("lora_unet_", lora_factors(unet, seed=seed)),
+        ("lora_unet_", unet_factors),
         ("lora_te1_", lora_factors(te1, seed=seed + 1, targets=TE_TARGETS)),
         ("lora_te2_", lora_factors(te2, seed=seed + 2, targets=TE_TARGETS)),
     )
@@ -245,19 +260,35 @@ def write_kohya_sdxl(path, unet, te1, te2, seed=0):
     return path
 
 
+@pytest.mark.parametrize("sgm", [False, True], ids=["diffusers-names", "sgm-names"])
 def test_kohya_sdxl_lora_with_te1_te2_unet_switches_in_place_equal_to_peft_merged(
-    tiny_sdxl, tmp_path
+    tiny_sdxl, tmp_path, sgm
 ):
     from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    from streamv2v.lora_memory import lora_footprint, module_layers
 
     engine = make_engine(tiny_sdxl, steps=1, bank={"enabled": False})
     path = write_kohya_sdxl(
-        tmp_path / "style.safetensors", engine.unet, engine.text_encoder, engine.text_encoder_2
+        tmp_path / "style.safetensors",
+        engine.unet,
+        engine.text_encoder,
+        engine.text_encoder_2,
+        sgm=sgm,
     )
     base = {n: p.clone() for n, p in engine.unet.named_parameters()}
     before = engine.encode_prompt(PROMPT)
     weights = engine.adapters.load("style", path)
     assert weights.unet and weights.text_encoder and weights.part("text_encoder_2")
+    # The memory estimate (safetensors header only) places every tensor of the file too.
+    with safe_open(str(path), "pt") as f:
+        header = {k: {"shape": list(f.get_slice(k).get_shape())} for k in f.keys()}  # noqa: SIM118
+    parts = {"unet": engine.unet, "text_encoder": engine.text_encoder}
+    parts["text_encoder_2"] = engine.text_encoder_2
+    footprint = lora_footprint(header, {k: module_layers(m) for k, m in parts.items()})
+    assert footprint.unmapped == ()
+    assert len(footprint.touched) == sum(len(layers) for layers in weights.parts.values())
     scale = 0.8
     ref = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
     ref.load_lora_weights(str(path), adapter_name="style")

@@ -4,7 +4,8 @@ kohya's sd-scripts, LyCORIS (LoCon, LoHa, LoKr, DoRA as ``dora_scale``) and most
 files name a layer by its module path with dots turned into underscores, and give each layer
 its own ``alpha`` (none: the rank, a scale of 1). The path is found by flattening the model's
 own module names the same way (the text encoder's with or without ``text_model.``, as
-transformers 4 and 5 name it).
+transformers 4 and 5 name it; a UNet's by the original SGM names too, ``input_blocks_4_1_...``,
+which kohya's sd-scripts writes for SDXL: :mod:`streamv2v.sgm_names`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from streamv2v.adapters.formats import (
     AlphaRule,
     split_suffix,
 )
+from streamv2v.sgm_names import sgm_name, sgm_prefixes
 
 FAMILY = "kohya"
 
@@ -58,14 +60,19 @@ def group(
 
 
 def _flat_names(model: nn.Module) -> dict[str, str]:
-    """Flattened name -> module name, for every Linear/Conv2d (both text-encoder namings)."""
+    """Flattened name -> module name, for every Linear/Conv2d (both text-encoder namings; a
+    UNet's layers by their original SGM names too, as kohya writes SDXL files)."""
     out: dict[str, str] = {}
     nested = hasattr(model, "text_model")
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            out[name.replace(".", "_")] = name
-            if not nested and not name.startswith("text_model."):
-                out["text_model_" + name.replace(".", "_")] = name
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    prefixes = sgm_prefixes(layers)
+    for name in layers:
+        out[name.replace(".", "_")] = name
+        if not nested and not name.startswith("text_model."):
+            out["text_model_" + name.replace(".", "_")] = name
+        original = sgm_name(name, prefixes) if prefixes else None
+        if original is not None:
+            out[original.replace(".", "_")] = name
     return out
 
 

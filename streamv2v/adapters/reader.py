@@ -50,9 +50,8 @@ def _module(model: nn.Module, part: str, layer: str | None, key: str, source: st
     if layer is None:
         if key.startswith(("input_blocks", "middle_block", "output_blocks")):
             raise LoraError(
-                f"LoRA {source!r} names the UNet's layers the original-SD way ({key}); only "
-                "diffusers layer names (down_blocks_..., as kohya's sd-scripts writes) are "
-                "read: convert the file to diffusers or kohya names"
+                f"LoRA {source!r} names a UNet layer this model does not have, by its "
+                f"original SGM name ({key}): a LoRA for another base model (SD 1.x vs SDXL)?"
             )
         raise LoraError(
             f"LoRA {source!r} does not fit this model: it has no layer {part}.{key} "
