@@ -2,6 +2,8 @@
 keeps a scene's shapes when the style model restyles it at high strength.
 
     python -m streamv2v.tiny.control --out streamv2v/models/tiny-canny     # ~15 min on 1 core
+    python -m streamv2v.tiny.control --model streamv2v/models/tiny-sdxl \
+        --out streamv2v/models/tiny-sdxl-canny --steps 300 --scenes 128 --threads 2  # SDXL's
 
 The ControlNet starts as diffusers' ``ControlNetModel.from_unet`` of the shipped style model's
 UNet, which stays frozen (as do its text encoder and autoencoder). Its condition is the Canny
@@ -27,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamv2v.scenes import STYLES, moving_scene, random_scene, render
+from streamv2v.families import family_of_unet
+from streamv2v.scenes import SIZE, STYLES, moving_scene, random_scene, render
 from streamv2v.tiny.styles import to_tensor
 
 #: Canny thresholds in OpenCV's units (the annotators' 100/200) and the fixed hysteresis
@@ -79,30 +82,55 @@ class Recipe:
 
 
 def load_style_model(folder: Path) -> dict:
-    """The frozen parts of the tiny style model, in float32 on the CPU."""
+    """The frozen parts of the tiny style model (or of the tiny SDXL: both text encoders), in
+    float32 on the CPU."""
     from diffusers import AutoencoderTiny, LCMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     def frozen(model):
         return model.float().eval().requires_grad_(False)
 
-    return {
-        "unet": frozen(UNet2DConditionModel.from_pretrained(folder, subfolder="unet")),
+    unet = frozen(UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))
+    family = family_of_unet(unet.config)
+    parts = {
+        "unet": unet,
+        "family": family,
         "vae": frozen(AutoencoderTiny.from_pretrained(folder, subfolder="vae")),
-        "text_encoder": frozen(CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")),
-        "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
         "scheduler": LCMScheduler.from_pretrained(folder, subfolder="scheduler"),
     }
+    for part, tok in zip(family.text_parts, family.tokenizer_parts):
+        cls = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
+        parts[part] = frozen(cls.from_pretrained(folder, subfolder=part))
+        parts[tok] = CLIPTokenizer.from_pretrained(folder, subfolder=tok)
+    return parts
 
 
 @torch.no_grad()
 def _prompt_embeds(parts: dict) -> torch.Tensor:
-    """[5, tokens, dim]: the four style prompts, then the empty prompt."""
+    """[5, tokens, dim]: the four style prompts, then the empty prompt. SDXL: as the engine
+    packs them (both encoders' hidden states and the pooled row), the empty prompt zeros."""
     prompts = [*STYLES.values(), ""]
+    family = parts["family"]
+    if family.is_sdxl:
+        encoders = [parts[p] for p in family.text_parts]
+        tokenizers = [parts[t] for t in family.tokenizer_parts]
+        rows = [family.encode(p, encoders, tokenizers, torch.float32) for p in prompts]
+        return torch.cat([*rows[:-1], torch.zeros_like(rows[-1])])
     ids = parts["tokenizer"](
         prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
     ).input_ids
     return parts["text_encoder"](ids)[0]
+
+
+def _condition(parts: dict, embeds: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+    """The UNet's (and ControlNet's) text condition from packed prompt rows: SDXL's added
+    conditioning (pooled embedding, time ids of the renders' size, no crop) besides."""
+    family = parts["family"]
+    if not family.is_sdxl:
+        return embeds, None
+    hidden, pooled = family.split(embeds, parts["text_encoder_2"].config.projection_dim)
+    ids = torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]], dtype=torch.float32)
+    return hidden, {"text_embeds": pooled, "time_ids": ids.expand(len(embeds), -1)}
 
 
 @torch.no_grad()
@@ -175,13 +203,14 @@ def _batch(data: dict, recipe: Recipe, rng: np.random.Generator, b: int) -> dict
 
 
 def _predict(parts: dict, controlnet, batch: dict, embeds: torch.Tensor, scale: float = 1.0):
-    hidden = embeds[batch["prompt"]]
+    hidden, added = _condition(parts, embeds[batch["prompt"]])
     down, mid = controlnet(
         batch["x_t"],
         batch["t"],
         encoder_hidden_states=hidden,
         controlnet_cond=batch["cond"],
         conditioning_scale=scale,
+        added_cond_kwargs=added,
         return_dict=False,
     )
     return parts["unet"](
@@ -190,6 +219,7 @@ def _predict(parts: dict, controlnet, batch: dict, embeds: torch.Tensor, scale: 
         encoder_hidden_states=hidden,
         down_block_additional_residuals=down,
         mid_block_additional_residual=mid,
+        added_cond_kwargs=added,
     ).sample
 
 
@@ -276,6 +306,7 @@ def train(
         "canny": {"low": CANNY_LOW, "high": CANNY_HIGH, "hysteresis_steps": HYSTERESIS_STEPS},
         "final_loss": float(np.mean(losses[-25:])),
         "minutes": (time.monotonic() - t0) / 60,
+        "model": Path(model).name,
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -324,9 +355,10 @@ def model_card(figures: dict) -> str:
         for strength, v in figures["held_out_x0_error"].items()
     )
     canny = figures["canny"]
+    model = figures.get("model", "tiny-styles")
     return f"""# streamv2v tiny canny ControlNet (trained)
 
-A diffusers `ControlNetModel` for the tiny style model (`../tiny-styles`), float16 safetensors,
+A diffusers `ControlNetModel` for the tiny model `../{model}`, float16 safetensors,
 trained by `python -m streamv2v.tiny.control --out DIR` (seeded: the same recipe on the same
 machine gives the same weights). It keeps a scene's shapes when the style model restyles it at
 high strength (0.6-0.9), where the style model alone paints blobs that ignore the camera.

@@ -1,13 +1,18 @@
 """A style LoRA for the tiny style model: "sepia", a style the model was never shown.
 
     python -m streamv2v.tiny.lora --out streamv2v/models/tiny-styles-loras/sepia.safetensors
+    python -m streamv2v.tiny.lora --model streamv2v/models/tiny-sdxl --kohya \
+        --scenes 128 --steps 300 --batch 8 --out streamv2v/models/tiny-sdxl-loras/sepia.safetensors
 
 The sepia render of a scene is its plain render through the classic sepia toning matrix
 (:func:`sepia`). A rank-4 LoRA (peft) on the UNet's attention projections, feed-forward layers
 and resnet convolutions (3x3 and 1x1) learns to translate any of the four known styles into it
 under the prompt "a sepia scene"; the base weights stay frozen. The file is written in the
 diffusers LoRA format (``unet.<module>.lora_A.weight`` / ``lora_B.weight``), loadable by
-``StableDiffusionLoraLoaderMixin.lora_state_dict`` and by :mod:`streamv2v.adapters`. Seeded and
+``StableDiffusionLoraLoaderMixin.lora_state_dict`` and by :mod:`streamv2v.adapters`. The tiny
+SDXL's sepia LoRA is trained the same way (both text encoders, the pooled embedding and time ids
+as the engine computes them) and written as kohya's sd-scripts writes SDXL files (``--kohya``:
+``lora_unet_input_blocks_...`` SGM names, ``lora_down``/``lora_up``, ``alpha``). Seeded and
 fixed in step count: a re-run on the same machine gives the same file.
 """
 
@@ -22,8 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from streamv2v.scenes import STYLES, random_scene, render
+from streamv2v.families import family_of_unet
+from streamv2v.scenes import SIZE, STYLES, random_scene, render
+from streamv2v.sgm_names import sgm_name, sgm_prefixes
 from streamv2v.tiny.styles import _lr, to_tensor
 
 #: The trigger prompt of the demo LoRA (the tiny text encoder reads bytes: any text encodes).
@@ -83,7 +91,6 @@ def train_adapter(
     scenes, steps, batch, lr, translate_t, threads (and size, the renders' px, if it has one).
     The recipe of the demo's sepia LoRA and noir LoHa (:mod:`streamv2v.tiny.loha`)."""
     from diffusers import AutoencoderTiny, LCMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
@@ -91,20 +98,13 @@ def train_adapter(
     f32 = {"torch_dtype": torch.float32}
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **f32)
     vae = AutoencoderTiny.from_pretrained(model, subfolder="vae", **f32)
-    text_encoder = CLIPTextModel.from_pretrained(
-        model, subfolder="text_encoder", dtype=torch.float32
-    )
-    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
     scheduler = LCMScheduler.from_pretrained(model, subfolder="scheduler")
-    for m in (unet, vae, text_encoder):
+    for m in (unet, vae):
         m.requires_grad_(False).eval()
     size = {"size": recipe.size} if hasattr(recipe, "size") else {}
 
     with torch.no_grad():
-        ids = tokenizer(
-            prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-        ).input_ids
-        hidden = text_encoder(ids)[0]
+        hidden, added = _conditioning(model, prompt, unet, recipe.batch)
         scale = float(vae.config.scaling_factor)
         scenes = [random_scene(rng) for _ in range(recipe.scenes)]
         styles = list(STYLES)
@@ -135,7 +135,9 @@ def train_adapter(
         ab = alphas[t].view(-1, 1, 1, 1)
         x_t = ab.sqrt() * z_src + (1 - ab).sqrt() * noise
         eps = (x_t - ab.sqrt() * z_tgt) / (1 - ab).sqrt()  # its x0 estimate is the look's render
-        pred = unet(x_t, t, encoder_hidden_states=hidden.expand(b, -1, -1)).sample
+        pred = unet(
+            x_t, t, encoder_hidden_states=hidden.expand(b, -1, -1), added_cond_kwargs=added
+        ).sample
         snr = ab / (1 - ab)
         weight = torch.clamp(snr, max=5.0) / snr
         loss = (weight * (pred - eps) ** 2).mean()
@@ -151,6 +153,30 @@ def train_adapter(
     return unet, losses
 
 
+def _conditioning(
+    model: Path, prompt: str, unet: torch.nn.Module, batch: int
+) -> tuple[torch.Tensor, dict | None]:
+    """``prompt``'s text conditioning for the model at ``model``, as the engine computes it
+    (:class:`streamv2v.families.Family`: one text encoder, or SDXL's two with the pooled
+    embedding and the time ids of the training renders, no crop)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    family = family_of_unet(unet.config)
+    classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+    encoders = [
+        classes[part].from_pretrained(model, subfolder=part, dtype=torch.float32).eval()
+        for part in family.text_parts
+    ]
+    tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder=t) for t in family.tokenizer_parts]
+    embeds = family.encode(prompt, encoders, tokenizers, torch.float32)
+    if not family.is_sdxl:
+        return embeds, None
+    hidden, pooled = family.split(embeds, encoders[-1].config.projection_dim)
+    side = SIZE
+    time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32)
+    return hidden, {"text_embeds": pooled.expand(batch, -1), "time_ids": time_ids.expand(batch, -1)}
+
+
 def write_figures(out: Path, recipe, prompt: str, losses: list[float]) -> dict:
     """The shipped file readable by all (safetensors writes 0600) and its figures beside it."""
     figures = {
@@ -164,11 +190,28 @@ def write_figures(out: Path, recipe, prompt: str, losses: list[float]) -> dict:
     return figures
 
 
-def train(model: Path, out: Path, recipe: LoraRecipe, log=print) -> dict:
-    """Train the sepia LoRA on the tiny style model at ``model``; write it to ``out``."""
+def kohya_sdxl_state(unet: torch.nn.Module, state: dict, rank: int) -> dict:
+    """peft's LoRA state of an SDXL UNet as kohya's sd-scripts writes SDXL files: the layers
+    by their original SGM names (``lora_unet_input_blocks_4_1_..._to_q``), ``lora_down`` /
+    ``lora_up`` factors and each layer's ``alpha`` (= the rank: peft's scale of 1)."""
+    layers = [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    prefixes = sgm_prefixes(layers)
+    out = {}
+    for key, value in state.items():
+        layer, _, factor = key.rpartition(".lora_")  # "<layer>", "A.weight" / "B.weight"
+        name = "lora_unet_" + sgm_name(layer, prefixes).replace(".", "_")
+        out[f"{name}.lora_{'down' if factor.startswith('A') else 'up'}.weight"] = value
+        out[f"{name}.alpha"] = torch.tensor(float(rank), dtype=value.dtype)
+    return out
+
+
+def train(model: Path, out: Path, recipe: LoraRecipe, log=print, kohya: bool = False) -> dict:
+    """Train the sepia LoRA on the tiny model at ``model`` (tiny-styles, or the tiny SDXL);
+    write it to ``out``: diffusers' format, or with ``kohya`` kohya's (SDXL: SGM names)."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
     def add(unet: torch.nn.Module) -> None:
         unet.add_adapter(
@@ -183,9 +226,13 @@ def train(model: Path, out: Path, recipe: LoraRecipe, log=print) -> dict:
              get_peft_model_state_dict(unet).items()}  # fmt: skip
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    StableDiffusionLoraLoaderMixin.save_lora_weights(
-        out.parent, unet_lora_layers=state, weight_name=out.name, safe_serialization=True
-    )
+    if kohya:
+        meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(recipe.rank)}
+        save_file(kohya_sdxl_state(unet, state, recipe.rank), str(out), metadata=meta)
+    else:
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            out.parent, unet_lora_layers=state, weight_name=out.name, safe_serialization=True
+        )
     return write_figures(out, recipe, SEPIA_PROMPT, losses)
 
 
@@ -199,11 +246,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=LoraRecipe.steps)
     p.add_argument("--scenes", type=int, default=LoraRecipe.scenes)
     p.add_argument("--rank", type=int, default=LoraRecipe.rank)
+    p.add_argument("--batch", type=int, default=LoraRecipe.batch)
+    p.add_argument("--kohya", action="store_true", help="kohya's format (SDXL: SGM names)")
     args = p.parse_args()
-    recipe = LoraRecipe(seed=args.seed, steps=args.steps, scenes=args.scenes, rank=args.rank)
+    recipe = LoraRecipe(
+        seed=args.seed, steps=args.steps, scenes=args.scenes, rank=args.rank, batch=args.batch
+    )
     t0 = time.monotonic()
     figures = train(
-        args.model, args.out, recipe, log=lambda m: print(f"[{time.monotonic() - t0:6.0f}s] {m}")
+        args.model,
+        args.out,
+        recipe,
+        log=lambda m: print(f"[{time.monotonic() - t0:6.0f}s] {m}"),
+        kohya=args.kohya,
     )
     print(json.dumps(figures, indent=2))
 
