@@ -4,8 +4,9 @@ diffusers' own converter: every Linear/Conv2d of the real SDXL UNet and of the t
 :mod:`streamv2v.sgm_names`, given a value of its own, read back through
 ``lora_state_dict(..., unet_config=...)`` (which maps ``input_blocks``/``middle_block``/
 ``output_blocks`` its own way) lands on the same layer; the kohya reader and the memory
-estimate find each one by that name. SD 1.5's UNet against the original checkpoint's names. The tiny SDXL end to end (a
-kohya file in SGM names switched in place, equal to diffusers' merge) is in tests/test_sdxl.py.
+estimate find each one by that name. SD 1.5's UNet against the original checkpoint's names.
+The tiny SDXL end to end (a kohya file in SGM names switched in place, equal to diffusers'
+merge) is in tests/test_sdxl.py.
 """
 
 from __future__ import annotations
