@@ -311,6 +311,8 @@ def train(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     controlnet.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    for weights in out.glob("*.safetensors"):
+        weights.chmod(0o644)  # (safetensors writes 0600: a shipped file is readable by all)
     return write_figures(out, model, figures, recipe, held=held)
 
 
