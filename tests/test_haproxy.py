@@ -217,6 +217,9 @@ def test_five_daemons_two_boxes_a_box_killed_a_box_added_a_box_drained(farm, tmp
         status, _, _ = request(front, "POST", "/offer", offer)  # box3 full, box2 draining
         assert status == 503
         assert read_agent(box2.agent).startswith("up drain")
+        metrics = request(box2.port, "GET", "/metrics")[2].decode().splitlines()
+        assert "streamv2v_serve_draining 1.0" in metrics
+        assert "streamv2v_serve_draining 0.0" in request(box3.port, "GET", "/metrics")[2].decode()
         assert wait_for(
             lambda: all(d.engine.frames_styled > n + 5 for d, n in zip(daemons, styled_before)),
             20,

@@ -104,6 +104,9 @@ def test_a_depth_model_is_shared_by_the_depth_controlnets_and_goes_with_the_last
         f'streamv2v_serve_depth_model_bytes{{model="{depth}"}} {held["bytes"]:.1f}'
     ]
     assert not any("gpu_memory" in line for line in lines)  # (CUDA only)
+    assert "streamv2v_serve_draining 0.0" in lines
+    draining = serve_metrics_text({**figures, "draining": True}).splitlines()
+    assert "streamv2v_serve_draining 1.0" in draining
     shelf.release(1)
     assert len(shelf.figures()["preprocessors"]) == 1
     shelf.release(2)

@@ -1,9 +1,9 @@
 """``GET /metrics`` of ``streamv2v serve``: its figures in the Prometheus text format (0.0.4).
 
 Every name starts with ``streamv2v_serve_``: the sessions and the free capacity (what a load
-balancer's agent reads), each session's frame rate, engine time per frame and failed frames,
-and what is loaded with its bytes (the model, style LoRAs, ControlNets, depth models, and the
-accelerator's memory where it is CUDA).
+balancer's agent reads), whether it drains, each session's frame rate, engine time per frame and
+failed frames, and what is loaded with its bytes (the model, style LoRAs, ControlNets, depth
+models, and the accelerator's memory where it is CUDA).
 """
 
 from __future__ import annotations
@@ -29,6 +29,12 @@ def serve_metrics_text(figures: Mapping[str, Any]) -> str:
         "gauge",
         "Sessions that can still start (free capacity).",
         figures["free_sessions"],
+    )
+    out.one(
+        "serve_draining",
+        "gauge",
+        "1 while the server drains: no new sessions, it exits after its last (0 otherwise).",
+        1 if figures.get("draining") else 0,
     )
     engines = figures["engines"]
 
