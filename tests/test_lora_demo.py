@@ -133,7 +133,11 @@ def test_the_demo_switches_lora_and_prompt_styles_live_in_a_real_process(tmp_pat
             else:
                 switch(name)
             assert wait_for(lambda n=name: settled(n), 30), status()
-            time.sleep(1.0)  # the blend is over: these frames show the style
+            # The blend (6 frames) is over: these frames show the style. Counted in styled
+            # frames, not seconds (a loaded box styles 3-4 frames a second: a fixed 1 s caught
+            # sepia mid-blend once, 15.9 against 5-6 settled).
+            styled = status()["kinds"].get("styled", 0)
+            assert wait_for(lambda s=styled: status()["kinds"].get("styled", 0) >= s + 10, 30)
             shown = [f for ts, f in preview.since(mark + 0.5)]
             stats.setdefault(name, []).append(np.mean([sepia_error(f) for f in shown[-8:]]))
 
