@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from streamv2v.sgm_names import sgm_name, sgm_prefixes
+from streamv2v.sgm_names import sgm_flat_aliases
 
 #: A model part's layers: layer name -> its weight's shape.
 Layers = Mapping[str, tuple[int, ...]]
@@ -71,15 +71,11 @@ def layer_index(layers: Layers) -> dict[str, str]:
     models do not, dropped) -> its name."""
     index: dict[str, str] = {}
     kept = [name for name, shape in layers.items() if len(shape) in (2, 4)]  # Linear, Conv2d
-    prefixes = sgm_prefixes(kept)
     for name in kept:
         plain = name.removeprefix("text_model.")
         index[plain] = name
         index[plain.replace(".", "_")] = name
-        original = sgm_name(name, prefixes) if prefixes else None
-        if original is not None:  # a UNet's layer by its SGM name (kohya's SDXL files)
-            index[original.replace(".", "_")] = name
-    return index
+    return index | sgm_flat_aliases(kept)  # a UNet's layers by their SGM names (kohya SDXL)
 
 
 def layers_of_header(header: Mapping[str, Mapping]) -> dict[str, tuple[int, ...]]:

@@ -100,3 +100,18 @@ def sgm_name(name: str, prefixes: dict[str, str]) -> str | None:
             return ".".join(p for p in (prefixes[head], rest) if p)
         head = head.rpartition(".")[0]
     return None
+
+
+def sgm_flat_aliases(names: Iterable[str]) -> dict[str, str]:
+    """Each UNet layer's original name flattened as kohya writes it (dots to underscores) ->
+    its diffusers name; empty when ``names`` are not a UNet's (a text encoder's)."""
+    names = list(names)
+    prefixes = sgm_prefixes(names)
+    if not prefixes:
+        return {}
+    aliases = {}
+    for name in names:
+        original = sgm_name(name, prefixes)
+        if original is not None:
+            aliases[original.replace(".", "_")] = name
+    return aliases

@@ -23,7 +23,7 @@ from streamv2v.adapters.formats import (
     AlphaRule,
     split_suffix,
 )
-from streamv2v.sgm_names import sgm_name, sgm_prefixes
+from streamv2v.sgm_names import sgm_flat_aliases
 
 FAMILY = "kohya"
 
@@ -65,15 +65,11 @@ def _flat_names(model: nn.Module) -> dict[str, str]:
     out: dict[str, str] = {}
     nested = hasattr(model, "text_model")
     layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    prefixes = sgm_prefixes(layers)
     for name in layers:
         out[name.replace(".", "_")] = name
         if not nested and not name.startswith("text_model."):
             out["text_model_" + name.replace(".", "_")] = name
-        original = sgm_name(name, prefixes) if prefixes else None
-        if original is not None:
-            out[original.replace(".", "_")] = name
-    return out
+    return out | sgm_flat_aliases(layers)
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[str, str]] = weakref.WeakKeyDictionary()
