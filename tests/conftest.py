@@ -127,6 +127,36 @@ def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
+@pytest.fixture(scope="module")
+def cheap_inductor():
+    """Inductor's cheapest correct CPU build for the compile tests (module scope: their engines
+    compile in module fixtures and must not recompile in the tests).
+
+    Compiling on the CPU is test scaffolding here (``compile = "auto"`` is off on the CPU; users
+    compile on CUDA, where inductor writes Triton): the tests check our side of the compiled path
+    (what is traced, warmed, guarded, never recompiled, and equal to eager), which does not
+    depend on how inductor builds its C++. Its default build was the suite's largest single cost:
+    the compile group's first fixture took 208 s alone (290 s of CPU) on this 2-core box, 175 s
+    of it in 155 g++ runs at -O3 (one per kernel, ~1 s each even with the precompiled header).
+    Here: the C++ wrapper (the kernels of a graph in one translation unit: 11 g++ runs), -O0
+    (``TORCHINDUCTOR_DEBUG_COMPILE``, which also adds the wrapper's shape/stride checks), scalar
+    kernels (``simdlen = 1``: less code to generate and build) and compiling in-process (no pool
+    of compile workers to start): the same fixture took 110 s. Outputs are still compared with
+    the eager engine at the same tolerance."""
+    import torch._inductor.config as inductor
+
+    before = os.environ.get("TORCHINDUCTOR_DEBUG_COMPILE")
+    os.environ["TORCHINDUCTOR_DEBUG_COMPILE"] = "1"  # read by cpp_builder at each build
+    try:
+        with inductor.patch({"cpp_wrapper": True, "cpp.simdlen": 1, "compile_threads": 1}):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_DEBUG_COMPILE", None)
+        else:
+            os.environ["TORCHINDUCTOR_DEBUG_COMPILE"] = before
+
+
 @pytest.fixture
 def frames() -> list[np.ndarray]:
     """Six distinct 72x96 RGB frames (non-square, so crop and resize are exercised)."""

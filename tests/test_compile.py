@@ -29,7 +29,7 @@ STEP_RANGE = (1, 2)
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_model):
+def engines(tiny_model, cheap_inductor):
     return build(tiny_model)
 
 

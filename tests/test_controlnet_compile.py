@@ -25,7 +25,7 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_model, tmp_path_factory):
+def engines(tiny_model, tmp_path_factory, cheap_inductor):
     net = save_tiny_controlnet(tmp_path_factory.mktemp("cn") / "canny", tiny_model)
     # "image": a continuous preprocessor. Canny's non-maximum suppression and thresholds meet
     # exact ties on flat regions and straight edges, which inductor's reordered float sums

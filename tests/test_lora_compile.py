@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("compile")]
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_model, tmp_path_factory):
+def engines(tiny_model, tmp_path_factory, cheap_inductor):
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
