@@ -50,10 +50,11 @@ def test_the_shipped_model_loads_offline_and_is_small(monkeypatch):
     assert out.shape == (SIZE, SIZE, 3)
 
 
-# float16 on a CPU is slow: fewer scenes and two styles there, to catch dtype mix-ups.
+# float16 on a CPU is slow (a float16 convolution takes torch's reference path here: 6 s a frame
+# at 128x128): fewer scenes and one style there, to catch dtype mix-ups.
 @pytest.mark.parametrize(
     ("dtype", "scenes", "styles"),
-    [(torch.float32, 6, tuple(STYLES)), (torch.float16, 2, ("warm", "cool"))],
+    [(torch.float32, 6, tuple(STYLES)), (torch.float16, 2, ("cool",))],
 )
 def test_one_step_img2img_lands_3x_closer_to_the_prompted_style(dtype, scenes, styles):
     eng = engine(dtype=dtype)
