@@ -6,6 +6,8 @@ A plain callable with diffusers' processor signature; cross-attention layers kee
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
@@ -129,10 +131,31 @@ def self_attention_shapes(
     embeds: torch.Tensor,
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[int, int]]:
-    """(tokens per frame, channels) of every self-attention layer at latent size ``latent_hw``,
-    from one UNet pass on fake tensors (shapes only: no compute, no memory, any model size).
+    """(tokens per frame, channels) of every self-attention layer at latent size ``latent_hw``.
     ``added_cond_kwargs``: SDXL's added conditions (any row count: the first row is used).
-    Leaves plain SDPA processors installed."""
+
+    Read off the UNet's blocks for diffusers' UNet2DConditionModel (:func:`_shapes_from_structure`),
+    else found by one UNet pass on fake tensors (:func:`shapes_by_fake_pass`); kept per UNet and
+    latent size. ``serve`` builds an engine on the shared UNet for every session that joins, on
+    the one engine thread: the pass (~1 s there for the tiny model on this CPU, 3.4 s on a loaded
+    2-core box) stalled every running session's frames each time."""
+    known = _SHAPES.setdefault(unet, {})
+    if latent_hw not in known:
+        shapes = _shapes_from_structure(unet, latent_hw)
+        if shapes is None:
+            shapes = shapes_by_fake_pass(unet, latent_hw, embeds, added_cond_kwargs)
+        known[latent_hw] = shapes
+    return dict(known[latent_hw])
+
+
+def shapes_by_fake_pass(
+    unet: torch.nn.Module,
+    latent_hw: tuple[int, int],
+    embeds: torch.Tensor,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+) -> dict[str, tuple[int, int]]:
+    """The shapes of :func:`self_attention_shapes` from one UNet pass on fake tensors (shapes
+    only: no compute, no memory, any model and size). Leaves plain SDPA processors installed."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     layers = self_attention_layers(unet)
@@ -154,6 +177,58 @@ def self_attention_shapes(
         unet(sample, t, encoder_hidden_states=text, return_dict=False, **kw)
     install_bank(unet, None)
     return shapes
+
+
+def _shapes_from_structure(
+    unet: torch.nn.Module, latent_hw: tuple[int, int]
+) -> dict[str, tuple[int, int]] | None:
+    """The shapes of :func:`self_attention_shapes` read off a diffusers UNet2DConditionModel's
+    blocks (SD 1.x/2.x, SDXL): a down block's layers see its level's size, each downsampler
+    (a 3x3 convolution, stride 2, padding 1) rounds it up by half, the mid block sees the last
+    level and up block j the level n-1-j (diffusers upsamples to the skip's size). None for any
+    other structure (the fake pass then finds them)."""
+    down = getattr(unet, "down_blocks", None)
+    up = getattr(unet, "up_blocks", None)
+    if type(unet).__name__ != "UNet2DConditionModel" or down is None or len(down) != len(up):
+        return None
+    sizes = [tuple(latent_hw)]
+    for block in down[:-1]:
+        samplers = getattr(block, "downsamplers", None) or []
+        if len(samplers) != 1:
+            return None
+        conv = getattr(samplers[0], "conv", None)
+        if not (
+            getattr(samplers[0], "use_conv", False)
+            and isinstance(conv, torch.nn.Conv2d)
+            and conv.kernel_size == (3, 3)
+            and conv.stride == (2, 2)
+            and conv.padding == (1, 1)
+            and conv.dilation == (1, 1)
+        ):
+            return None
+        sizes.append(tuple((n + 1) // 2 for n in sizes[-1]))
+    if getattr(down[-1], "downsamplers", None):
+        return None
+    levels = len(sizes)
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, attn in self_attention_layers(unet).items():
+        part, _, rest = name.partition(".")
+        if part == "mid_block":
+            level = levels - 1
+        elif part in ("down_blocks", "up_blocks") and rest.split(".")[0].isdigit():
+            index = int(rest.split(".")[0])
+            level = index if part == "down_blocks" else levels - 1 - index
+        else:
+            return None
+        h, w = sizes[level]
+        shapes[name] = (h * w, attn.to_k.out_features)
+    return shapes
+
+
+#: :func:`self_attention_shapes` by UNet (gone with it) and latent size.
+_SHAPES: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[int, int], dict]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def install_bank(unet: torch.nn.Module, bank: FeatureBank | None) -> list[str]:

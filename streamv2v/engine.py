@@ -92,7 +92,6 @@ class StreamV2V:
         self._cond = self.encode_prompt("")
         self._uncond = self._cond
         self._io = HostIO(self.device)
-        self._layer_shapes: dict[tuple[int, int], dict[str, tuple[int, int]]] = {}
         self._kept: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         #: torch.compile in use (EngineConfig.compile): UNet, encode and decode compiled.
         self.compiled = compile_enabled(self.config.compile, self.device)
@@ -238,12 +237,11 @@ class StreamV2V:
         rows = self._calls[-1].bank_rows.stop
         self.bank = FeatureBank(cfg.bank, rows, cfg.seed, dev) if cfg.bank.enabled else None
         if self.bank is not None:
-            if lat_hw not in self._layer_shapes:
-                call = self._calls[0]
-                self._layer_shapes[lat_hw] = self_attention_shapes(
-                    self.unet, lat_hw, call.embeds[:1], call.unet_kwargs().get("added_cond_kwargs")
-                )
-            self.bank.allocate(self._layer_shapes[lat_hw], dt)
+            call = self._calls[0]  # (the shapes are kept per UNet: one pass for all engines)
+            shapes = self_attention_shapes(
+                self.unet, lat_hw, call.embeds[:1], call.unet_kwargs().get("added_cond_kwargs")
+            )
+            self.bank.allocate(shapes, dt)
         self.fusion_layers = install_bank(self.unet, self.bank)
         self._processors = dict(self.unet.attn_processors)
         if self.control is not None:

@@ -154,3 +154,40 @@ def test_a_session_moving_to_other_controlnets_gets_a_new_engine_and_keeps_its_l
         shared.close()
     loaded = shared.figures()
     assert loaded["controlnets"] == {} and loaded["loras"] == {} and loaded["lora_base_bytes"] == 0
+
+
+def test_a_joining_session_does_not_run_the_unet_to_build_its_engine():
+    """Every engine on the shared UNet needs its self-attention layers' shapes (the bank's
+    storage). Found by a UNet pass on fake tensors that cost ~1 s of the one engine thread (3.4 s
+    on a loaded box), it stalled every running session whenever a daemon joined at a size the
+    box had not seen: they are read off the UNet's blocks (tests/test_attention_shapes.py), so
+    building an engine runs no UNet pass at all, at any size."""
+    import numpy as np
+
+    from daemon.remote.session import EngineSession, SharedModel
+    from daemon.styles.presets import Preset
+    from streamv2v import EngineConfig
+
+    shared = SharedModel.load(str(tiny_styles_dir()), EngineConfig(vae="model"), "cpu", None, False)
+    passes = []
+    shared.weights.unet.register_forward_pre_hook(lambda *_: passes.append(1))
+    preset = Preset(name="w", prompt="a warm scene")
+    image = np.zeros((80, 80, 3), np.uint8)
+    sessions = [EngineSession(shared, n) for n in range(3)]
+    try:
+        for session in sessions:
+            session.apply(EngineConfig(width=80, height=80, steps=1, vae="model"), preset)
+        assert passes == []
+        for session in sessions:
+            assert session.process(image, 0)[0] is not None
+        assert len(passes) == 3  # one per frame (the hook sees the UNet's calls)
+        # Each its own bank, allocated with the same shapes.
+        banks = [s.engine.bank.tensors() for s in sessions]
+        assert [t.shape for t in banks[2]] == [t.shape for t in banks[0]]
+        assert all(a.data_ptr() != b.data_ptr() for a, b in zip(banks[1], banks[2]))
+        sessions[2].apply(EngineConfig(width=88, height=72, steps=1, vae="model"), preset)
+        assert len(passes) == 3  # another size: no pass either
+    finally:
+        for session in sessions:
+            session.close()
+        shared.close()
