@@ -37,10 +37,11 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[1]
 CLI = "import sys; from daemon.cli import main; sys.exit(main(sys.argv[1:]))"
 FIGURES: dict[str, list[float]] = {}
-#: From the third box answering to its three daemons styled. Placement (connected) is asserted
-#: within 10 s; the first styled frames of three new sessions on one CPU engine thread, on this
-#: 2-core box shared with the other processes, take longer (see the figures in the README).
-STYLED_S = 40.0
+#: From the third box answering to its three daemons styled (the issue's 10 s). Measured with two
+#: busy processes beside the test on the 2 cores: 3.0, 3.8, 4.1 s (it was 6.2-8.4 s, and 6.5-18 s
+#: in loaded suites, while every joining session ran a ~1 s UNet pass on the box's one engine
+#: thread to find the bank's layer shapes; now read off the UNet's blocks).
+STYLED_S = 10.0
 
 
 def figure(name: str, seconds: float) -> None:
@@ -196,7 +197,7 @@ def test_five_daemons_two_boxes_a_box_killed_a_box_added_a_box_drained(farm, tmp
             d.status()["remote"] for d in back
         ]
         figure("third_box_styled_s", time.monotonic() - started_at)
-        assert wait_for(lambda: all(kind(d) == "styled" for d in daemons), STYLED_S, 0.02)
+        assert wait_for(lambda: all(kind(d) == "styled" for d in daemons), 10, 0.02)
         assert wait_for(lambda: box2.sessions() == 2 and box3.sessions() == 3, 10)
 
         # A session's follow-ups reach its box: /box/NAME/... through the front is that box.
