@@ -39,6 +39,7 @@ class Preview(threading.Thread):
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
         self.url, self.frames, self.stop = url, [], False
+        self.digests: list[tuple[float, int]] = []  # (arrival, hash of the part's JPEG)
 
     def run(self) -> None:
         with urllib.request.urlopen(self.url, timeout=10) as stream:
@@ -51,10 +52,24 @@ class Preview(threading.Thread):
                         break
                     jpeg, buf = buf[start : end + 2], buf[end + 2 :]
                     img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-                    self.frames.append((time.monotonic(), img[..., ::-1]))
+                    now = time.monotonic()
+                    self.frames.append((now, img[..., ::-1]))
+                    self.digests.append((now, hash(jpeg)))
 
     def since(self, t: float) -> list[tuple[float, np.ndarray]]:
         return [(ts, f) for ts, f in list(self.frames) if ts >= t]
+
+    def longest_still(self, start: float, end: float) -> float:
+        """The longest time the preview showed one picture between ``start`` and ``end``
+        (the output repeats its last frame while the engine has no new one: an engine stall
+        is a still, not a gap)."""
+        parts = [(ts, d) for ts, d in list(self.digests) if start <= ts < end]
+        longest, since = 0.0, None
+        for (ts, digest), previous in zip(parts, [None, *parts]):
+            if previous is None or digest != previous[1]:
+                since = ts
+            longest = max(longest, ts - since)
+        return longest
 
 
 def rss_bytes(pid: int) -> int:
@@ -158,6 +173,7 @@ def test_the_demo_switches_lora_and_prompt_styles_live_in_a_real_process(tmp_pat
         end = status()
         times = [ts for ts, _ in preview.since(t0) if ts < t1]
         baseline = [ts for ts, _ in preview.since(b0) if ts < t0]
+        still, steady_still = preview.longest_still(t0, t1), preview.longest_still(b0, t0)
     finally:
         if preview is not None:
             preview.stop = True
@@ -181,14 +197,21 @@ def test_the_demo_switches_lora_and_prompt_styles_live_in_a_real_process(tmp_pat
     # No gap in the preview while switching (the four timed switches above, each blending the
     # LoRA in or out over 6 frames): the output keeps its rate (median within 1.5 output
     # intervals, p95 within two or within one beyond the baseline's p95) and no part is later
-    # than a quarter second, or than one interval beyond the longest gap of the no-switch
-    # baseline (a shared 2-core CI machine adds hiccups of its own, 0.06-0.36 s seen here
-    # WITHOUT switches). A reload took seconds, a recompile minutes.)
+    # than half a second, or than one interval beyond the longest gap of the no-switch
+    # baseline. (A shared 2-core CI machine adds hiccups of its own, 0.06-0.36 s seen here
+    # WITHOUT switches; a quarter second failed once in a fresh clone's suite on a 0.29 s gap
+    # after a calm 4 s baseline. A rewrite in place takes milliseconds; a reload took seconds,
+    # a recompile minutes. The output repeats its last frame meanwhile: stalls are stills.)
     gaps, steady = np.diff(times), np.diff(baseline)
     assert np.median(gaps) <= 1.5 * interval, np.median(gaps)
     p95, steady95 = np.percentile(gaps, 95), np.percentile(steady, 95)
     assert p95 <= max(2 * interval, steady95 + interval), (p95, steady95)
-    assert gaps.max() <= max(0.25, steady.max() + interval), (gaps.max(), steady.max())
+    assert gaps.max() <= max(0.5, steady.max() + interval), (gaps.max(), steady.max())
+    # Nor does the engine stall: no picture stays longer than half a second, or than twice the
+    # baseline's longest still and half a second more (measured: 0.28 s switching against 0.18 s;
+    # with a 0.7 s stall per rewrite 1.01 s against 0.13 s: mutant lora-rewrite-stalls).
+    print(f"longest still: switching {still:.3f} s, baseline {steady_still:.3f} s")
+    assert still <= max(0.5, 2 * steady_still + 0.5), (still, steady_still)
     # The LoRA's style shows: sepia's frames are near the sepia tone; warm's are far from it.
     assert max(stats["sepia"]) < 0.6 * min(stats["warm"]), stats
     json.dumps(stats)
