@@ -237,7 +237,7 @@ class StreamV2V:
         rows = self._calls[-1].bank_rows.stop
         self.bank = FeatureBank(cfg.bank, rows, cfg.seed, dev) if cfg.bank.enabled else None
         if self.bank is not None:
-            call = self._calls[0]  # (the shapes are kept per UNet: one pass for all engines)
+            call = self._calls[0]  # (shapes read off the UNet, kept per UNet and size)
             shapes = self_attention_shapes(
                 self.unet, lat_hw, call.embeds[:1], call.unet_kwargs().get("added_cond_kwargs")
             )
