@@ -187,8 +187,7 @@ def _shapes_from_structure(
     (a 3x3 convolution, stride 2, padding 1) rounds it up by half, the mid block sees the last
     level and up block j the level n-1-j (diffusers upsamples to the skip's size). None for any
     other structure (the fake pass then finds them)."""
-    down = getattr(unet, "down_blocks", None)
-    up = getattr(unet, "up_blocks", None)
+    down, up = getattr(unet, "down_blocks", None), getattr(unet, "up_blocks", None)
     if type(unet).__name__ != "UNet2DConditionModel" or down is None or len(down) != len(up):
         return None
     sizes = [tuple(latent_hw)]
@@ -212,12 +211,11 @@ def _shapes_from_structure(
     levels = len(sizes)
     shapes: dict[str, tuple[int, int]] = {}
     for name, attn in self_attention_layers(unet).items():
-        part, _, rest = name.partition(".")
+        part, index = [*name.split("."), ""][:2]
         if part == "mid_block":
             level = levels - 1
-        elif part in ("down_blocks", "up_blocks") and rest.split(".")[0].isdigit():
-            index = int(rest.split(".")[0])
-            level = index if part == "down_blocks" else levels - 1 - index
+        elif part in ("down_blocks", "up_blocks") and index.isdigit():
+            level = int(index) if part == "down_blocks" else levels - 1 - int(index)
         else:
             return None
         h, w = sizes[level]

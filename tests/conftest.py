@@ -145,16 +145,10 @@ def cheap_inductor():
     the eager engine at the same tolerance."""
     import torch._inductor.config as inductor
 
-    before = os.environ.get("TORCHINDUCTOR_DEBUG_COMPILE")
-    os.environ["TORCHINDUCTOR_DEBUG_COMPILE"] = "1"  # read by cpp_builder at each build
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TORCHINDUCTOR_DEBUG_COMPILE", "1")  # read by cpp_builder at each build
         with inductor.patch({"cpp_wrapper": True, "cpp.simdlen": 1, "compile_threads": 1}):
             yield
-    finally:
-        if before is None:
-            os.environ.pop("TORCHINDUCTOR_DEBUG_COMPILE", None)
-        else:
-            os.environ["TORCHINDUCTOR_DEBUG_COMPILE"] = before
 
 
 @pytest.fixture

@@ -39,7 +39,6 @@ class Preview(threading.Thread):
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
         self.url, self.frames, self.stop = url, [], False
-        self.digests: list[tuple[float, int]] = []  # (arrival, hash of the part's JPEG)
 
     def run(self) -> None:
         with urllib.request.urlopen(self.url, timeout=10) as stream:
@@ -52,9 +51,7 @@ class Preview(threading.Thread):
                         break
                     jpeg, buf = buf[start : end + 2], buf[end + 2 :]
                     img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-                    now = time.monotonic()
-                    self.frames.append((now, img[..., ::-1]))
-                    self.digests.append((now, hash(jpeg)))
+                    self.frames.append((time.monotonic(), img[..., ::-1]))
 
     def since(self, t: float) -> list[tuple[float, np.ndarray]]:
         return [(ts, f) for ts, f in list(self.frames) if ts >= t]
@@ -63,10 +60,10 @@ class Preview(threading.Thread):
         """The longest time the preview showed one picture between ``start`` and ``end``
         (the output repeats its last frame while the engine has no new one: an engine stall
         is a still, not a gap)."""
-        parts = [(ts, d) for ts, d in list(self.digests) if start <= ts < end]
+        parts = [(ts, f) for ts, f in self.since(start) if ts < end]
         longest, since = 0.0, None
-        for (ts, digest), previous in zip(parts, [None, *parts]):
-            if previous is None or digest != previous[1]:
+        for (ts, frame), previous in zip(parts, [None, *parts]):
+            if previous is None or not np.array_equal(frame, previous[1]):
                 since = ts
             longest = max(longest, ts - since)
         return longest
